@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Exact pins live here; setup.py keeps ranges so the package also installs beside other torch builds.
+# VENV may point outside the clone (CI keeps one per set of pins in a cache directory).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+TEST_ARGS ?=
+
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.conadv-deps
+
+.PHONY: install demo test lint bench clean
+
+$(DEPS_STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[dev]'
+	touch $@
+
+# The editable install is re-pointed at this clone every time (cheap), since a cached venv
+# may have been built from another clone.
+install: $(DEPS_STAMP)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+
+demo: install
+	$(VENV)/bin/conadv-train --config configs/demo.yaml
+
+test: install
+	$(PY) -m pytest -q $(TEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check conadv benchmarks tests
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,41 @@
+"""conadv-train --config FILE [section.key=value ...]"""
+
+from __future__ import annotations
+
+import argparse
+
+from conadv.cli.common import run_cli
+from conadv.config import describe_knobs, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="conadv-train", description=__doc__)
+    parser.add_argument("--config", help="YAML run configuration")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with its default and doc, then exit")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.2")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+
+    def body() -> int:
+        if args.help_config:
+            print(describe_knobs())
+            return 0
+        from conadv.train.trainer import train  # heavy imports only when training
+
+        summary = train(load_config(args.config, args.overrides))
+        final = summary.get("final_eval")
+        if final:
+            print(f"final test top-1: {final['top1']:.2f}% top-5: {final['top5']:.2f}% "
+                  f"({final['count']} images, {summary['steps']} steps, "
+                  f"{summary['train_time_s']:.1f} s)")
+        return 0
+
+    run_cli("conadv-train", body)
+
+
+if __name__ == "__main__":
+    main()

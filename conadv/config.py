@@ -1,0 +1,308 @@
+"""The schema of a run, how it is loaded (YAML + dotted overrides) and validated.
+
+Every knob lives here with a default and a one-line doc. OmegaConf merges the YAML file and the
+command-line overrides into the typed schema and converts values; conadv adds what OmegaConf does
+not give: "did you mean" for unknown keys, choices and ranges, and one-sentence errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from conadv.errors import ConfigError
+
+
+def knob(default: Any, doc: str, *, choices: tuple | None = None, low: float | None = None,
+         high: float | None = None, low_open: bool = False) -> Any:
+    """A config field with a doc line and the checks `validate` applies to it."""
+    meta = {"doc": doc, "choices": choices, "low": low, "high": high, "low_open": low_open}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    name: str = knob("digits", "dataset", choices=("digits", "synthetic", "imagefolder"))
+    root: str = knob("", "imagefolder root holding train/ and val/ class folders")
+    image_size: int = knob(224, "training crop and evaluation crop size in pixels", low=8)
+    eval_resize: int = knob(256, "evaluation resize of the shorter side before center crop", low=8)
+    min_crop_scale: float = knob(0.08, "RandomResizedCrop lower area bound", low=0.0, high=1.0,
+                                 low_open=True)
+    hflip: bool = knob(True, "random horizontal flip during training")
+    augment: str = knob("none", "extra augmentation policy (transforms.v2)",
+                        choices=("none", "autoaugment", "randaugment", "trivialaugment"))
+    second_view: bool = knob(False, "also yield an augmented view (augment policy) of each image")
+    bad_images: str = knob("fail", "unreadable image policy: fail names the file, skip counts it",
+                           choices=("fail", "skip"))
+    workers: int = knob(4, "DataLoader worker processes per rank", low=0)
+    synthetic_samples: int = knob(4096, "number of samples of the synthetic dataset", low=1)
+    synthetic_classes: int = knob(1000, "number of classes of the synthetic dataset", low=2)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = knob("resnet50", "model architecture",
+                     choices=("resnet18", "resnet34", "resnet50", "cifar_resnet"))
+    num_classes: int = knob(0, "output classes; 0 takes the dataset's", low=0)
+    zero_init_residual: bool = knob(False, "zero-init the last BN gamma of each residual block")
+    channels_last: bool = knob(False, "channels-last memory format for model and inputs")
+    cifar_width: int = knob(16, "cifar_resnet: channels of the first stage", low=1)
+    cifar_blocks: int = knob(1, "cifar_resnet: residual blocks per stage", low=1)
+
+
+@dataclass
+class OptimConfig:
+    name: str = knob("sgd", "optimizer", choices=("sgd",))
+    lr: float = knob(0.1, "peak learning rate at base_batch (scaled by scale_rule)", low=0.0)
+    scale_rule: str = knob("none", "peak LR scaling from base_batch to the global batch",
+                           choices=("none", "linear", "sqrt"))
+    base_batch: int = knob(256, "global batch that `lr` refers to", low=1)
+    momentum: float = knob(0.9, "momentum", low=0.0, high=1.0)
+    nesterov: bool = knob(False, "Nesterov momentum")
+    weight_decay: float = knob(5e-5, "weight decay", low=0.0)
+    decay_bn_bias: bool = knob(False, "also decay BatchNorm and bias parameters (ndim <= 1)")
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_epochs: float = knob(0.0, "linear warm-up length in epochs", low=0.0)
+    warmup_start_lr: float = knob(0.0, "learning rate at step 0 of the warm-up", low=0.0)
+    decay: str = knob("cosine", "decay after warm-up", choices=("cosine", "poly", "constant"))
+    poly_power: float = knob(2.0, "power of the polynomial decay", low=0.0)
+    end_lr: float = knob(0.0, "learning rate at the last step", low=0.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = knob(90.0, "training length in epochs", low=0.0, low_open=True)
+    max_steps: int = knob(0, "stop after this many optimizer steps; 0 trains all epochs", low=0)
+    global_batch: int = knob(256, "images per optimizer step over all ranks", low=1)
+    per_device_batch: int = knob(0, "images per rank per micro-step; 0 derives it", low=0)
+    accumulation: int = knob(0, "micro-steps per optimizer step; 0 derives it", low=0)
+    precision: str = knob("auto", "auto = bf16 on CUDA, fp32 on CPU",
+                          choices=("auto", "fp32", "bf16", "fp16"))
+    device: str = knob("auto", "auto picks CUDA when available", choices=("auto", "cpu", "cuda"))
+    seed: int = knob(0, "seed of data order, augmentation and initialisation", low=0)
+    deterministic: bool = knob(False, "torch.use_deterministic_algorithms (slower)")
+    label_smoothing: float = knob(0.0, "cross-entropy label smoothing", low=0.0, high=1.0)
+    mixup_alpha: float = knob(0.0, "MixUp Beta(alpha, alpha); 0 disables", low=0.0)
+    cutmix_alpha: float = knob(0.0, "CutMix Beta(alpha, alpha); 0 disables", low=0.0)
+    eval_every_epochs: float = knob(1.0, "evaluate every this many epochs; 0 only at the end",
+                                    low=0.0)
+
+
+@dataclass
+class AdvConfig:
+    enabled: bool = knob(False, "adversarial training (ConAdv); false is vanilla training")
+    tau: int = knob(1, "staleness in steps; 0 is the sequential baseline", low=0)
+
+
+@dataclass
+class DistConfig:
+    backend: str = knob("auto", "auto = nccl on CUDA, gloo on CPU",
+                        choices=("auto", "nccl", "gloo"))
+    timeout_s: int = knob(1800, "collective timeout in seconds", low=1)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = knob(0, "write a checkpoint every N steps; 0 only at epoch ends", low=0)
+    keep_last: int = knob(3, "checkpoints kept on disk", low=1)
+    resume: str = knob("auto", "auto (newest valid in run_dir), none, or a checkpoint path")
+
+
+@dataclass
+class LogConfig:
+    run_dir: str = knob("runs/default", "directory for config, metrics, checkpoints, events")
+    every_steps: int = knob(10, "log metrics every N optimizer steps", low=1)
+    tensorboard: bool = knob(True, "write TensorBoard events")
+    progress: bool = knob(True, "show a progress bar on rank 0")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    adv: AdvConfig = field(default_factory=AdvConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Schema defaults <- YAML file <- `key=value` overrides, then validation."""
+    layers: list[tuple[str, dict]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {_first_line(err)}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        layers.append((str(path), loaded))
+    layers.append(("the command line", _parse_overrides(overrides)))
+
+    schema = OmegaConf.structured(RunConfig)
+    for source, tree in layers:
+        _check_keys(tree, RunConfig, prefix="", source=source)
+        try:
+            schema = OmegaConf.merge(schema, OmegaConf.create(tree))
+        except OmegaConfBaseException as err:
+            raise ConfigError(_type_error_sentence(err, source)) from None
+    cfg: RunConfig = OmegaConf.to_object(schema)
+    validate(cfg)
+    return cfg
+
+
+def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' sets a key below a plain value")
+        node[parts[-1]] = value
+    return tree
+
+
+def _check_keys(tree: dict, schema: type, prefix: str, source: str) -> None:
+    """Reject unknown keys with a suggestion; OmegaConf's own message names no alternative."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else (
+                f"; known keys here: {', '.join(fields)}")
+            raise ConfigError(f"unknown config key '{full}' in {source}{hint}")
+        sub = fields[key].type
+        nested = _dataclass_of(sub)
+        if nested is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' in {source} must be a section of keys")
+            _check_keys(value, nested, prefix=f"{full}.", source=source)
+
+
+def _dataclass_of(type_name: Any) -> type | None:
+    name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
+    candidate = globals().get(name)
+    return candidate if dataclasses.is_dataclass(candidate) else None
+
+
+def _type_error_sentence(err: OmegaConfBaseException, source: str) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    expected = getattr(err, "ref_type", None)
+    value = getattr(err, "value", None)
+    expected_name = getattr(expected, "__name__", None) or str(expected or "another type")
+    return (f"config key '{key}' in {source} expects a value of type {expected_name}, "
+            f"got {value!r}")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check choices and ranges of every knob, then rules that involve several knobs."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            _check_value(f"{section.name}.{f.name}", getattr(values, f.name), f.metadata)
+    if cfg.data.name == "imagefolder" and not cfg.data.root:
+        raise ConfigError("data.root must name the imagefolder directory (with train/ and val/)")
+    if cfg.data.eval_resize < cfg.data.image_size:
+        raise ConfigError("data.eval_resize must be at least data.image_size")
+    if cfg.data.second_view and cfg.data.augment == "none":
+        raise ConfigError("data.second_view needs an augment policy (data.augment is 'none')")
+
+
+def _check_value(key: str, value: Any, meta: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; "
+                          f"got '{value}'")
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value < low or (meta.get("low_open") and value == low)):
+        bound = f"greater than {low}" if meta.get("low_open") else f"at least {low}"
+        raise ConfigError(f"config key '{key}' must be {bound}, got {value}")
+    if high is not None and value > high:
+        raise ConfigError(f"config key '{key}' must be at most {high}, got {value}")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the global batch is split: global = per_device x world_size x accumulation."""
+
+    global_batch: int
+    per_device: int
+    accumulation: int
+    world_size: int
+
+
+def plan_batch(train: TrainConfig, world_size: int) -> BatchPlan:
+    """Derive the missing factor of the global batch split, or say why it cannot divide."""
+    g, b, a, w = train.global_batch, train.per_device_batch, train.accumulation, world_size
+    if b and a:
+        if b * a * w != g:
+            raise ConfigError(
+                f"train.global_batch={g} is not train.per_device_batch={b} x world size {w} x "
+                f"train.accumulation={a} (= {b * a * w}); change one of them")
+    elif b:
+        if g % (b * w):
+            raise ConfigError(
+                f"train.global_batch={g} is not divisible by train.per_device_batch={b} x world "
+                f"size {w}; pick a per-device batch that divides {g // w if g % w == 0 else g}")
+        a = g // (b * w)
+    else:
+        a = a or 1
+        if g % (a * w):
+            raise ConfigError(
+                f"train.global_batch={g} is not divisible by world size {w} x "
+                f"train.accumulation={a}; change the global batch or the accumulation")
+        b = g // (a * w)
+    return BatchPlan(global_batch=g, per_device=b, accumulation=a, world_size=w)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved configuration as YAML (saved in every run directory)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def describe_knobs() -> str:
+    """One line per knob: key, default and doc (for `conadv-train --help-config`)."""
+    lines = []
+    for section in dataclasses.fields(RunConfig):
+        for f in dataclasses.fields(section.default_factory()):
+            lines.append(f"{section.name}.{f.name} = {f.default!r}  # {f.metadata['doc']}")
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""Loaders built from the config, and the endless, resumable stream of training batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from conadv.config import DataConfig
+from conadv.data.dataset import ViewDataset
+from conadv.data.sampler import ExactShardSampler, ResumableShardSampler
+from conadv.data.sources import DigitsSource, ImageFolderSource, ImageSource, SyntheticSource
+from conadv.data.transforms import build_eval_transform, build_train_transforms
+from conadv.errors import ConfigError
+
+Batch = dict[str, torch.Tensor]
+
+
+def build_source(cfg: DataConfig, split: str) -> ImageSource:
+    """split is 'train' or 'val'."""
+    if cfg.name == "digits":
+        return DigitsSource("train" if split == "train" else "test")
+    if cfg.name == "synthetic":
+        samples = cfg.synthetic_samples if split == "train" else max(1, cfg.synthetic_samples // 8)
+        return SyntheticSource(samples, cfg.synthetic_classes, cfg.image_size)
+    return ImageFolderSource(f"{cfg.root}/{split}")
+
+
+def _loader(dataset: ViewDataset, sampler, batch_size: int, cfg: DataConfig, pin: bool,
+            drop_last: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.workers,
+                      pin_memory=pin, drop_last=drop_last, persistent_workers=cfg.workers > 0)
+
+
+def build_train_stream(cfg: DataConfig, world_size: int, rank: int, per_device_batch: int,
+                       seed: int, pin_memory: bool) -> BatchStream:
+    source = build_source(cfg, "train")
+    if cfg.name == "synthetic":  # noise needs no augmentation: keep benchmarks model-bound
+        transform, aug = None, None
+    else:
+        transform, aug = build_train_transforms(cfg)
+    dataset = ViewDataset(source, transform, aug, cfg.bad_images)
+    sampler = ResumableShardSampler(len(source), world_size, rank, per_device_batch, seed)
+    if sampler.batches_per_epoch == 0:
+        raise ConfigError(f"the training set has {len(source)} images, fewer than one global "
+                          f"micro-batch ({per_device_batch} x {world_size} ranks)")
+    loader = _loader(dataset, sampler, per_device_batch, cfg, pin_memory, drop_last=True)
+    return BatchStream(loader, sampler, source.num_classes)
+
+
+def build_eval_loader(cfg: DataConfig, world_size: int, rank: int, batch_size: int,
+                      pin_memory: bool) -> DataLoader:
+    source = build_source(cfg, "val")
+    transform = None if cfg.name == "synthetic" else build_eval_transform(cfg)
+    dataset = ViewDataset(source, transform, None, cfg.bad_images)
+    sampler = ExactShardSampler(len(source), world_size, rank)
+    return _loader(dataset, sampler, batch_size, cfg, pin_memory, drop_last=False)
+
+
+class BatchStream:
+    """Endless training batches across epochs, with a position that can be saved and restored.
+
+    The position (epoch, batches taken in that epoch) counts what the trainer took, not what
+    the loader prefetched, so a checkpoint resumes at exactly the next unseen batch.
+    """
+
+    def __init__(self, loader: DataLoader, sampler: ResumableShardSampler,
+                 num_classes: int) -> None:
+        self.loader = loader
+        self.sampler = sampler
+        self.num_classes = num_classes
+        self.batches_per_epoch = sampler.batches_per_epoch
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._iterator: Any = None
+
+    def next(self) -> Batch:
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self._iterator = None
+        if self._iterator is None:
+            self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.sampler.batch)
+            self._iterator = iter(self.loader)
+        batch = next(self._iterator)
+        self.batch_in_epoch += 1
+        return batch
+
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs completed, fractional."""
+        return self.epoch + self.batch_in_epoch / self.batches_per_epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self._iterator = None

@@ -1,0 +1,138 @@
+"""Where am I running (torchrun, Slurm, a single process), process-group set-up and teardown,
+and the few collective helpers the trainer needs."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from conadv.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job, as found in the environment."""
+
+    launcher: str  # "torchrun", "slurm" or "single"
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (it wins when Slurm started torchrun); a plain
+    `srun` task has SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the job's node list."""
+    env = os.environ if environ is None else environ
+    if all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return DistEnv("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]),
+                       int(env["LOCAL_RANK"]), env.get("MASTER_ADDR", "127.0.0.1"),
+                       int(env.get("MASTER_PORT", "29500")))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        return DistEnv("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                       int(env.get("SLURM_LOCALID", "0")),
+                       env.get("MASTER_ADDR", nodes[0] if nodes else "127.0.0.1"),
+                       int(env.get("MASTER_PORT", str(20000 + job_id % 20000))))
+    return DistEnv("single", 0, 1, 0, "127.0.0.1", 0)
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand Slurm's compressed host list, e.g. 'gpu[01-03,07],login1' (what
+    `scontrol show hostnames` prints, without needing scontrol on the compute node)."""
+    hosts: list[str] = []
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?([^,]*)", nodelist):
+        prefix, ranges, suffix = match.groups()
+        if not ranges:
+            hosts.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(f"{prefix}{lo}{suffix}")
+                continue
+            for number in range(int(lo), int(hi) + 1):
+                hosts.append(f"{prefix}{str(number).zfill(len(lo))}{suffix}")
+    return hosts
+
+
+def pick_device(requested: str, env: DistEnv) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is visible; "
+                              "use train.device=cpu")
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@contextmanager
+def process_group(env: DistEnv, device: torch.device, backend: str,
+                  timeout_s: int) -> Iterator[None]:
+    """Initialise torch.distributed for a multi-process job and always tear it down."""
+    if not env.is_distributed:
+        yield
+        return
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks in place (a no-op in a single process)."""
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's value of a small picklable object, on every rank."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's value of a small picklable object, in rank order."""
+    if not is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()

@@ -1,0 +1,17 @@
+"""Errors a user can cause and fix; the CLI prints them as one sentence, without a traceback."""
+
+
+class UserError(Exception):
+    """Base class for mistakes in the configuration, the data or the environment."""
+
+
+class ConfigError(UserError):
+    """The configuration is invalid (unknown key, wrong type, value out of range, batch split)."""
+
+
+class DataError(UserError):
+    """The dataset is missing, empty or contains an unreadable file under the `fail` policy."""
+
+
+class CheckpointError(UserError):
+    """No usable checkpoint where one was asked for."""

@@ -1,0 +1,69 @@
+"""Run telemetry on rank 0: metrics.jsonl, TensorBoard events, a tqdm progress bar and the final
+summary.json. Other ranks get a no-op instance, so callers never branch on the rank."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+class Telemetry:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress: bool,
+                 total_steps: int, initial_step: int) -> None:
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self._metrics = None
+        self._writer = None
+        self._bar = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+        if progress:
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train",
+                             dynamic_ncols=True, file=sys.stderr)
+
+    def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        """One JSON line ({'kind': 'train'|'eval', 'step': ..., **values}) and TB scalars."""
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        self._metrics.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self._writer.add_scalar(f"{kind}/{key}", value, step)
+        if self._bar is not None:
+            shown = {k: values[k] for k in ("loss", "lr", "img_per_s", "top1") if k in values}
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.enabled:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._metrics is not None:
+            self._metrics.close()

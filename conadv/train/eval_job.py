@@ -1,0 +1,54 @@
+"""Evaluate (and optionally export) a trained checkpoint: the body of `conadv-eval`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conadv.config import RunConfig, plan_batch
+from conadv.data import build_eval_loader
+from conadv.data.loader import build_source
+from conadv.distributed import detect_env, pick_device, process_group
+from conadv.errors import CheckpointError
+from conadv.models import build_model, export_state_dict
+from conadv.telemetry import setup_logging
+from conadv.train.checkpoint import CheckpointManager, load_model_weights
+from conadv.train.evaluate import evaluate
+from conadv.train.trainer import autocast_dtype
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a run directory whose newest valid checkpoint is taken."""
+    if (path / "shared.pt").is_file():
+        return path
+    manager = CheckpointManager(path / "checkpoints", keep_last=1, rank=0, world_size=1)
+    for candidate in manager.list_checkpoints():
+        if (candidate / "shared.pt").is_file():
+            return candidate
+    raise CheckpointError(f"no checkpoint found at {path} (give a run or checkpoint directory)")
+
+
+def run_evaluation(cfg: RunConfig, checkpoint: Path,
+                   export_to: Path | None = None) -> dict[str, Any]:
+    env = detect_env()
+    setup_logging(env.is_main)
+    device = pick_device(cfg.train.device, env)
+    with process_group(env, device, cfg.dist.backend, cfg.dist.timeout_s):
+        path = resolve_checkpoint(checkpoint)
+        per_device = plan_batch(cfg.train, env.world_size).per_device
+        num_classes = cfg.model.num_classes or build_source(cfg.data, "val").num_classes
+        model = build_model(cfg.model, num_classes).to(device)
+        model.load_state_dict(load_model_weights(path))
+        if export_to is not None and env.is_main:
+            torch.save(export_state_dict(model), export_to)
+        loader = build_eval_loader(cfg.data, env.world_size, env.rank, per_device,
+                                   device.type == "cuda")
+        dtype = autocast_dtype(cfg.train.precision, device)
+
+        def autocast():
+            return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+        result = evaluate(model, loader, device, cfg.model.channels_last, autocast)
+    return {"checkpoint": str(path), **result}

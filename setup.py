@@ -1,0 +1,33 @@
+"""conadv: large-batch image classification with Concurrent Adversarial Learning."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="conadv",
+    version="0.1.0",
+    description="Large-batch image classifier training with Concurrent Adversarial Learning (ConAdv)",
+    packages=find_packages(include=["conadv", "conadv.*"]),
+    python_requires=">=3.11",
+    # Ranges only: exact pins live in the Makefile, so the package also installs on machines
+    # that ship their own torch (e.g. a GPU box with a different CUDA build).
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "numpy>=1.24",
+        "scikit-learn>=1.2",
+        "omegaconf>=2.3,<3",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "tensorboard>=2.12",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "timm>=1.0"],
+        "dev": ["pytest>=7", "timm>=1.0", "ruff>=0.4"],
+    },
+    entry_points={
+        "console_scripts": [
+            "conadv-train=conadv.cli.train:main",
+            "conadv-eval=conadv.cli.evaluate:main",
+        ]
+    },
+)
