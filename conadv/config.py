@@ -84,6 +84,8 @@ class ScheduleConfig:
 class TrainConfig:
     epochs: float = knob(90.0, "training length in epochs", low=0.0, low_open=True)
     max_steps: int = knob(0, "stop after this many optimizer steps; 0 trains all epochs", low=0)
+    stop_at_step: int = knob(0, "end this invocation at this step with a checkpoint, to be "
+                             "resumed later (e.g. a time-limited job); 0 runs to the end", low=0)
     global_batch: int = knob(256, "images per optimizer step over all ranks", low=1)
     per_device_batch: int = knob(0, "images per rank per micro-step; 0 derives it", low=0)
     accumulation: int = knob(0, "micro-steps per optimizer step; 0 derives it", low=0)
@@ -217,11 +219,21 @@ def _dataclass_of(type_name: Any) -> type | None:
 
 def _type_error_sentence(err: OmegaConfBaseException, source: str) -> str:
     key = getattr(err, "full_key", None) or "?"
-    expected = getattr(err, "ref_type", None)
     value = getattr(err, "value", None)
-    expected_name = getattr(expected, "__name__", None) or str(expected or "another type")
-    return (f"config key '{key}' in {source} expects a value of type {expected_name}, "
+    return (f"config key '{key}' in {source} expects a value of type {_field_type(key)}, "
             f"got {value!r}")
+
+
+def _field_type(full_key: str) -> str:
+    schema: type | None = RunConfig
+    type_name = "another type"
+    for part in full_key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(schema)} if schema else {}
+        if part not in fields:
+            break
+        type_name = str(fields[part].type)
+        schema = _dataclass_of(fields[part].type)
+    return type_name
 
 
 def _first_line(err: Exception) -> str:

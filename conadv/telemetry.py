@@ -14,8 +14,15 @@ from tqdm import tqdm
 
 
 def setup_logging(is_main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    """conadv's log lines to stderr: INFO on rank 0, warnings only elsewhere. Configures the
+    `conadv` logger alone, leaving the root logger to the host application."""
+    logger = logging.getLogger("conadv")
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    if not any(getattr(h, "conadv_handler", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.conadv_handler = True
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
 
 
 class Telemetry:

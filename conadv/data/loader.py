@@ -29,8 +29,12 @@ def build_source(cfg: DataConfig, split: str) -> ImageSource:
 
 def _loader(dataset: ViewDataset, sampler, batch_size: int, cfg: DataConfig, pin: bool,
             drop_last: bool) -> DataLoader:
+    # A private generator: creating an iterator would otherwise draw from the global RNG and
+    # shift every later random op (mixup, attacks) depending on when the iterator was made.
+    # Augmentation randomness comes from per-sample seeds, not from worker seeds.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.workers,
-                      pin_memory=pin, drop_last=drop_last, persistent_workers=cfg.workers > 0)
+                      pin_memory=pin, drop_last=drop_last, persistent_workers=cfg.workers > 0,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def build_train_stream(cfg: DataConfig, world_size: int, rank: int, per_device_batch: int,

@@ -239,10 +239,17 @@ class Trainer:
                         "epoch": round(self.stream.epoch_progress, 4), **result})
                 epoch_done = int(self.stream.epoch_progress) > last_saved_epoch
                 every = cfg.checkpoint.every_steps
-                if done or (every and self.step % every == 0) or (not every and epoch_done):
+                stopping = self.step == cfg.train.stop_at_step and not done
+                if (done or stopping or (every and self.step % every == 0)
+                        or (not every and epoch_done)):
                     self.save_checkpoint()
                     last_saved_epoch = int(self.stream.epoch_progress)
-            if not result:  # resumed a finished run: nothing trained, still report accuracy
+                if stopping:
+                    log.info("stopping at step %d as asked (train.stop_at_step); resume with "
+                             "checkpoint.resume=auto", self.step)
+                    break
+            if not result and self.step == self.total_steps:
+                # resumed a finished run: nothing was trained, still report its accuracy
                 result = self.run_eval()
         finally:
             telemetry.close()
@@ -255,6 +262,7 @@ class Trainer:
                    / max(train_time, 1e-9),
                    "bad_images": int(bad_total.item()),
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                   "finished": self.step == self.total_steps,
                    "final_eval": result}
         telemetry.write_summary(summary)
         return summary

@@ -1,0 +1,66 @@
+"""Shared test helpers: small configs and running the CLI or torchrun as a user would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conadv.config import RunConfig, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A few seconds per run on 2 CPU cores: the demo data with a narrow CIFAR ResNet.
+TINY = [
+    "data.name=digits", "data.image_size=32", "data.eval_resize=32", "data.hflip=false",
+    "data.min_crop_scale=0.7", "data.workers=0",
+    "model.arch=cifar_resnet", "model.cifar_width=8",
+    "optim.lr=0.1", "schedule.warmup_epochs=0.1",
+    "train.epochs=1", "train.global_batch=32", "train.device=cpu", "train.deterministic=true",
+    "log.tensorboard=false", "log.progress=false", "log.every_steps=1",
+    "checkpoint.resume=none",
+]
+
+
+def tiny_config(run_dir: Path, *overrides: str) -> RunConfig:
+    return load_config(None, [*TINY, f"log.run_dir={run_dir}", *overrides])
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+def run_module(module: str, *args: str, timeout: float = 300, **env: str):
+    """python -m module args..., as a user would run the console script."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=timeout, env=subprocess_env(**env))
+
+
+def run_torchrun(nproc: int, *args: str, extra: tuple[str, ...] = (), timeout: float = 300):
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--nnodes=1", f"--master-port={port}", *extra, "-m", "conadv.cli.train", *args]
+    return subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=timeout,
+                          env=subprocess_env())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    return sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+
+
+def checkpoint_state(run_dir: Path) -> dict:
+    return torch.load(newest_checkpoint(run_dir) / "shared.pt", weights_only=False)

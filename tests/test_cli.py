@@ -1,0 +1,41 @@
+"""The console entry points as a user runs them."""
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import REPO, run_module
+
+
+@pytest.mark.slow
+def test_train_then_eval_and_export(tmp_path):
+    run = tmp_path / "run"
+    trained = run_module("conadv.cli.train", "--config", str(REPO / "configs/demo.yaml"),
+                         f"log.run_dir={run}", "train.epochs=2", "log.progress=false")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "final test top-1:" in trained.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_eval"]["count"] == 360 and summary["final_eval"]["top1"] > 50
+
+    export = tmp_path / "resnet.pth"
+    evaluated = run_module("conadv.cli.evaluate", "--config", str(run / "config.yaml"),
+                           "--checkpoint", str(run), "--export", str(export))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert result["top1"] == pytest.approx(summary["final_eval"]["top1"])
+    state = torch.load(export)
+    assert "fc.weight" in state and not any(k.startswith("backbone.") for k in state)
+
+
+def test_eval_without_checkpoint_is_one_line(tmp_path):
+    result = run_module("conadv.cli.evaluate", "--config", str(REPO / "configs/demo.yaml"),
+                        "--checkpoint", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("conadv-eval: error: no checkpoint found")
+
+
+def test_help_config_lists_every_knob():
+    result = run_module("conadv.cli.train", "--help-config")
+    assert result.returncode == 0
+    assert "optim.lr = 0.1  # peak learning rate" in result.stdout

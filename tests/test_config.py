@@ -1,0 +1,92 @@
+"""Config loading and validation: every user mistake is one clear sentence."""
+
+import pytest
+
+from conadv.config import RunConfig, TrainConfig, load_config, plan_batch, to_yaml
+from conadv.errors import ConfigError
+from tests.helpers import REPO, run_module
+
+
+def test_defaults_yaml_and_overrides_merge(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 0.5\ntrain:\n  epochs: 3\n")
+    cfg = load_config(path, ["optim.lr=0.25", "model.channels_last=true", "data.name=synthetic"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.optim.lr == 0.25 and cfg.train.epochs == 3.0
+    assert cfg.model.channels_last is True and cfg.data.name == "synthetic"
+    assert cfg.train.global_batch == 256  # schema default survives
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError,
+                       match=r"unknown config key 'optim.lrr'.*did you mean 'optim.lr'"):
+        load_config(None, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'.*did you mean 'train'"):
+        load_config(None, ["trian.epochs=1"])
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  arch: resnet50\n  chanels_last: true\n")
+    with pytest.raises(ConfigError,
+                       match=r"'model.chanels_last' in .*bad.yaml.*'model.channels_last'"):
+        load_config(path)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"'train.epochs'.*expects a value of type float.*'ten'"):
+        load_config(None, ["train.epochs=ten"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.momentum=1.5", "optim.momentum' must be at most 1.0"),
+    ("train.global_batch=0", "train.global_batch' must be at least 1"),
+    ("data.name=imagenet", "data.name' must be one of digits, synthetic, imagefolder"),
+    ("train.epochs=0", "train.epochs' must be greater than 0.0"),
+])
+def test_out_of_range_and_choices(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(None, ["optim.lr"])
+
+
+def test_batch_plan_derives_and_rejects():
+    def plan(g, b=0, a=0, w=1):
+        return plan_batch(TrainConfig(global_batch=g, per_device_batch=b, accumulation=a), w)
+
+    assert (plan(96 * 1024, w=1024).per_device, plan(96 * 1024, w=1024).accumulation) == (96, 1)
+    assert plan(98304, b=192, w=64).accumulation == 8
+    assert plan(256, a=2, w=4).per_device == 32
+    assert plan(256, b=32, a=2, w=4).global_batch == 256
+    with pytest.raises(ConfigError, match=r"global_batch=256 is not .*per_device_batch=30"):
+        plan(256, b=30, a=2, w=4)
+    with pytest.raises(ConfigError, match="not divisible by train.per_device_batch=48"):
+        plan(256, b=48, w=2)
+    with pytest.raises(ConfigError, match="not divisible by world size 3"):
+        plan(256, w=3)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["optim.lr=0.3"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("args, message", [
+    (["optim.lrr=0.1"], "did you mean 'optim.lr'"),
+    (["train.epochs=abc"], "'train.epochs'"),
+    (["train.global_batch=100", "train.per_device_batch=30"], "train.global_batch=100"),
+])
+def test_cli_reports_one_line_and_exits_non_zero(args, message, tmp_path):
+    result = run_module("conadv.cli.train", "--config", str(REPO / "configs/demo.yaml"),
+                        f"log.run_dir={tmp_path}", *args, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("conadv-train: error: ") and message in lines[0]
+    assert "Traceback" not in result.stderr
