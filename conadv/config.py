@@ -60,15 +60,30 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = knob("sgd", "optimizer", choices=("sgd",))
+    name: str = knob("sgd", "optimizer", choices=("sgd", "lars", "lamb"))
+    backend: str = knob("native", "native (conadv's own) or apex (NVIDIA FusedLAMB, lamb only)",
+                        choices=("native", "apex"))
     lr: float = knob(0.1, "peak learning rate at base_batch (scaled by scale_rule)", low=0.0)
-    scale_rule: str = knob("none", "peak LR scaling from base_batch to the global batch",
+    scale_rule: str = knob("none", "peak LR scaling from base_batch to the global batch "
+                           "(linear for SGD/LARS, sqrt for LAMB)",
                            choices=("none", "linear", "sqrt"))
     base_batch: int = knob(256, "global batch that `lr` refers to", low=1)
-    momentum: float = knob(0.9, "momentum", low=0.0, high=1.0)
-    nesterov: bool = knob(False, "Nesterov momentum")
+    momentum: float = knob(0.9, "momentum (SGD, LARS)", low=0.0, high=1.0)
+    nesterov: bool = knob(False, "Nesterov momentum (SGD, LARS)")
     weight_decay: float = knob(5e-5, "weight decay", low=0.0)
     decay_bn_bias: bool = knob(False, "also decay BatchNorm and bias parameters (ndim <= 1)")
+    trust_coefficient: float = knob(0.001, "LARS trust coefficient (eeta)", low=0.0,
+                                    low_open=True)
+    trust_clip: bool = knob(False, "clip the trust ratio (LARS: min(r/lr, 1), LARC; LAMB: "
+                            "min(r, 1))")
+    always_adapt: bool = knob(False, "apply the trust ratio to BatchNorm/bias too (apex LARC, "
+                              "torchlars, NVLAMB behaviour)")
+    eps: float = knob(1e-6, "LAMB's Adam denominator eps and LARS's trust-ratio eps", low=0.0)
+    beta1: float = knob(0.9, "LAMB first-moment decay", low=0.0, high=1.0)
+    beta2: float = knob(0.999, "LAMB second-moment decay", low=0.0, high=1.0)
+    grad_averaging: bool = knob(True, "LAMB: m <- b1 m + (1 - b1) g (false: b1 m + g)")
+    decoupled_decay: bool = knob(False, "LAMB: decoupled (AdamW-style) instead of L2 weight decay")
+    max_grad_norm: float = knob(0.0, "LAMB global gradient-norm clipping; 0 disables", low=0.0)
 
 
 @dataclass
@@ -253,6 +268,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("data.root must name the imagefolder directory (with train/ and val/)")
     if cfg.data.eval_resize < cfg.data.image_size:
         raise ConfigError("data.eval_resize must be at least data.image_size")
+    if cfg.optim.backend == "apex" and cfg.optim.name != "lamb":
+        raise ConfigError("optim.backend=apex provides only FusedLAMB; set optim.name=lamb or "
+                          "optim.backend=native")
     if cfg.data.second_view and cfg.data.augment == "none":
         raise ConfigError("data.second_view needs an augment policy (data.augment is 'none')")
 

@@ -87,7 +87,7 @@ class Trainer:
             1, int(cfg.train.epochs * self.steps_per_epoch))
         peak_lr = scaled_lr(cfg.optim.lr, cfg.optim.scale_rule, self.plan.global_batch,
                             cfg.optim.base_batch)
-        self.optimizer = build_optimizer(self.model, cfg.optim, peak_lr)
+        self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim, peak_lr)
         self.scheduler, self.schedule = build_scheduler(
             self.optimizer, cfg.schedule, peak_lr, self.steps_per_epoch, self.total_steps)
         self.amp_dtype = autocast_dtype(cfg.train.precision, device)

@@ -1,0 +1,59 @@
+"""Shared by the benchmarks: machine description, robust timing, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": None}
+    if torch.cuda.is_available():
+        info["cuda"] = {"device": torch.cuda.get_device_name(), "runtime": torch.version.cuda}
+    return info
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int,
+               warmup: int = 2) -> list[float]:
+    """Seconds per call, each call timed alone (synchronising CUDA around it)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    return {"median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times),
+            "max_ms": 1000 * max(times), "n": len(times)}
+
+
+def write_json(path: str | Path | None, payload: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
