@@ -23,8 +23,11 @@ $(DEPS_STAMP): setup.py Makefile
 install: $(DEPS_STAMP)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 
+# ConAdv (tau = 1) on the digits, then the same run without adversarial training, so the
+# clean and PGD accuracies of both are printed one above the other.
 demo: install
-	$(VENV)/bin/conadv-train --config configs/demo.yaml
+	$(VENV)/bin/conadv-train --config configs/demo.yaml log.run_dir=runs/demo
+	$(VENV)/bin/conadv-train --config configs/demo.yaml adv.enabled=false log.run_dir=runs/demo_vanilla
 
 test: install
 	$(PY) -m pytest -q $(TEST_ARGS)

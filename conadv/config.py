@@ -119,7 +119,28 @@ class TrainConfig:
 @dataclass
 class AdvConfig:
     enabled: bool = knob(False, "adversarial training (ConAdv); false is vanilla training")
-    tau: int = knob(1, "staleness in steps; 0 is the sequential baseline", low=0)
+    tau: int = knob(1, "staleness in optimizer steps; 0 is the sequential baseline", low=0)
+    executor: str = knob("auto", "where the attack runs: auto (own CUDA stream on GPU, inline "
+                         "on CPU), stream, sequential", choices=("auto", "stream", "sequential"))
+    steps: int = knob(1, "attack steps (1 = FGSM from the random start)", low=1)
+    epsilon: float = knob(9 / 255, "L-inf bound in [0, 1] pixel scale (published: 9/255)",
+                          low=0.0)
+    step_size: float = knob(9 / 255, "attack step size (published: 9/255)", low=0.0,
+                            low_open=True)
+    random_start_prob: float = knob(0.8, "probability of a uniform random start in the eps-ball "
+                                    "(published: 0.8)", low=0.0, high=1.0)
+    targeted: bool = knob(True, "target a random wrong label (published) instead of "
+                          "maximising the true label's loss")
+    aux_bn: bool = knob(True, "adversarial view uses its own (auxiliary) BatchNorm")
+    aug_bn: bool = knob(True, "augmented view uses its own BatchNorm (as the released code)")
+    clean_weight: float = knob(1.0, "loss weight of the clean view", low=0.0)
+    aug_weight: float = knob(1.0, "loss weight of the augmented view", low=0.0)
+    adv_weight: float = knob(1.0, "loss weight of the adversarial view", low=0.0)
+    eval_robust: bool = knob(False, "final evaluation also under FGSM and PGD")
+    eval_epsilon: float = knob(4 / 255, "L-inf bound of the evaluation attacks", low=0.0)
+    eval_pgd_steps: int = knob(10, "steps of the PGD evaluation attack", low=1)
+    eval_step_size: float = knob(1 / 255, "step size of the PGD evaluation attack", low=0.0,
+                                 low_open=True)
 
 
 @dataclass
@@ -271,6 +292,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.optim.backend == "apex" and cfg.optim.name != "lamb":
         raise ConfigError("optim.backend=apex provides only FusedLAMB; set optim.name=lamb or "
                           "optim.backend=native")
+    if cfg.adv.enabled and (cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0):
+        raise ConfigError("train.mixup_alpha and train.cutmix_alpha must be 0 with adv.enabled "
+                          "(the attack needs hard labels)")
     if cfg.data.second_view and cfg.data.augment == "none":
         raise ConfigError("data.second_view needs an augment policy (data.augment is 'none')")
 

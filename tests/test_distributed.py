@@ -49,3 +49,21 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path):
         torch.testing.assert_close(value, b["model"][name], rtol=1e-5, atol=1e-6, msg=name)
         compared += 1
     assert compared > 20
+
+
+@pytest.mark.slow
+def test_conadv_two_ranks_equal_one_rank_with_accumulation(tmp_path):
+    adv = [*EQUIVALENCE, "adv.enabled=true", "adv.tau=1"]
+    two = run_torchrun(2, *adv, f"log.run_dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_module("conadv.cli.train", *adv, "train.accumulation=2",
+                     f"log.run_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = checkpoint_state(tmp_path / "two"), checkpoint_state(tmp_path / "one")
+    compared = 0
+    for name, value in a["model"].items():
+        if "running_" in name or "num_batches_tracked" in name:
+            continue
+        torch.testing.assert_close(value, b["model"][name], rtol=1e-5, atol=1e-6, msg=name)
+        compared += 1
+    assert compared > 40  # main and auxiliary BatchNorm parameters included

@@ -1,4 +1,5 @@
-"""conadv-eval --config FILE --checkpoint RUN_OR_CHECKPOINT_DIR [--export OUT.pth] [overrides]"""
+"""conadv-eval --config FILE --checkpoint RUN_OR_CHECKPOINT_DIR [--robust] [--export OUT.pth]
+[overrides]"""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a checkpoint directory, or a run directory (newest checkpoint)")
     parser.add_argument("--export", type=Path,
                         help="also write the plain torchvision state_dict of the model here")
+    parser.add_argument("--robust", action="store_true",
+                        help="also report top-1 under FGSM and PGD (adv.eval_epsilon, "
+                             "adv.eval_pgd_steps, adv.eval_step_size)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.workers=2")
     return parser.parse_args(argv)
 
@@ -28,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         from conadv.train.eval_job import run_evaluation
 
         result = run_evaluation(load_config(args.config, args.overrides), args.checkpoint,
-                                args.export)
+                                args.export, args.robust)
         print(json.dumps(result))
         return 0
 

@@ -17,6 +17,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def describe_result(summary: dict) -> str:
+    """The run's one-line result: clean accuracy, accuracy under attack when measured."""
+    final = summary["final_eval"]
+    parts = [f"final test top-1: {final['top1']:.2f}% top-5: {final['top5']:.2f}%"]
+    parts += [f"{name[:-5].upper()} top-1: {value:.2f}%" for name, value in final.items()
+              if name.endswith("_top1") and name != "top1"]
+    kind = summary.get("training", "")
+    return (" | ".join(parts) + f" ({final['count']} images, {summary['steps']} steps, "
+            f"{summary['train_time_s']:.1f} s{', ' + kind if kind else ''})")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
@@ -29,9 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = train(load_config(args.config, args.overrides))
         final = summary.get("final_eval")
         if final:
-            print(f"final test top-1: {final['top1']:.2f}% top-5: {final['top5']:.2f}% "
-                  f"({final['count']} images, {summary['steps']} steps, "
-                  f"{summary['train_time_s']:.1f} s)")
+            print(describe_result(summary))
         return 0
 
     run_cli("conadv-train", body)

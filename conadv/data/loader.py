@@ -79,7 +79,10 @@ class BatchStream:
         self.batch_in_epoch = 0
         self._iterator: Any = None
 
-    def next(self) -> Batch:
+    def next(self) -> tuple[Batch, int]:
+        """The next batch and its key: a global batch index that is the same whether the batch
+        is drawn by rank r of W or by micro-step r of a 1-rank run accumulating W (it seeds
+        per-batch randomness such as attacks)."""
         if self.batch_in_epoch >= self.batches_per_epoch:
             self.epoch += 1
             self.batch_in_epoch = 0
@@ -88,8 +91,10 @@ class BatchStream:
             self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.sampler.batch)
             self._iterator = iter(self.loader)
         batch = next(self._iterator)
+        world, rank = self.sampler.world_size, self.sampler.rank
+        key = (self.epoch * self.batches_per_epoch + self.batch_in_epoch) * world + rank
         self.batch_in_epoch += 1
-        return batch
+        return batch, key
 
     @property
     def epoch_progress(self) -> float:

@@ -8,6 +8,7 @@ from torchvision.models import resnet18, resnet34, resnet50
 from torchvision.models.resnet import BasicBlock
 
 from conadv.config import ModelConfig
+from conadv.models.multi_bn import main_state_dict
 
 # ImageNet channel statistics in [0, 1] pixel scale (torchvision's weights use the same).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,5 +94,6 @@ def build_model(cfg: ModelConfig, num_classes: int) -> ImageClassifier:
 
 
 def export_state_dict(model: ImageClassifier) -> dict[str, torch.Tensor]:
-    """The backbone's weights, loadable into the plain torchvision model with strict=True."""
-    return {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
+    """The backbone's weights (main BatchNorm only), loadable into the plain torchvision model
+    with strict=True."""
+    return {k: v.detach().clone() for k, v in main_state_dict(model.backbone.state_dict()).items()}

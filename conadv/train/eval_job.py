@@ -13,9 +13,10 @@ from conadv.data.loader import build_source
 from conadv.distributed import detect_env, pick_device, process_group
 from conadv.errors import CheckpointError
 from conadv.models import build_model, export_state_dict
+from conadv.models.multi_bn import main_state_dict
 from conadv.telemetry import setup_logging
 from conadv.train.checkpoint import CheckpointManager, load_model_weights
-from conadv.train.evaluate import evaluate
+from conadv.train.evaluate import evaluate, robust_attacks
 from conadv.train.trainer import autocast_dtype
 
 
@@ -30,8 +31,10 @@ def resolve_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"no checkpoint found at {path} (give a run or checkpoint directory)")
 
 
-def run_evaluation(cfg: RunConfig, checkpoint: Path,
-                   export_to: Path | None = None) -> dict[str, Any]:
+def run_evaluation(cfg: RunConfig, checkpoint: Path, export_to: Path | None = None,
+                   robust: bool = False) -> dict[str, Any]:
+    """Clean top-1/top-5 of a checkpoint (exact across ranks) and, with `robust`, top-1 under
+    FGSM and PGD-k at adv.eval_epsilon."""
     env = detect_env()
     setup_logging(env.is_main)
     device = pick_device(cfg.train.device, env)
@@ -40,7 +43,7 @@ def run_evaluation(cfg: RunConfig, checkpoint: Path,
         per_device = plan_batch(cfg.train, env.world_size).per_device
         num_classes = cfg.model.num_classes or build_source(cfg.data, "val").num_classes
         model = build_model(cfg.model, num_classes).to(device)
-        model.load_state_dict(load_model_weights(path))
+        model.load_state_dict(main_state_dict(load_model_weights(path)))  # main BN only
         if export_to is not None and env.is_main:
             torch.save(export_state_dict(model), export_to)
         loader = build_eval_loader(cfg.data, env.world_size, env.rank, per_device,
@@ -50,5 +53,8 @@ def run_evaluation(cfg: RunConfig, checkpoint: Path,
         def autocast():
             return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-        result = evaluate(model, loader, device, cfg.model.channels_last, autocast)
+        attacks = (robust_attacks(cfg.adv.eval_epsilon, cfg.adv.eval_pgd_steps,
+                                  cfg.adv.eval_step_size) if robust else None)
+        result = evaluate(model, loader, device, cfg.model.channels_last, autocast, attacks,
+                          cfg.train.seed)
     return {"checkpoint": str(path), **result}

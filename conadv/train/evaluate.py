@@ -1,4 +1,5 @@
-"""Clean evaluation, exact across ranks: every validation image is counted once."""
+"""Evaluation, exact across ranks (every validation image is counted once): clean top-1/top-5
+and, optionally, accuracy under attacks (main BatchNorm, running statistics)."""
 
 from __future__ import annotations
 
@@ -9,35 +10,57 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conadv.adversarial.attacks import AttackSpec, perturb
 from conadv.data.device import images_to_device
 from conadv.distributed import all_reduce_sum
 
 
-@torch.no_grad()
+def robust_attacks(epsilon: float, pgd_steps: int, pgd_step_size: float) -> dict[str, AttackSpec]:
+    """The standard untargeted evaluation attacks: FGSM from the clean image, PGD-k from a
+    random start."""
+    return {"fgsm": AttackSpec(epsilon, epsilon, 1, 0.0, targeted=False),
+            f"pgd{pgd_steps}": AttackSpec(epsilon, pgd_step_size, pgd_steps, 1.0,
+                                          targeted=False)}
+
+
 def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False,
-             autocast: Callable[[], AbstractContextManager] | None = None) -> dict[str, float]:
-    """top-1 / top-5 accuracy (percent), mean loss and count, summed over all ranks."""
+             autocast: Callable[[], AbstractContextManager] | None = None,
+             attacks: dict[str, AttackSpec] | None = None, seed: int = 0) -> dict[str, float]:
+    """top-1 / top-5 accuracy (percent), mean loss and count, summed over all ranks; with
+    `attacks`, also `<name>_top1` under each attack."""
+    attacks = attacks or {}
     was_training = model.training
     model.eval()
-    # correct@1, correct@5, summed loss, count; float64 so large counts stay exact
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    for batch in loader:
+    # correct@1, correct@5, summed loss, count, then correct@1 per attack; float64 stays exact
+    sums = torch.zeros(4 + len(attacks), dtype=torch.float64, device=device)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if autocast is None:
+            return model(x)
+        with autocast():
+            return model(x)
+
+    for index, batch in enumerate(loader):
         x = images_to_device(batch["image"], device, channels_last)
         y = batch["label"].to(device, non_blocking=True)
-        if autocast is None:
-            logits = model(x)
-        else:
-            with autocast():
-                logits = model(x)
-        logits = logits.float()
+        with torch.no_grad():
+            logits = forward(x).float()
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices.eq(y[:, None])
-        sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
-                             F.cross_entropy(logits, y, reduction="sum"),
-                             torch.tensor(len(y), device=device)]).double()
+        row = [hits[:, 0].sum(), hits.any(dim=1).sum(),
+               F.cross_entropy(logits, y, reduction="sum"), torch.tensor(len(y), device=device)]
+        for a, spec in enumerate(attacks.values()):
+            generator = torch.Generator(device=device).manual_seed(seed * 7919 + index * 31 + a)
+            adv = perturb(forward, x, y, spec, logits.shape[1], generator)
+            with torch.no_grad():
+                row.append((forward(adv).argmax(dim=1) == y).sum())
+        sums += torch.stack([v.double() for v in row])
     all_reduce_sum(sums)
     model.train(was_training)
-    correct1, correct5, loss, count = sums.tolist()
-    count = max(count, 1.0)
-    return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count,
-            "loss": loss / count, "count": int(sums[3].item())}
+    values = sums.tolist()
+    count = max(values[3], 1.0)
+    result = {"top1": 100.0 * values[0] / count, "top5": 100.0 * values[1] / count,
+              "loss": values[2] / count, "count": int(values[3])}
+    for name, correct in zip(attacks, values[4:]):
+        result[f"{name}_top1"] = 100.0 * correct / count
+    return result

@@ -18,15 +18,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
 
+from conadv.adversarial.engine import auxiliary_routes, bn_routes, build_engine
+from conadv.adversarial.streams import build_executor
 from conadv.config import BatchPlan, RunConfig, plan_batch, to_yaml
 from conadv.data import build_eval_loader, build_train_stream
-from conadv.data.device import batch_to_device
 from conadv.distributed import DistEnv, all_reduce_sum, detect_env, pick_device, process_group
 from conadv.models import build_model
+from conadv.models.multi_bn import bn_views, convert_to_multi_bn
 from conadv.optim import build_optimizer, build_scheduler, scaled_lr
 from conadv.telemetry import Telemetry, setup_logging
 from conadv.train.checkpoint import CheckpointManager, rng_state, set_rng_state
-from conadv.train.evaluate import evaluate
+from conadv.train.evaluate import evaluate, robust_attacks
+from conadv.train.step_metrics import MetricWindow, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def _record_event() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv, device: torch.device) -> None:
         self.cfg, self.env, self.device = cfg, env, device
@@ -77,6 +86,11 @@ class Trainer:
                                              self.plan.per_device, pin)
         num_classes = cfg.model.num_classes or self.stream.num_classes
         self.model = build_model(cfg.model, num_classes).to(device)
+        routes = bn_routes(cfg.adv, cfg.data.second_view)
+        if cfg.adv.enabled or auxiliary_routes(routes):
+            # MultiBatchNorm also lets attacks run on batch statistics without touching
+            # running statistics, so it is used whenever adversarial training is on.
+            convert_to_multi_bn(self.model, auxiliary_routes(routes))
         self.ddp: nn.Module = self.model
         if env.is_distributed:
             self.ddp = DistributedDataParallel(
@@ -94,7 +108,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type,
                                            enabled=self.amp_dtype == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-        self.mix = self._build_mix(num_classes)
+        self.executor = build_executor(cfg.adv.executor, device) if cfg.adv.enabled else None
+        self.engine = build_engine(cfg.adv, cfg.data.second_view, self.model,
+                                   self.plan.accumulation, self.executor, num_classes,
+                                   cfg.train.seed, device, cfg.model.channels_last,
+                                   self._build_mix(num_classes), self.autocast)
 
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints",
                                              cfg.checkpoint.keep_last, env.rank, env.world_size)
@@ -139,6 +157,7 @@ class Trainer:
         self.scaler.load_state_dict(shared["scaler"])
         self.step = shared["step"]
         self.stream.load_state_dict(mine["stream"])
+        self.engine.load_state_dict(mine["engine"])
         self.bad_images = mine["bad_images"]
         set_rng_state(mine["rng"])
         log.info("resumed from %s at step %d", path, self.step)
@@ -152,8 +171,8 @@ class Trainer:
                       "scheduler": self.scheduler.state_dict(),
                       "scaler": self.scaler.state_dict(), "step": self.step,
                       "config": to_yaml(self.resolved_config())}
-        per_rank = {"stream": self.stream.state_dict(), "rng": rng_state(),
-                    "bad_images": self.bad_images}
+        per_rank = {"stream": self.stream.state_dict(), "engine": self.engine.state_dict(),
+                    "rng": rng_state(), "bad_images": self.bad_images}
         return self.checkpoints.save(self.step, shared, per_rank)
 
     def resolved_config(self) -> RunConfig:
@@ -162,36 +181,48 @@ class Trainer:
         return dataclasses.replace(self.cfg, train=train)
 
     # ------------------------------------------------------------------ the loop
-    def train_step(self) -> tuple[torch.Tensor, float]:
-        """One optimizer step over `accumulation` micro-batches.
-        Returns (mean loss as a device tensor, seconds spent waiting for data)."""
+    def train_step(self) -> StepResult:
+        """One optimizer step over `accumulation` micro-batches."""
         accumulation = self.plan.accumulation
-        loss_sum = torch.zeros((), device=self.device)
-        data_time = 0.0
+        result = StepResult(loss=torch.zeros((), device=self.device))
+        timed = self.device.type == "cuda" and self.cfg.adv.enabled
+        if timed:
+            result.cuda_events["train_begin"] = _record_event()
         for micro in range(accumulation):
-            start = time.perf_counter()
-            batch = self.stream.next()
-            data_time += time.perf_counter() - start
-            self.bad_images += int(batch["n_bad"].sum())
-            inputs = batch_to_device(batch, self.device, self.cfg.model.channels_last)
-            x, y = inputs["image"], inputs["label"]
-            if self.mix is not None:
-                x, y = self.mix(x, y)
+            while self.engine.wants_batch():  # ConAdv: fills the queue of future batches
+                start = time.perf_counter()
+                batch, key = self.stream.next()
+                result.data_time += time.perf_counter() - start
+                self.bad_images += int(batch["n_bad"].sum())
+                self.engine.feed(batch, key, self.step)
+            inputs = self.engine.take()
+            result.attack_seconds += inputs.attack_seconds
             with self._no_sync(micro == accumulation - 1):
-                with self.autocast():
-                    loss = self.criterion(self.ddp(x), y)
+                with bn_views(self.model, self.engine.bn_plan(inputs)), self.autocast():
+                    logits = self.ddp(inputs.images)
+                loss, stats = self.engine.loss(self.criterion, logits, inputs)
                 self.scaler.scale(loss / accumulation).backward()
-            loss_sum += loss.detach().float()
+            result.add(loss.detach(), stats, inputs, accumulation)
+        self.engine.before_optimizer_step()  # the attacks that read these weights are done
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.engine.after_optimizer_step()  # later attacks read the new weights
+        if timed:
+            result.cuda_events["train_end"] = _record_event()
+            launched = getattr(self.engine, "last_launched_events", None)
+            if launched is not None:
+                result.cuda_events["attack_begin"], result.cuda_events["attack_end"] = launched
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return loss_sum / accumulation, data_time
+        return result
 
-    def run_eval(self) -> dict[str, float]:
+    def run_eval(self, robust: bool = False) -> dict[str, float]:
+        adv = self.cfg.adv
+        attacks = (robust_attacks(adv.eval_epsilon, adv.eval_pgd_steps, adv.eval_step_size)
+                   if robust else None)
         return evaluate(self.model, self.eval_loader, self.device, self.cfg.model.channels_last,
-                        self.autocast)
+                        self.autocast, attacks, self.cfg.train.seed)
 
     def fit(self) -> dict[str, Any]:
         cfg, env = self.cfg, self.env
@@ -208,33 +239,27 @@ class Trainer:
         log_every = cfg.log.every_steps
         last_saved_epoch = int(self.stream.epoch_progress)
         result: dict[str, float] = {}
-        window_loss = torch.zeros((), device=self.device)
-        window_steps, window_data, window_start = 0, 0.0, time.perf_counter()
+        window = MetricWindow(self.device)
+        window_start = time.perf_counter()
         train_start, start_step = time.perf_counter(), self.step
         try:
             while self.step < self.total_steps:
-                loss, data_time = self.train_step()
-                window_loss += loss
-                window_steps += 1
-                window_data += data_time
+                window.add(self.train_step())
                 telemetry.advance()
                 done = self.step == self.total_steps
                 if self.step % log_every == 0 or done:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - window_start
-                    mean_loss = all_reduce_sum(window_loss.clone()) / (
-                        window_steps * env.world_size)
                     telemetry.log("train", self.step, {
                         "epoch": round(self.stream.epoch_progress, 4),
-                        "lr": self.scheduler.get_last_lr()[0], "loss": mean_loss.item(),
-                        "img_per_s": window_steps * self.plan.global_batch / elapsed,
-                        "data_time": window_data / window_steps,
-                        "step_time": elapsed / window_steps, "bad_images": self.bad_images})
-                    window_loss.zero_()
-                    window_steps, window_data, window_start = 0, 0.0, time.perf_counter()
+                        "lr": self.scheduler.get_last_lr()[0], **window.record(env.world_size),
+                        "img_per_s": window.steps * self.plan.global_batch / elapsed,
+                        "step_time": elapsed / window.steps, "bad_images": self.bad_images})
+                    window.reset()
+                    window_start = time.perf_counter()
                 if done or (eval_every and self.step % eval_every == 0):
-                    result = self.run_eval()
+                    result = self.run_eval(robust=done and cfg.adv.eval_robust)
                     telemetry.log("eval", self.step, {
                         "epoch": round(self.stream.epoch_progress, 4), **result})
                 epoch_done = int(self.stream.epoch_progress) > last_saved_epoch
@@ -250,12 +275,16 @@ class Trainer:
                     break
             if not result and self.step == self.total_steps:
                 # resumed a finished run: nothing was trained, still report its accuracy
-                result = self.run_eval()
+                result = self.run_eval(robust=cfg.adv.eval_robust)
         finally:
             telemetry.close()
         train_time = time.perf_counter() - train_start
         bad_total = all_reduce_sum(torch.tensor(float(self.bad_images), device=self.device))
-        summary = {"steps": self.step, "epochs": round(self.stream.epoch_progress, 4),
+        kind = "vanilla"
+        if cfg.adv.enabled:
+            kind = f"ConAdv tau={cfg.adv.tau}" if cfg.adv.tau else "sequential adversarial (tau=0)"
+        summary = {"training": kind, "steps": self.step,
+                   "epochs": round(self.stream.epoch_progress, 4),
                    "global_batch": self.plan.global_batch, "world_size": env.world_size,
                    "train_time_s": round(train_time, 2),
                    "img_per_s": (self.step - start_step) * self.plan.global_batch

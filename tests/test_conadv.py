@@ -1,0 +1,230 @@
+"""The ConAdv engine: staleness is what the config says, the attack reads only, resume is
+exact."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conadv.adversarial.attacks import AttackSpec, perturb
+from conadv.distributed import DistEnv
+from conadv.models import build_model
+from conadv.models.multi_bn import (
+    MultiBatchNorm2d,
+    bn_views,
+    convert_to_multi_bn,
+    main_state_dict,
+)
+from conadv.optim.param_groups import split_decay_groups
+from conadv.train.trainer import Trainer, train
+from tests.helpers import checkpoint_state, tiny_config
+
+SINGLE = DistEnv("single", 0, 1, 0, "127.0.0.1", 0)
+CPU = torch.device("cpu")
+
+
+def make_trainer(run_dir, *overrides) -> Trainer:
+    return Trainer(tiny_config(run_dir, "adv.enabled=true", *overrides), SINGLE, CPU)
+
+
+def record_inputs(trainer: Trainer) -> list:
+    """Wrap engine.take so the test sees every micro-batch the model trains on."""
+    taken = []
+    original = trainer.engine.take
+
+    def take():
+        inputs = original()
+        taken.append(inputs)
+        return inputs
+
+    trainer.engine.take = take
+    return taken
+
+
+def adv_view(inputs) -> torch.Tensor:
+    start = 0
+    for view, rows, _ in inputs.views:
+        if view == "adv":
+            return inputs.images[start:start + rows]
+        start += rows
+    raise AssertionError("no adversarial view")
+
+
+@pytest.mark.parametrize("tau, accumulation", [(1, 1), (2, 1), (2, 2)])
+def test_adversarial_examples_are_made_with_the_weights_of_step_t_minus_tau(tmp_path, tau,
+                                                                            accumulation):
+    trainer = make_trainer(tmp_path, f"adv.tau={tau}", f"train.accumulation={accumulation}",
+                           "train.max_steps=6")
+    taken = record_inputs(trainer)
+    weights = []  # weights[t] = the parameters step t starts from
+    for _ in range(6):
+        weights.append(copy.deepcopy(trainer.model.state_dict()))
+        trainer.train_step()
+    assert len(taken) == 6 * accumulation
+
+    replica = copy.deepcopy(trainer.model)
+    stale_differs = False
+    for index, inputs in enumerate(taken):
+        step = index // accumulation
+        source = max(step - tau, 0)  # steps 0..tau use the initial weights (documented)
+        assert inputs.source_step == source
+        clean = inputs.images[:inputs.labels.shape[0]]
+        replica.load_state_dict(weights[source])
+        expected = trainer.engine.make_adversarial(replica, clean, inputs.labels, inputs.key)
+        assert torch.equal(adv_view(inputs), expected), f"step {step}"
+        if step >= tau:
+            replica.load_state_dict(weights[step])
+            fresh = trainer.engine.make_adversarial(replica, clean, inputs.labels, inputs.key)
+            stale_differs |= not torch.equal(fresh, expected)
+    assert stale_differs  # with fresh weights the examples would differ: staleness is real
+
+
+def test_tau_zero_equals_a_hand_written_sequential_fgsm_step(tmp_path):
+    overrides = ["adv.tau=0", "adv.aux_bn=false", "adv.random_start_prob=0",
+                 "adv.targeted=false", "train.max_steps=1", "optim.weight_decay=1e-3",
+                 "schedule.warmup_epochs=0"]
+    trainer = make_trainer(tmp_path, *overrides)
+    taken = record_inputs(trainer)
+    model = copy.deepcopy(trainer.model)  # the weights of step 0
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert trainer.schedule(0) > 0
+    trainer.train_step()
+    x, y = taken[0].images[:32], taken[0].labels
+    eps = trainer.cfg.adv.epsilon
+
+    # by hand: FGSM with batch statistics, then one SGD step on mean(clean CE, adversarial CE)
+    attacker = copy.deepcopy(model).train()
+    x_req = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(nn.functional.cross_entropy(attacker(x_req), y), x_req)
+    x_adv = (x + eps * grad.sign()).clamp(0, 1)
+    assert torch.equal(x_adv, adv_view(taken[0]))
+
+    optimizer = torch.optim.SGD(split_decay_groups(model.named_parameters(), 1e-3),
+                                lr=trainer.schedule(0), momentum=0.9)
+    logits = model(torch.cat([x, x_adv]))
+    loss = (nn.functional.cross_entropy(logits[:32], y)
+            + nn.functional.cross_entropy(logits[32:], y)) / 2
+    loss.backward()
+    optimizer.step()
+    moved = False
+    for (name, ours), theirs in zip(trainer.model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7, msg=name)
+        moved |= not torch.equal(ours, initial[name])
+    assert moved
+
+
+def test_attack_leaves_weights_grads_buffers_and_optimizer_state_untouched(tmp_path):
+    trainer = make_trainer(tmp_path, "train.max_steps=3")
+    for _ in range(2):
+        trainer.train_step()
+    batch, key = trainer.stream.next()
+    images = batch["image"].float() / 255
+    # give every parameter a gradient, as in the middle of an accumulation
+    with bn_views(trainer.model, [("main", 16), ("adv", 16)]):
+        trainer.model(images).sum().backward()
+    before = {
+        "state": copy.deepcopy(trainer.model.state_dict()),
+        "grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()},
+        "optim": copy.deepcopy(trainer.optimizer.state_dict()),
+    }
+    trainer.engine.make_adversarial(trainer.model, images, batch["label"], key)
+    after = trainer.model.state_dict()
+    for name, value in before["state"].items():
+        assert torch.equal(value, after[name]), name  # includes every BN running statistic
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p.grad, before["grads"][name]), name
+    optim_after = trainer.optimizer.state_dict()
+    for pid, state in before["optim"]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(optim_after["state"][pid][field], value)
+
+
+def test_attack_respects_the_budget_and_targets_wrong_labels():
+    torch.manual_seed(0)
+    model = build_model(tiny_config("x").model, 10).eval()
+    x = torch.rand(16, 3, 32, 32)
+    y = torch.randint(0, 10, (16,))
+    spec = AttackSpec(epsilon=8 / 255, step_size=2 / 255, steps=5, random_start_prob=1.0)
+    adv = perturb(model, x, y, spec, 10, torch.Generator().manual_seed(3))
+    assert (adv - x).abs().max() <= 8 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    again = perturb(model, x, y, spec, 10, torch.Generator().manual_seed(3))
+    assert torch.equal(adv, again)  # a pure function of weights, images, labels and seed
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = perturb(model, x, y, spec, 10, torch.Generator().manual_seed(3))
+    assert low.dtype == torch.float32
+
+
+def test_untargeted_pgd_lowers_accuracy_more_than_fgsm(tmp_path):
+    summary = train(tiny_config(tmp_path, "train.epochs=2", "adv.eval_robust=true",
+                                "adv.eval_epsilon=0.03", "adv.eval_step_size=0.01",
+                                "train.deterministic=false"))
+    final = summary["final_eval"]
+    assert final["pgd10_top1"] <= final["fgsm_top1"] < final["top1"]
+
+
+def test_multi_batchnorm_routes_slices_to_their_own_statistics():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4)
+    multi = MultiBatchNorm2d.from_batchnorm(bn, ["adv"])
+    with torch.no_grad():
+        multi.aux["adv"].weight.fill_(2.0)
+    main_ref, adv_ref = copy.deepcopy(bn), copy.deepcopy(multi.aux["adv"])
+    x = torch.randn(6, 4, 3, 3)
+    holder = nn.Sequential(multi)
+    with bn_views(holder, [("main", 2), ("adv", 4)]):
+        out = holder(x)
+    torch.testing.assert_close(out, torch.cat([main_ref(x[:2]), adv_ref(x[2:])]))
+    torch.testing.assert_close(multi.running_mean, main_ref.running_mean)
+    torch.testing.assert_close(multi.aux["adv"].running_var, adv_ref.running_var)
+
+    frozen = copy.deepcopy(multi.state_dict())
+    with bn_views(holder, [("adv", 6)], update_stats=False):
+        holder(x)
+    for key, value in multi.state_dict().items():
+        assert torch.equal(value, frozen[key]), key
+
+
+def test_converted_model_exports_and_loads_plain_torchvision(tmp_path):
+    import torchvision
+
+    model = build_model(tiny_config(tmp_path, "model.arch=resnet18").model, 10)
+    convert_to_multi_bn(model, ["adv", "aug"])
+    assert any(".aux.adv." in k for k in model.state_dict())
+    plain = torchvision.models.resnet18(num_classes=10)
+    plain.load_state_dict(main_state_dict(model.backbone.state_dict()), strict=True)
+
+
+def test_source_step_in_metrics_is_step_minus_tau(tmp_path):
+    train(tiny_config(tmp_path, "adv.enabled=true", "adv.tau=2", "train.max_steps=7",
+                      "train.deterministic=false"))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r["adv_source_step"] for r in records if r["kind"] == "train"}
+    assert sorted(steps) == list(range(1, 8))
+    for step, source in steps.items():
+        assert source == (step - 2 if step > 2 else 1)
+    for key in ("clean_loss", "adv_loss", "adv_success", "attack_time"):
+        assert key in records[0]
+
+
+def test_stop_and_resume_mid_epoch_with_tau_two_is_bit_identical(tmp_path):
+    run = ["adv.enabled=true", "adv.tau=2", "train.max_steps=7", "checkpoint.every_steps=100"]
+    straight = train(tiny_config(tmp_path / "straight", *run))
+    train(tiny_config(tmp_path / "split", *run, "train.stop_at_step=4"))
+    resumed = train(tiny_config(tmp_path / "split", *run, "checkpoint.resume=auto"))
+    assert resumed["resumed_from"].endswith("step-00000004")
+    a, b = checkpoint_state(tmp_path / "straight"), checkpoint_state(tmp_path / "split")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert straight["final_eval"] == resumed["final_eval"]
+
+
+def test_resume_with_another_tau_is_refused(tmp_path):
+    from conadv.errors import CheckpointError
+
+    train(tiny_config(tmp_path, "adv.enabled=true", "adv.tau=2", "train.max_steps=4",
+                      "train.stop_at_step=2"))
+    with pytest.raises(CheckpointError, match="adv.tau=2"):
+        train(tiny_config(tmp_path, "adv.enabled=true", "adv.tau=1", "train.max_steps=4",
+                          "checkpoint.resume=auto"))

@@ -1,0 +1,48 @@
+"""CUDA-only checks (skipped without a GPU): the attack stream gives the sequential results, and
+steady-state training steps make no host synchronisation."""
+
+import pytest
+import torch
+
+from conadv.distributed import DistEnv
+from conadv.train.trainer import Trainer
+from tests.helpers import tiny_config
+
+pytestmark = pytest.mark.cuda
+
+SINGLE = DistEnv("single", 0, 1, 0, "127.0.0.1", 0)
+CUDA_RUN = ["train.device=cuda", "adv.enabled=true", "adv.tau=1", "train.max_steps=6",
+            "train.precision=fp32", "model.cifar_width=16"]
+
+
+def _trained(run_dir, *overrides) -> dict[str, torch.Tensor]:
+    trainer = Trainer(tiny_config(run_dir, *CUDA_RUN, *overrides), SINGLE, torch.device("cuda"))
+    for _ in range(6):
+        trainer.train_step()
+    torch.cuda.synchronize()
+    return {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
+
+
+def test_stream_executor_matches_sequential(tmp_path):
+    stream = _trained(tmp_path / "s", "adv.executor=stream")
+    sequential = _trained(tmp_path / "q", "adv.executor=sequential")
+    for key, value in stream.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, sequential[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_steady_state_steps_make_no_host_synchronisation(tmp_path, precision):
+    trainer = Trainer(tiny_config(tmp_path, *CUDA_RUN, f"train.precision={precision}",
+                                  "train.max_steps=20", "train.deterministic=false"),
+                      SINGLE, torch.device("cuda"))
+    for _ in range(3):  # warm-up: allocator, cuDNN plans, momentum buffers
+        trainer.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
