@@ -104,6 +104,9 @@ class TrainConfig:
     global_batch: int = knob(256, "images per optimizer step over all ranks", low=1)
     per_device_batch: int = knob(0, "images per rank per micro-step; 0 derives it", low=0)
     accumulation: int = knob(0, "micro-steps per optimizer step; 0 derives it", low=0)
+    max_per_device_batch: int = knob(0, "largest batch one device holds; with per_device_batch "
+                                     "and accumulation at 0, accumulation is derived from it "
+                                     "(0: no limit)", low=0)
     precision: str = knob("auto", "auto = bf16 on CUDA, fp32 on CPU",
                           choices=("auto", "fp32", "bf16", "fp16"))
     device: str = knob("auto", "auto picks CUDA when available", choices=("auto", "cpu", "cuda"))
@@ -325,27 +328,35 @@ class BatchPlan:
 
 
 def plan_batch(train: TrainConfig, world_size: int) -> BatchPlan:
-    """Derive the missing factor of the global batch split, or say why it cannot divide."""
+    """Derive the missing factors of global = per_device x world_size x accumulation, or say in
+    one sentence why the split cannot work."""
     g, b, a, w = train.global_batch, train.per_device_batch, train.accumulation, world_size
     if b and a:
         if b * a * w != g:
             raise ConfigError(
                 f"train.global_batch={g} is not train.per_device_batch={b} x world size {w} x "
                 f"train.accumulation={a} (= {b * a * w}); change one of them")
-    elif b:
-        if g % (b * w):
+        return BatchPlan(g, b, a, w)
+    if g % w:
+        raise ConfigError(f"train.global_batch={g} is not divisible by the world size {w}; "
+                          "change the global batch or the number of processes")
+    per_rank = g // w
+    if b:
+        if per_rank % b:
             raise ConfigError(
                 f"train.global_batch={g} is not divisible by train.per_device_batch={b} x world "
-                f"size {w}; pick a per-device batch that divides {g // w if g % w == 0 else g}")
-        a = g // (b * w)
-    else:
-        a = a or 1
-        if g % (a * w):
+                f"size {w}; pick a per-device batch that divides {per_rank}")
+        return BatchPlan(g, b, per_rank // b, w)
+    if a:
+        if per_rank % a:
             raise ConfigError(
                 f"train.global_batch={g} is not divisible by world size {w} x "
                 f"train.accumulation={a}; change the global batch or the accumulation")
-        b = g // (a * w)
-    return BatchPlan(global_batch=g, per_device=b, accumulation=a, world_size=w)
+        return BatchPlan(g, per_rank // a, a, w)
+    # the fewest micro-steps whose per-device batch fits (a = per_rank always does)
+    limit = train.max_per_device_batch or per_rank
+    a = next(a for a in range(1, per_rank + 1) if per_rank % a == 0 and per_rank // a <= limit)
+    return BatchPlan(g, per_rank // a, a, w)
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -95,11 +95,21 @@ def process_group(env: DistEnv, device: torch.device, backend: str,
         backend = "nccl" if device.type == "cuda" else "gloo"
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                            timeout=timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+    timeout = timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size,
+                                       timeout=timeout))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None:
+        # torchrun may hand restarted workers the same agent store: without a per-attempt
+        # prefix they read the dead workers' gloo/NCCL addresses and fail to connect.
+        store = dist.PrefixStore(f"conadv/attempt_{restart}", store)
+    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
+                            timeout=timeout, device_id=device if device.type == "cuda" else None)
     try:
         yield
+        # leave together: rank 0 hosts the rendezvous store, and a rank that exits while
+        # another still talks to it can abort the other at shutdown
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

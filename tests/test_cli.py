@@ -41,3 +41,23 @@ def test_help_config_lists_every_knob():
     result = run_module("conadv.cli.train", "--help-config")
     assert result.returncode == 0
     assert "optim.lr = 0.1  # peak learning rate" in result.stdout
+
+
+@pytest.mark.parametrize("world, expected", [
+    ("64", "global batch 98304 = 256 per device x 64 ranks x 6 accumulation steps"),
+    ("1024", "global batch 98304 = 96 per device x 1024 ranks x 1 accumulation steps"),
+])
+def test_dry_run_prints_the_batch_split_for_the_world_size(world, expected):
+    result = run_module("conadv.cli.train", "--dry-run", "--config",
+                        str(REPO / "configs/imagenet/resnet50_96k.yaml"), "data.root=/data",
+                        "train.max_per_device_batch=256", WORLD_SIZE=world)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+def test_dry_run_rejects_an_impossible_split():
+    result = run_module("conadv.cli.train", "--dry-run", "--config",
+                        str(REPO / "configs/imagenet/resnet50_96k.yaml"), "data.root=/data",
+                        WORLD_SIZE="7")
+    assert result.returncode == 2
+    assert "not divisible by the world size 7" in result.stderr

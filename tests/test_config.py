@@ -66,8 +66,19 @@ def test_batch_plan_derives_and_rejects():
         plan(256, b=30, a=2, w=4)
     with pytest.raises(ConfigError, match="not divisible by train.per_device_batch=48"):
         plan(256, b=48, w=2)
-    with pytest.raises(ConfigError, match="not divisible by world size 3"):
+    with pytest.raises(ConfigError, match="not divisible by the world size 3"):
         plan(256, w=3)
+
+
+def test_batch_plan_derives_accumulation_from_the_device_limit():
+    def plan(g, w, limit):
+        p = plan_batch(TrainConfig(global_batch=g, max_per_device_batch=limit), w)
+        return p.per_device, p.accumulation
+
+    assert plan(98304, 64, 256) == (256, 6)      # 96K on 8 nodes x 8 GPUs
+    assert plan(98304, 1024, 256) == (96, 1)     # 96K on 128 nodes x 8 GPUs
+    assert plan(98304, 64, 200) == (192, 8)      # the largest divisor of 1536 under 200
+    assert plan(1000, 1, 7) == (5, 200)          # 1000 = 2^3 5^3: nothing between 6 and 7
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from conadv.cli.common import run_cli
-from conadv.config import describe_knobs, load_config
+from conadv.config import describe_knobs, load_config, plan_batch
+from conadv.distributed import detect_env
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -13,6 +15,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML run configuration")
     parser.add_argument("--help-config", action="store_true",
                         help="list every config key with its default and doc, then exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config, print the batch split for this world size "
+                             "(WORLD_SIZE or the Slurm/torchrun environment) and exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.2")
     return parser.parse_args(argv)
 
@@ -35,9 +40,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.help_config:
             print(describe_knobs())
             return 0
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            env = detect_env()
+            world = env.world_size if env.is_distributed else int(os.environ.get("WORLD_SIZE", 1))
+            plan = plan_batch(cfg.train, world)
+            print(f"global batch {plan.global_batch} = {plan.per_device} per device x "
+                  f"{plan.world_size} ranks x {plan.accumulation} accumulation steps")
+            return 0
         from conadv.train.trainer import train  # heavy imports only when training
 
-        summary = train(load_config(args.config, args.overrides))
+        summary = train(cfg)
         final = summary.get("final_eval")
         if final:
             print(describe_result(summary))

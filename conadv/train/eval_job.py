@@ -17,7 +17,7 @@ from conadv.models.multi_bn import main_state_dict
 from conadv.telemetry import setup_logging
 from conadv.train.checkpoint import CheckpointManager, load_model_weights
 from conadv.train.evaluate import evaluate, robust_attacks
-from conadv.train.trainer import autocast_dtype
+from conadv.train.trainer import autocast_dtype, autocast_factory
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -48,11 +48,7 @@ def run_evaluation(cfg: RunConfig, checkpoint: Path, export_to: Path | None = No
             torch.save(export_state_dict(model), export_to)
         loader = build_eval_loader(cfg.data, env.world_size, env.rank, per_device,
                                    device.type == "cuda")
-        dtype = autocast_dtype(cfg.train.precision, device)
-
-        def autocast():
-            return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
+        autocast = autocast_factory(device, autocast_dtype(cfg.train.precision, device))
         attacks = (robust_attacks(cfg.adv.eval_epsilon, cfg.adv.eval_pgd_steps,
                                   cfg.adv.eval_step_size) if robust else None)
         result = evaluate(model, loader, device, cfg.model.channels_last, autocast, attacks,

@@ -8,7 +8,9 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from conadv.optim import build_optimizer, build_scheduler, scaled_lr
 from conadv.telemetry import Telemetry, setup_logging
 from conadv.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from conadv.train.evaluate import evaluate, robust_attacks
+from conadv.train.preemption import StopRequest
 from conadv.train.step_metrics import MetricWindow, StepResult
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast_factory(device: torch.device,
+                     dtype: torch.dtype | None) -> Callable[[], AbstractContextManager]:
+    """A no-argument factory of autocast contexts (a nullcontext for fp32). A plain function,
+    not a bound method, so the engine holding it keeps no reference to the trainer."""
+    if dtype is None:
+        return nullcontext
+    return partial(torch.autocast, device.type, dtype=dtype)
 
 
 def _record_event() -> torch.cuda.Event:
@@ -105,6 +117,7 @@ class Trainer:
         self.scheduler, self.schedule = build_scheduler(
             self.optimizer, cfg.schedule, peak_lr, self.steps_per_epoch, self.total_steps)
         self.amp_dtype = autocast_dtype(cfg.train.precision, device)
+        self.autocast = autocast_factory(device, self.amp_dtype)
         self.scaler = torch.amp.GradScaler(device.type,
                                            enabled=self.amp_dtype == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
@@ -133,11 +146,6 @@ class Trainer:
         if not options:
             return None
         return options[0] if len(options) == 1 else v2.RandomChoice(options)
-
-    def autocast(self) -> AbstractContextManager:
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _no_sync(self, last_micro_step: bool) -> AbstractContextManager:
         """Gradient all-reduce only on the last micro-step of an accumulation."""
@@ -242,12 +250,19 @@ class Trainer:
         window = MetricWindow(self.device)
         window_start = time.perf_counter()
         train_start, start_step = time.perf_counter(), self.step
+        stop_request = StopRequest(self.run_dir, env.is_main)
+        stop_reason = None
         try:
             while self.step < self.total_steps:
                 window.add(self.train_step())
                 telemetry.advance()
                 done = self.step == self.total_steps
-                if self.step % log_every == 0 or done:
+                logging_step = self.step % log_every == 0 or done
+                if logging_step and not done and stop_request.agreed(self.device):
+                    stop_reason = "stop requested (SIGUSR1 or a STOP file in the run directory)"
+                if self.step == cfg.train.stop_at_step and not done:
+                    stop_reason = "train.stop_at_step reached"
+                if logging_step:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - window_start
@@ -264,19 +279,19 @@ class Trainer:
                         "epoch": round(self.stream.epoch_progress, 4), **result})
                 epoch_done = int(self.stream.epoch_progress) > last_saved_epoch
                 every = cfg.checkpoint.every_steps
-                stopping = self.step == cfg.train.stop_at_step and not done
-                if (done or stopping or (every and self.step % every == 0)
+                if (done or stop_reason or (every and self.step % every == 0)
                         or (not every and epoch_done)):
                     self.save_checkpoint()
                     last_saved_epoch = int(self.stream.epoch_progress)
-                if stopping:
-                    log.info("stopping at step %d as asked (train.stop_at_step); resume with "
-                             "checkpoint.resume=auto", self.step)
+                if stop_reason:
+                    log.info("stopping after step %d with a checkpoint: %s; resume with "
+                             "checkpoint.resume=auto", self.step, stop_reason)
                     break
             if not result and self.step == self.total_steps:
                 # resumed a finished run: nothing was trained, still report its accuracy
                 result = self.run_eval(robust=cfg.adv.eval_robust)
         finally:
+            stop_request.close()
             telemetry.close()
         train_time = time.perf_counter() - train_start
         bad_total = all_reduce_sum(torch.tensor(float(self.bad_images), device=self.device))
@@ -291,7 +306,7 @@ class Trainer:
                    / max(train_time, 1e-9),
                    "bad_images": int(bad_total.item()),
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-                   "finished": self.step == self.total_steps,
+                   "finished": self.step == self.total_steps, "stop_reason": stop_reason,
                    "final_eval": result}
         telemetry.write_summary(summary)
         return summary
