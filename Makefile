@@ -32,6 +32,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q $(TEST_ARGS)
 
+# CPU benchmark suite (< 10 min on 2 cores) -> benchmarks/results/<machine>-<date>.json
+bench: install
+	$(PY) -m benchmarks.run_all
+
 lint: install
 	$(PY) -m ruff check conadv benchmarks tests
 

@@ -19,6 +19,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "tensorboard>=2.12",
+        "ninja",  # builds the fused CPU LAMB kernel (conadv/optim/lamb_cpu.cpp) on first use
     ],
     extras_require={
         "test": ["pytest>=7", "timm>=1.0"],

@@ -11,6 +11,7 @@ from torch import nn
 from conadv.config import OptimConfig, ScheduleConfig
 from conadv.errors import ConfigError
 from conadv.optim import LAMB, LARS, WarmupDecay, build_optimizer, build_scheduler, scaled_lr
+from conadv.optim.cpu_kernels import lamb_kernel
 from conadv.optim.param_groups import split_decay_groups
 
 STEPS = 25
@@ -82,13 +83,24 @@ LAMB_CASES = {
 }
 
 
+# the fused CPU kernel (cpu_kernel=True) and the fused-Adam + foreach path used on CUDA
+PATHS = [pytest.param(True, id="cpu_kernel"), pytest.param(False, id="foreach")]
+
+
+def require_kernel(cpu_kernel: bool) -> None:
+    if cpu_kernel and lamb_kernel() is None:
+        pytest.skip("the fused CPU LAMB kernel cannot be built here (no C++ compiler or ninja)")
+
+
+@pytest.mark.parametrize("cpu_kernel", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(LAMB_CASES))
-def test_lamb_equals_timm(case, dtype):
+def test_lamb_equals_timm(case, dtype, cpu_kernel):
+    require_kernel(cpu_kernel)
     ours_kw, timm_kw = LAMB_CASES[case]
     ours_p, timm_p = make_params(dtype), make_params(dtype)
     start = [p.detach().clone() for p in ours_p]
-    ours = LAMB(groups_of(ours_p), lr=0.02, **ours_kw)
+    ours = LAMB(groups_of(ours_p), lr=0.02, cpu_kernel=cpu_kernel, **ours_kw)
     theirs = timm.optim.Lamb(groups_of(timm_p), lr=0.02, foreach=False, **timm_kw)
     schedule = lambda s: 0.02 * (1 + s) / STEPS  # noqa: E731 (a changing LR)
     run(ours, ours_p, lr_at=schedule)
@@ -97,10 +109,12 @@ def test_lamb_equals_timm(case, dtype):
     assert moved(ours_p, start) > 1e-3  # the comparison is not between two idle optimizers
 
 
+@pytest.mark.parametrize("cpu_kernel", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lamb_always_adapt_group_equals_timm(dtype):
+def test_lamb_always_adapt_group_equals_timm(dtype, cpu_kernel):
+    require_kernel(cpu_kernel)
     ours_p, timm_p = make_params(dtype), make_params(dtype)
-    ours = LAMB(groups_of(ours_p, adapt_skip=True), lr=0.01)
+    ours = LAMB(groups_of(ours_p, adapt_skip=True), lr=0.01, cpu_kernel=cpu_kernel)
     theirs = timm.optim.Lamb(groups_of(timm_p, adapt_skip=True), lr=0.01, **NO_CLIP)
     run(ours, ours_p)
     run(theirs, timm_p)
@@ -206,6 +220,7 @@ def test_lars_skip_list_equals_mlperf_loop(dtype):
 OPTIMIZERS = {
     "lars": lambda groups: LARS(groups, lr=1.0, momentum=0.9),
     "lamb": lambda groups: LAMB(groups, lr=0.01, max_grad_norm=1.0),
+    "lamb_foreach": lambda groups: LAMB(groups, lr=0.01, max_grad_norm=1.0, cpu_kernel=False),
 }
 
 
@@ -351,3 +366,20 @@ def test_lr_scaling_rules():
     assert scaled_lr(0.1, "linear", 4096, 256) == pytest.approx(1.6)
     assert scaled_lr(1e-3, "sqrt", 16384, 256) == pytest.approx(8e-3)
     assert scaled_lr(5.0, "none", 98304, 256) == 5.0
+
+
+def test_cpu_kernel_handles_channels_last_weights():
+    require_kernel(True)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 4, 3, 3, generator=gen)
+    dense = weight.clone().requires_grad_()
+    strided = weight.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(weight.shape, generator=gen)
+    optimizers = [LAMB([dense], lr=0.1), LAMB([strided], lr=0.1)]
+    for _ in range(3):
+        dense.grad = grad.clone()
+        strided.grad = grad.clone().contiguous(memory_format=torch.channels_last)
+        for optimizer in optimizers:
+            optimizer.step()
+    assert strided.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(dense.detach(), strided.detach(), rtol=1e-6, atol=1e-7)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The project's one-shot GPU check (fits in ~8 minutes on one H200):
+#   1. the CUDA tests (stream executor == sequential executor, no host sync in steady state)
+#      and the optimizer equivalence tests on the GPU's torch;
+#   2. the training-step benchmark for ResNet-50, bf16, channels-last, synthetic data, 256 per
+#      GPU: vanilla, tau = 0 and tau = 1 (step time, img/s, overlap, peak memory);
+#   3. the optimizer-step benchmark on the GPU.
+# Usage, from the repository root:   benchmarks/gpu_check.sh OUT_DIR
+# It runs from source (PYTHONPATH=.). Wheels in .whl/ (e.g. omegaconf and
+# antlr4-python3-runtime==4.9.3, which the GPU image lacks) are installed to /tmp/site first.
+set -uo pipefail
+
+out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+if ! "$python" -c "import omegaconf" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+"$python" - <<'PY' | tee "$out/environment.txt"
+import torch, torchvision
+print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version.cuda)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+PY
+
+status=0
+timeout 150 "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_optim.py \
+  2>&1 | tee "$out/cuda_tests.log" || status=1
+timeout 240 "$python" -m benchmarks.step_throughput --device cuda --arch resnet50 --batch 256 \
+  --image-size 224 --precision bf16 --channels-last --rounds 3 --steps 8 --warmup 4 \
+  --out "$out/step_throughput.json" 2>&1 | grep -v " INFO " | tee "$out/step_throughput.txt" \
+  || status=1
+timeout 90 "$python" -m benchmarks.optimizer_step --device cuda --rounds 4 --steps 10 \
+  --out "$out/optimizer_step.json" 2>&1 | tee "$out/optimizer_step.txt" || status=1
+exit "$status"

@@ -1,0 +1,44 @@
+"""The benchmark scripts run and report what they promise (no timing is asserted here)."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import data_pipeline, optimizer_step, scaling_model, step_throughput
+
+
+def test_scaling_model_reproduces_the_mlperf_point_within_25_percent():
+    report = scaling_model.run(overlap=0.0)
+    assert abs(report["mlperf_check"]["relative_error"]) < 0.25
+    rows = report["predictions_96k"]["vanilla"]
+    assert [r["gpus"] for r in rows] == [64, 128, 256, 512, 1024, 2048]
+    assert all(r["micro_batch"] * r["accumulation"] * r["gpus"] == 98_304 for r in rows)
+    # more overlap can only help ConAdv, and it never beats vanilla
+    tau1 = scaling_model.run(overlap=0.5)["predictions_96k"]["tau1"]
+    for hidden, plain, vanilla in zip(tau1, report["predictions_96k"]["tau1"], rows):
+        assert vanilla["step_ms"] < hidden["step_ms"] < plain["step_ms"]
+
+
+@pytest.mark.slow
+def test_step_throughput_reports_every_mode(tmp_path):
+    args = step_throughput.parse_args(["--device", "cpu", "--batch", "16", "--rounds", "1",
+                                       "--steps", "1", "--warmup", "1",
+                                       "--out", str(tmp_path / "r.json")])
+    report = step_throughput.run(args)
+    assert set(report["modes"]) == {"vanilla", "tau0", "tau1"}
+    for entry in report["modes"].values():
+        assert entry["step_ms"] > 0 and entry["img_per_s"] > 0
+    assert report["modes"]["vanilla"]["attack_ms"] == 0
+    assert report["modes"]["tau0"]["attack_ms"] > 0
+    assert "tau1 / tau0 step time" in report["ratios"]
+
+
+@pytest.mark.slow
+def test_optimizer_and_data_benchmarks_run(tmp_path):
+    report = optimizer_step.run(torch.device("cpu"), rounds=1, steps_per_round=1)
+    assert {"conadv LARS", "conadv LAMB", "torch AdamW (fused)"} <= set(report["results"])
+    assert report["tensors"] == 161 and report["parameters"] == 25_557_032
+    data = data_pipeline.run(images=80, workers=1, repeats=1)  # 2 timed batches of 32
+    assert data["results"]["none"]["per_worker_speedup"] > 0
+    json.dumps(data)  # serialisable as written to results/
