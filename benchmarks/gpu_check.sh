@@ -6,8 +6,8 @@
 #      GPU: vanilla, tau = 0 and tau = 1 (step time, img/s, overlap, peak memory);
 #   3. the optimizer-step benchmark on the GPU.
 # Usage, from the repository root:   benchmarks/gpu_check.sh OUT_DIR
-# It runs from source (PYTHONPATH=.). Wheels in .whl/ (e.g. omegaconf and
-# antlr4-python3-runtime==4.9.3, which the GPU image lacks) are installed to /tmp/site first.
+# It runs from source (PYTHONPATH=.). Wheels in .whl/ (omegaconf, which the GPU image lacks;
+# see benchmarks/README.md) are installed to /tmp/site first.
 set -uo pipefail
 
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}

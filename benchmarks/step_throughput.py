@@ -44,8 +44,10 @@ class FixedBatchStream:
         images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8,
                                generator=gen)
         labels = torch.randint(0, classes, (batch,), generator=gen)
-        self.batch = {"image": images.pin_memory() if pin else images, "label": labels,
+        self.batch = {"image": images, "label": labels,
                       "n_bad": torch.zeros(batch, dtype=torch.long)}
+        if pin:  # as the DataLoader delivers it: copies to the GPU do not block
+            self.batch = {k: v.pin_memory() for k, v in self.batch.items()}
         self.key = 0
         self.num_classes = classes
 

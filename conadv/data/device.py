@@ -14,11 +14,9 @@ def images_to_device(images: torch.Tensor, device: torch.device,
 
 def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device,
                     channels_last: bool = False) -> dict[str, torch.Tensor]:
-    """Images become float [0, 1]; labels and counters move as they are."""
-    moved = {}
+    """Images (float [0, 1]) and labels on the device; host-side counters stay behind."""
+    moved = {"label": batch["label"].to(device, non_blocking=True)}
     for key, value in batch.items():
         if key.endswith("image"):
             moved[key] = images_to_device(value, device, channels_last)
-        else:
-            moved[key] = value.to(device, non_blocking=True)
     return moved
