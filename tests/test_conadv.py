@@ -228,3 +228,27 @@ def test_resume_with_another_tau_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="adv.tau=2"):
         train(tiny_config(tmp_path, "adv.enabled=true", "adv.tau=1", "train.max_steps=4",
                           "checkpoint.resume=auto"))
+
+
+def test_three_views_with_their_own_batchnorm_train_and_resume(tmp_path):
+    """clean + AutoAugment view + adversarial view, each with its BatchNorm (as released)."""
+    from tests.test_imagefolder import make_imagefolder
+
+    make_imagefolder(tmp_path / "data", corrupt=False)
+    run = ["data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.augment=autoaugment",
+           "data.second_view=true", "adv.enabled=true", "adv.tau=1", "train.global_batch=4",
+           "train.max_steps=4", "data.eval_resize=32", "checkpoint.every_steps=100"]
+    trainer = make_trainer(tmp_path / "run", *run)
+    taken = record_inputs(trainer)
+    trainer.train_step()
+    assert [view for view, _, _ in taken[0].views] == ["clean", "aug", "adv"]
+    assert trainer.engine.bn_plan(taken[0]) == [("main", 4), ("aug", 4), ("adv", 4)]
+    assert any(".aux.aug." in k for k in trainer.model.state_dict())
+
+    straight = train(tiny_config(tmp_path / "a", "adv.enabled=true", *run))
+    train(tiny_config(tmp_path / "b", "adv.enabled=true", *run, "train.stop_at_step=2"))
+    resumed = train(tiny_config(tmp_path / "b", "adv.enabled=true", *run,
+                                "checkpoint.resume=auto"))
+    assert straight["final_eval"] == resumed["final_eval"]
+    a, b = checkpoint_state(tmp_path / "a"), checkpoint_state(tmp_path / "b")
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
