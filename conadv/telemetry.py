@@ -12,6 +12,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+log = logging.getLogger(__name__)
+
 
 def setup_logging(is_main: bool) -> None:
     """conadv's log lines to stderr: INFO on rank 0, warnings only elsewhere. Configures the
@@ -42,8 +44,10 @@ class Telemetry:
 
             self._writer = SummaryWriter(str(run_dir / "tensorboard"))
         if progress:
+            # disable=None: no bar when stderr is not a terminal (batch jobs, CI logs), where
+            # the log line below is written instead
             self._bar = tqdm(total=total_steps, initial=initial_step, desc="train",
-                             dynamic_ncols=True, file=sys.stderr)
+                             dynamic_ncols=True, file=sys.stderr, disable=None)
 
     def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
         """One JSON line ({'kind': 'train'|'eval', 'step': ..., **values}) and TB scalars."""
@@ -55,9 +59,13 @@ class Telemetry:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                     self._writer.add_scalar(f"{kind}/{key}", value, step)
-        if self._bar is not None:
-            shown = {k: values[k] for k in ("loss", "lr", "img_per_s", "top1") if k in values}
+        shown = {k: values[k] for k in ("loss", "lr", "img_per_s", "top1", "pgd10_top1")
+                 if k in values}
+        if self._bar is not None and not self._bar.disable:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        else:
+            log.info("%s step %d: %s", kind, step,
+                     " ".join(f"{k}={v:.4g}" for k, v in shown.items()))
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
