@@ -242,7 +242,7 @@ def test_slurm_job_with_two_tasks_trains_and_checkpoints(slurm, tmp_path):
 def test_slurm_warning_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     run_dir = tmp_path / "run"
     job = submit(slurm, run_dir, ["--cpus-per-task=2"],
-                 [*DEMO, "train.epochs=3", "adv.enabled=false", "log.every_steps=2"],
+                 [*DEMO, "train.epochs=5", "adv.enabled=false", "log.every_steps=2"],
                  CONADV_NPROC_PER_NODE="2")  # torchrun mode: one task starting 2 workers
     deadline = time.time() + 240
     while '"kind": "train"' not in _read(run_dir / "metrics.jsonl"):
