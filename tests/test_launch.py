@@ -62,14 +62,25 @@ def test_two_torchrun_nodes_equal_one_node_with_two_processes(tmp_path):
          "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "--",
          *RUN, f"log.run_dir={tmp_path / 'nodes'}"],
         cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=subprocess_env(PYTHON=sys.executable)) for _ in range(2)]
-    outputs = [node.communicate(timeout=300) for node in nodes]
+        env=subprocess_env(PYTHON=sys.executable), start_new_session=True) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            _kill_session(node)
     for node, (_, err) in zip(nodes, outputs):
         assert node.returncode == 0, err[-3000:]
     single = torchrun_script("--nproc-per-node", "2", "--", *RUN,
                              f"log.run_dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-3000:]
     assert_same_parameters(tmp_path / "nodes", tmp_path / "single")
+
+
+def _kill_session(process: subprocess.Popen) -> None:
+    """Leave no launcher or worker behind when a test fails half-way."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 def _workers_of(agent_pid: int) -> list[int]:
@@ -90,15 +101,18 @@ def test_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_pat
         [str(REPO / "launch/torchrun.sh"), "--nproc-per-node", "2", "--max-restarts", "1",
          "--", *run, f"log.run_dir={elastic_dir}"],
         cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=subprocess_env(PYTHON=sys.executable))
-    deadline = time.time() + 240
-    while not (elastic_dir / "checkpoints" / "step-00000010").exists():
-        assert agent.poll() is None and time.time() < deadline, "the run never reached step 10"
-        time.sleep(0.02)
-    victims = _workers_of(agent.pid)
-    assert len(victims) == 2
-    os.kill(victims[1], signal.SIGKILL)
-    _, err = agent.communicate(timeout=300)
+        env=subprocess_env(PYTHON=sys.executable), start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (elastic_dir / "checkpoints" / "step-00000010").exists():
+            assert agent.poll() is None and time.time() < deadline, "never reached step 10"
+            time.sleep(0.02)
+        victims = _workers_of(agent.pid)
+        assert len(victims) == 2
+        os.kill(victims[1], signal.SIGKILL)
+        _, err = agent.communicate(timeout=300)
+    finally:
+        _kill_session(agent)
     assert agent.returncode == 0, err[-3000:]
     assert "resumed from" in err  # the restarted group picked up a checkpoint
     summary = json.loads((elastic_dir / "summary.json").read_text())
