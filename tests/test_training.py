@@ -120,3 +120,13 @@ def test_channels_last_gives_the_same_logits(arch):
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), model(x),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision, scaled", [("fp16", True), ("bf16", False)])
+def test_mixed_precision_trains_and_checkpoints_the_scaler(tmp_path, precision, scaled):
+    summary = train(tiny_config(tmp_path, f"train.precision={precision}", "train.max_steps=3",
+                                "train.deterministic=false"))
+    assert summary["finished"]
+    state = checkpoint_state(tmp_path)
+    assert bool(state["scaler"]) == scaled  # fp16 needs a GradScaler; its state is saved
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
