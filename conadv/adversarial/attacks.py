@@ -28,17 +28,45 @@ class AttackSpec:
     targeted: bool = True
 
 
+@dataclass(frozen=True)
+class AttackDraws:
+    """The random numbers of one attack: wrong-label offsets, start noise, start coin flips."""
+
+    offsets: Tensor  # [B] in [1, num_classes)
+    noise: Tensor  # [B, C, H, W] in [0, 1)
+    starts: Tensor  # [B, 1, 1, 1] in [0, 1)
+
+
+def draw(shape: torch.Size, num_classes: int, generator: torch.Generator | None,
+         device: torch.device) -> AttackDraws:
+    """Every draw happens whatever the options, so the stream does not depend on them."""
+    return AttackDraws(
+        torch.randint(1, num_classes, shape[:1], generator=generator, device=device),
+        torch.rand(shape, generator=generator, device=device),
+        torch.rand((shape[0], 1, 1, 1), generator=generator, device=device))
+
+
+def draw_per_sample(shape: torch.Size, num_classes: int, indices: Tensor, seed: int,
+                    device: torch.device) -> AttackDraws:
+    """Draws seeded by each sample's dataset index: the same image gets the same random start
+    however the data is sharded (used by evaluation, where results must not depend on the
+    world size)."""
+    per_sample = [draw(torch.Size((1, *shape[1:])), num_classes,
+                       torch.Generator().manual_seed(seed * 1_000_003 + int(i)),
+                       torch.device("cpu")) for i in indices.tolist()]
+    return AttackDraws(*(torch.cat([getattr(d, f) for d in per_sample]).to(device)
+                         for f in ("offsets", "noise", "starts")))
+
+
 def perturb(model: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor,
             spec: AttackSpec, num_classes: int, generator: torch.Generator | None = None,
-            autocast: Callable | None = None) -> Tensor:
-    """Adversarial images (detached fp32, within eps of `images` and inside [0, 1])."""
+            autocast: Callable | None = None, draws: AttackDraws | None = None) -> Tensor:
+    """Adversarial images (detached fp32, within eps of `images` and inside [0, 1]). Random
+    numbers come from `draws` when given, else from `generator`."""
     x = images.detach().float()
-    batch = x.shape[0]
-    # Every draw happens whatever the options, so the random stream does not depend on them.
-    offsets = torch.randint(1, num_classes, labels.shape, generator=generator,
-                            device=labels.device)
-    noise = torch.rand(x.shape, generator=generator, device=x.device)
-    starts = torch.rand((batch, 1, 1, 1), generator=generator, device=x.device)
+    if draws is None:
+        draws = draw(x.shape, num_classes, generator, x.device)
+    offsets, noise, starts = draws.offsets, draws.noise, draws.starts
     goal = (labels + offsets) % num_classes if spec.targeted else labels
     start = (noise * 2 - 1) * spec.epsilon * (starts < spec.random_start_prob)
     adv = (x + start).clamp_(0, 1)

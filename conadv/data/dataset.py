@@ -18,7 +18,8 @@ MAX_CONSECUTIVE_BAD = 32
 
 
 class ViewDataset(Dataset):
-    """Items are dicts {image, label, n_bad[, aug_image]} with uint8 images.
+    """Items are dicts {image, label, n_bad, index[, aug_image]} with uint8 images (index: the
+    sample actually served, which differs from the key when an unreadable file was skipped).
 
     Keys are an index or (index, seed). With a seed the transforms run under that seed in a
     forked RNG, so augmentation does not depend on worker count, rank or restarts and never
@@ -50,7 +51,7 @@ class ViewDataset(Dataset):
                 views = self._views(image)
         item: dict[str, torch.Tensor | int] = {"image": views[0],
                                                "label": self.source.label(index),
-                                               "n_bad": n_bad}
+                                               "n_bad": n_bad, "index": index}
         if len(views) > 1:
             item["aug_image"] = views[1]
         return item

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conadv.adversarial.attacks import AttackSpec, perturb
+from conadv.adversarial.attacks import AttackSpec, draw_per_sample, perturb
 from conadv.data.device import images_to_device
 from conadv.distributed import all_reduce_sum
 
@@ -40,7 +40,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
         with autocast():
             return model(x)
 
-    for index, batch in enumerate(loader):
+    for batch in loader:
         x = images_to_device(batch["image"], device, channels_last)
         y = batch["label"].to(device, non_blocking=True)
         with torch.no_grad():
@@ -50,8 +50,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
         row = [hits[:, 0].sum(), hits.any(dim=1).sum(),
                F.cross_entropy(logits, y, reduction="sum"), torch.tensor(len(y), device=device)]
         for a, spec in enumerate(attacks.values()):
-            generator = torch.Generator(device=device).manual_seed(seed * 7919 + index * 31 + a)
-            adv = perturb(forward, x, y, spec, logits.shape[1], generator)
+            # seeded per image, so robust accuracy does not depend on how ranks shard the data
+            draws = draw_per_sample(x.shape, logits.shape[1], batch["index"], seed * 31 + a,
+                                    device)
+            adv = perturb(forward, x, y, spec, logits.shape[1], draws=draws)
             with torch.no_grad():
                 row.append((forward(adv).argmax(dim=1) == y).sum())
         sums += torch.stack([v.double() for v in row])
