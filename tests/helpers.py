@@ -64,3 +64,32 @@ def newest_checkpoint(run_dir: Path) -> Path:
 
 def checkpoint_state(run_dir: Path) -> dict:
     return torch.load(newest_checkpoint(run_dir) / "shared.pt", weights_only=False)
+
+
+def _gloo_rank(rank: int, world: int, init_file: str, body, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        queue.put((rank, body(rank, world)))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_ranks(world: int, body, tmp_path: Path, timeout: float = 180) -> dict:
+    """body(rank, world) in `world` spawned processes joined by a gloo group; {rank: result}.
+    body must be a module-level (picklable) function."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_rank, args=(r, world, str(tmp_path / "init"), body, queue))
+             for r in range(world)]
+    for proc in procs:
+        proc.start()
+    results = dict(queue.get(timeout=timeout) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    return results

@@ -3,14 +3,13 @@ under attack."""
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conadv.data.dataset import ViewDataset
 from conadv.data.sampler import ExactShardSampler
 from conadv.data.sources import SyntheticSource
 from conadv.models.factory import CifarResNet, ImageClassifier
 from conadv.train.evaluate import evaluate, robust_attacks
+from tests.helpers import run_gloo_ranks
 
 ATTACKS = robust_attacks(epsilon=8 / 255, pgd_steps=3, pgd_step_size=2 / 255)
 
@@ -40,28 +39,13 @@ def _model():
     return ImageClassifier(CifarResNet(7, width=4)).eval()
 
 
-def _rank_main(rank: int, world: int, init_file: str, queue) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        queue.put((rank, evaluate(_model(), _loader(world, rank), torch.device("cpu"),
-                                  attacks=ATTACKS)))
-    finally:
-        dist.destroy_process_group()
+def _evaluate_on_rank(rank: int, world: int) -> dict:
+    return evaluate(_model(), _loader(world, rank), torch.device("cpu"), attacks=ATTACKS)
 
 
 @pytest.mark.slow
 def test_three_ranks_count_ten_samples_and_match_one_rank(tmp_path):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, 3, str(tmp_path / "init"), queue))
-             for r in range(3)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_gloo_ranks(3, _evaluate_on_rank, tmp_path)
     single = evaluate(_model(), _loader(1, 0), torch.device("cpu"), attacks=ATTACKS)
     assert single["count"] == 10 and single["top1"] == 100.0
     assert single["pgd3_top1"] < 100.0  # the attack does change some predictions
