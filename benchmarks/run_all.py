@@ -1,5 +1,6 @@
 """The CPU benchmark suite behind `make bench` (well under 10 minutes on 2 cores): optimizer
-step, training step (vanilla / tau 0 / tau 1), data pipeline and the scaling model, written to
+step, training step (vanilla / tau 0 / tau 1), checkpoint stall, data pipeline and the scaling
+model, written to
 benchmarks/results/<machine>-<date>.json with the machine's description."""
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ import re
 import time
 from pathlib import Path
 
-from benchmarks import data_pipeline, optimizer_step, scaling_model, step_throughput
+from benchmarks import (
+    checkpoint_stall,
+    data_pipeline,
+    optimizer_step,
+    scaling_model,
+    step_throughput,
+)
 from benchmarks.common import machine_info, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,6 +44,9 @@ def main() -> None:
     steps_args = step_throughput.parse_args(["--device", "cpu", "--rounds", "4", "--steps", "4"])
     report["step_throughput"] = step_throughput.run(steps_args)
     step_throughput.print_report(report["step_throughput"])
+    stall_args = checkpoint_stall.parse_args(["--device", "cpu", "--rounds", "5"])
+    report["checkpoint_stall"] = checkpoint_stall.run(stall_args)
+    checkpoint_stall.print_report(report["checkpoint_stall"])
     report["data_pipeline"] = data_pipeline.run(images=256, workers=2, repeats=3)
     data_pipeline.print_report(report["data_pipeline"])
     report["scaling_model"] = scaling_model.run(overlap=0.0)

@@ -177,9 +177,10 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  {name:34s} {value:6.3f}")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
+    """The options of a training-step benchmark (shared with benchmarks.checkpoint_stall)."""
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--arch", default="resnet50" if cuda else "cifar_resnet")
@@ -198,7 +199,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--out", help="write the JSON report here")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

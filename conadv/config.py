@@ -22,16 +22,20 @@ from conadv.errors import ConfigError
 
 
 def knob(default: Any, doc: str, *, choices: tuple | None = None, low: float | None = None,
-         high: float | None = None, low_open: bool = False) -> Any:
-    """A config field with a doc line and the checks `validate` applies to it."""
-    meta = {"doc": doc, "choices": choices, "low": low, "high": high, "low_open": low_open}
+         high: float | None = None, low_open: bool = False, free: bool = False) -> Any:
+    """A config field with a doc line and the checks `validate` applies to it. `free` marks a
+    key that cannot change a run's trajectory (paths, workers, layout, logging), so it may
+    differ when a run resumes; every other key must match the checkpoint's (see
+    `trajectory_changes`)."""
+    meta = {"doc": doc, "choices": choices, "low": low, "high": high, "low_open": low_open,
+            "free": free}
     return field(default=default, metadata=meta)
 
 
 @dataclass
 class DataConfig:
     name: str = knob("digits", "dataset", choices=("digits", "synthetic", "imagefolder"))
-    root: str = knob("", "imagefolder root holding train/ and val/ class folders")
+    root: str = knob("", "imagefolder root holding train/ and val/ class folders", free=True)
     image_size: int = knob(224, "training crop and evaluation crop size in pixels", low=8)
     eval_resize: int = knob(256, "evaluation resize of the shorter side before center crop", low=8)
     min_crop_scale: float = knob(0.08, "RandomResizedCrop lower area bound", low=0.0, high=1.0,
@@ -41,8 +45,8 @@ class DataConfig:
                         choices=("none", "autoaugment", "randaugment", "trivialaugment"))
     second_view: bool = knob(False, "also yield an augmented view (augment policy) of each image")
     bad_images: str = knob("fail", "unreadable image policy: fail names the file, skip counts it",
-                           choices=("fail", "skip"))
-    workers: int = knob(4, "DataLoader worker processes per rank", low=0)
+                           choices=("fail", "skip"), free=True)
+    workers: int = knob(4, "DataLoader worker processes per rank", low=0, free=True)
     synthetic_samples: int = knob(4096, "number of samples of the synthetic dataset", low=1)
     synthetic_classes: int = knob(1000, "number of classes of the synthetic dataset", low=2)
 
@@ -53,7 +57,7 @@ class ModelConfig:
                      choices=("resnet18", "resnet34", "resnet50", "cifar_resnet"))
     num_classes: int = knob(0, "output classes; 0 takes the dataset's", low=0)
     zero_init_residual: bool = knob(False, "zero-init the last BN gamma of each residual block")
-    channels_last: bool = knob(False, "channels-last memory format for model and inputs")
+    channels_last: bool = knob(False, "channels-last memory format for model and inputs", free=True)
     cifar_width: int = knob(16, "cifar_resnet: channels of the first stage", low=1)
     cifar_blocks: int = knob(1, "cifar_resnet: residual blocks per stage", low=1)
 
@@ -100,23 +104,26 @@ class TrainConfig:
     epochs: float = knob(90.0, "training length in epochs", low=0.0, low_open=True)
     max_steps: int = knob(0, "stop after this many optimizer steps; 0 trains all epochs", low=0)
     stop_at_step: int = knob(0, "end this invocation at this step with a checkpoint, to be "
-                             "resumed later (e.g. a time-limited job); 0 runs to the end", low=0)
+                             "resumed later (e.g. a time-limited job); 0 runs to the end", low=0,
+                             free=True)
     global_batch: int = knob(256, "images per optimizer step over all ranks", low=1)
-    per_device_batch: int = knob(0, "images per rank per micro-step; 0 derives it", low=0)
-    accumulation: int = knob(0, "micro-steps per optimizer step; 0 derives it", low=0)
+    per_device_batch: int = knob(0, "images per rank per micro-step; 0 derives it", low=0,
+                                 free=True)
+    accumulation: int = knob(0, "micro-steps per optimizer step; 0 derives it", low=0, free=True)
     max_per_device_batch: int = knob(0, "largest batch one device holds; with per_device_batch "
                                      "and accumulation at 0, accumulation is derived from it "
-                                     "(0: no limit)", low=0)
+                                     "(0: no limit)", low=0, free=True)
     precision: str = knob("auto", "auto = bf16 on CUDA, fp32 on CPU",
                           choices=("auto", "fp32", "bf16", "fp16"))
-    device: str = knob("auto", "auto picks CUDA when available", choices=("auto", "cpu", "cuda"))
+    device: str = knob("auto", "auto picks CUDA when available", choices=("auto", "cpu", "cuda"),
+                       free=True)
     seed: int = knob(0, "seed of data order, augmentation and initialisation", low=0)
-    deterministic: bool = knob(False, "torch.use_deterministic_algorithms (slower)")
+    deterministic: bool = knob(False, "torch.use_deterministic_algorithms (slower)", free=True)
     label_smoothing: float = knob(0.0, "cross-entropy label smoothing", low=0.0, high=1.0)
     mixup_alpha: float = knob(0.0, "MixUp Beta(alpha, alpha); 0 disables", low=0.0)
     cutmix_alpha: float = knob(0.0, "CutMix Beta(alpha, alpha); 0 disables", low=0.0)
     eval_every_epochs: float = knob(1.0, "evaluate every this many epochs; 0 only at the end",
-                                    low=0.0)
+                                    low=0.0, free=True)
 
 
 @dataclass
@@ -124,7 +131,8 @@ class AdvConfig:
     enabled: bool = knob(False, "adversarial training (ConAdv); false is vanilla training")
     tau: int = knob(1, "staleness in optimizer steps; 0 is the sequential baseline", low=0)
     executor: str = knob("auto", "where the attack runs: auto (own CUDA stream on GPU, inline "
-                         "on CPU), stream, sequential", choices=("auto", "stream", "sequential"))
+                         "on CPU), stream, sequential", choices=("auto", "stream", "sequential"),
+                         free=True)
     steps: int = knob(1, "attack steps (1 = FGSM from the random start)", low=1)
     epsilon: float = knob(9 / 255, "L-inf bound in [0, 1] pixel scale (published: 9/255)",
                           low=0.0)
@@ -139,11 +147,11 @@ class AdvConfig:
     clean_weight: float = knob(1.0, "loss weight of the clean view", low=0.0)
     aug_weight: float = knob(1.0, "loss weight of the augmented view", low=0.0)
     adv_weight: float = knob(1.0, "loss weight of the adversarial view", low=0.0)
-    eval_robust: bool = knob(False, "final evaluation also under FGSM and PGD")
-    eval_epsilon: float = knob(4 / 255, "L-inf bound of the evaluation attacks", low=0.0)
-    eval_pgd_steps: int = knob(10, "steps of the PGD evaluation attack", low=1)
+    eval_robust: bool = knob(False, "final evaluation also under FGSM and PGD", free=True)
+    eval_epsilon: float = knob(4 / 255, "L-inf bound of the evaluation attacks", low=0.0, free=True)
+    eval_pgd_steps: int = knob(10, "steps of the PGD evaluation attack", low=1, free=True)
     eval_step_size: float = knob(1 / 255, "step size of the PGD evaluation attack", low=0.0,
-                                 low_open=True)
+                                 low_open=True, free=True)
 
 
 @dataclass
@@ -158,6 +166,9 @@ class CheckpointConfig:
     every_steps: int = knob(0, "write a checkpoint every N steps; 0 only at epoch ends", low=0)
     keep_last: int = knob(3, "checkpoints kept on disk", low=1)
     resume: str = knob("auto", "auto (newest valid in run_dir), none, or a checkpoint path")
+    allow_config_change: bool = knob(False, "resume a checkpoint whose config differs in keys "
+                                     "that change the trajectory (the new config wins: "
+                                     "schedule rebuilt, changes logged)")
 
 
 @dataclass
@@ -371,3 +382,40 @@ def describe_knobs() -> str:
         for f in dataclasses.fields(section.default_factory()):
             lines.append(f"{section.name}.{f.name} = {f.default!r}  # {f.metadata['doc']}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+# Sections whose keys never change a trajectory: where and how often to log and checkpoint,
+# how ranks talk to each other.
+FREE_SECTIONS = ("dist", "checkpoint", "log")
+
+
+def parse_saved_config(text: str) -> RunConfig:
+    """A config saved by `to_yaml` (in a run directory or a checkpoint), leniently: keys this
+    version does not know are dropped, keys it added take their defaults."""
+    saved = yaml.safe_load(text) or {}
+    schema = OmegaConf.structured(RunConfig)
+    known = {section: {k: v for k, v in (values or {}).items()
+                       if k in {f.name for f in dataclasses.fields(getattr(RunConfig(), section))}}
+             for section, values in saved.items()
+             if section in {f.name for f in dataclasses.fields(RunConfig)}}
+    return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.create(known)))
+
+
+def trajectory_changes(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every key that differs and can change what is trained
+    (everything but the free sections and the keys marked free)."""
+    changes = []
+    for section in dataclasses.fields(RunConfig):
+        if section.name in FREE_SECTIONS:
+            continue
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        for f in dataclasses.fields(after):
+            if f.metadata.get("free"):
+                continue
+            a, b = getattr(before, f.name), getattr(after, f.name)
+            if a != b:
+                changes.append((f"{section.name}.{f.name}", a, b))
+    return changes

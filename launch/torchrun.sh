@@ -9,6 +9,7 @@
 #         --rdzv-id r50_96k -- --config ...
 #   many nodes, static ranks:
 #     launch/torchrun.sh --nnodes 2 --node-rank 0 --master-addr node01 --nproc-per-node 8 -- ...
+#   elastic node count: --nnodes 6:8 with --rdzv-endpoint (resume adapts the accumulation)
 #   elastic restarts: add --max-restarts 3; restarted workers resume from the newest valid
 #   checkpoint (checkpoint.resume=auto is the default).
 #
@@ -46,6 +47,9 @@ args=(--nproc-per-node "$nproc" --max-restarts "$max_restarts")
 if [ -n "$rdzv_endpoint" ]; then
   args+=(--nnodes "$nnodes" --rdzv-backend c10d --rdzv-endpoint "$rdzv_endpoint"
          --rdzv-id "$rdzv_id")
+elif [[ "$nnodes" == *:* ]]; then
+  echo "torchrun.sh: an elastic --nnodes $nnodes needs --rdzv-endpoint (a c10d rendezvous)" >&2
+  exit 2
 elif [ "$nnodes" -gt 1 ]; then
   if [ -z "$node_rank" ] || [ -z "$master_addr" ]; then
     echo "torchrun.sh: --nnodes $nnodes needs --rdzv-endpoint, or --node-rank and" \

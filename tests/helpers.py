@@ -63,7 +63,7 @@ def newest_checkpoint(run_dir: Path) -> Path:
 
 
 def checkpoint_state(run_dir: Path) -> dict:
-    return torch.load(newest_checkpoint(run_dir) / "shared.pt", weights_only=False)
+    return torch.load(newest_checkpoint(run_dir) / "state.pt", weights_only=False)
 
 
 def _gloo_rank(rank: int, world: int, init_file: str, body, queue) -> None:

@@ -5,11 +5,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import ProfilerActivity, profile
 
-from conadv.adversarial.attacks import AttackSpec
-from conadv.adversarial.engine import ConAdvEngine, ViewWeights
-from conadv.adversarial.streams import SequentialExecutor
+from conadv.adversarial.engine import EngineContext, build_engine
+from conadv.config import AdvConfig
 from conadv.models.factory import CifarResNet, ImageClassifier
-from conadv.models.multi_bn import bn_views, convert_to_multi_bn
+from conadv.models.multi_bn import bn_views
 from tests.helpers import run_gloo_ranks
 
 COLLECTIVE_WORDS = ("all_reduce", "allreduce", "broadcast", "all_gather", "allgather",
@@ -25,12 +24,10 @@ def count_collectives(fn) -> int:
 
 def _count_on_rank(rank: int, world: int) -> tuple[int, int, bool]:
     torch.manual_seed(0)
-    model = convert_to_multi_bn(ImageClassifier(CifarResNet(10, width=4)), ["adv"])
+    model = ImageClassifier(CifarResNet(10, width=4))
+    engine = build_engine(AdvConfig(enabled=True, tau=1, steps=3), model,
+                          EngineContext(torch.device("cpu"), num_classes=10, seed=0))
     ddp = DistributedDataParallel(model)
-    engine = ConAdvEngine(model, AttackSpec(steps=3), tau=1, accumulation=1,
-                          executor=SequentialExecutor(), num_classes=10, seed=0,
-                          device=torch.device("cpu"), channels_last=False,
-                          weights=ViewWeights(), routes={"clean": "main", "adv": "adv"})
     gen = torch.Generator().manual_seed(rank)
     x = torch.rand(8, 3, 32, 32, generator=gen)
     y = torch.randint(0, 10, (8,), generator=gen)

@@ -5,7 +5,13 @@ import json
 import pytest
 import torch
 
-from benchmarks import data_pipeline, optimizer_step, scaling_model, step_throughput
+from benchmarks import (
+    checkpoint_stall,
+    data_pipeline,
+    optimizer_step,
+    scaling_model,
+    step_throughput,
+)
 
 
 def test_scaling_model_reproduces_the_mlperf_point_within_25_percent():
@@ -42,3 +48,13 @@ def test_optimizer_and_data_benchmarks_run(tmp_path):
     data = data_pipeline.run(images=80, workers=1, repeats=1)  # 2 timed batches of 32
     assert data["results"]["none"]["per_worker_speedup"] > 0
     json.dumps(data)  # serialisable as written to results/
+
+
+@pytest.mark.slow
+def test_checkpoint_stall_benchmark_writes_real_checkpoints():
+    args = checkpoint_stall.parse_args(["--device", "cpu", "--batch", "16", "--rounds", "1"])
+    report = checkpoint_stall.run(args)
+    assert report["checkpoint_mb"] > 0.5  # model, LARS momentum and the tau = 1 snapshot
+    for key in ("normal_step_ms", "checkpoint_step_ms", "step_after_checkpoint_ms",
+                "synchronous_write_ms"):
+        assert report[key] > 0

@@ -52,11 +52,11 @@ def test_truncated_newest_checkpoint_is_skipped(tmp_path, caplog):
     train(tiny_config(run, "train.max_steps=4", "checkpoint.every_steps=2"))
     newest = newest_checkpoint(run)
     assert newest.name == "step-00000004"
-    data = (newest / "shared.pt").read_bytes()
-    (newest / "shared.pt").write_bytes(data[: len(data) // 2])
+    data = (newest / "state.pt").read_bytes()
+    (newest / "state.pt").write_bytes(data[: len(data) // 2])
 
     with caplog.at_level(logging.WARNING):
-        resumed = train(tiny_config(run, "train.max_steps=5", "checkpoint.every_steps=2",
+        resumed = train(tiny_config(run, "train.max_steps=4", "checkpoint.every_steps=2",
                                     "checkpoint.resume=auto"))
     assert resumed["resumed_from"].endswith("step-00000002")
     assert "skipping checkpoint" in caplog.text and "truncated" in caplog.text
@@ -66,10 +66,10 @@ def test_corrupt_checkpoint_with_the_same_size_is_detected(tmp_path):
     run = tmp_path / "run"
     train(tiny_config(run, "train.max_steps=2", "checkpoint.every_steps=1"))
     newest = newest_checkpoint(run)
-    data = bytearray((newest / "rank-00000.pt").read_bytes())
+    data = bytearray((newest / "state.pt").read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (newest / "rank-00000.pt").write_bytes(bytes(data))
-    manager = CheckpointManager(run / "checkpoints", keep_last=3, rank=0, world_size=1)
+    (newest / "state.pt").write_bytes(bytes(data))
+    manager = CheckpointManager(run / "checkpoints", keep_last=3)
     assert "checksum" in manager.problem(newest)
     assert manager.find_resume("auto").name == "step-00000001"
 

@@ -1,18 +1,21 @@
-"""Adversarial examples and the ConAdv engine. Knows nothing about DDP or data loaders: it is
-handed a module, batches and a stream executor."""
+"""Adversarial examples and the ConAdv engine: the only package that knows ConAdv. Knows
+nothing about DDP or data loaders: it is handed a module, batches and a small context."""
 
 from conadv.adversarial.attacks import AttackSpec, perturb
-from conadv.adversarial.engine import ConAdvEngine, TrainInputs, ViewEngine, build_engine
-from conadv.adversarial.streams import CudaStreamExecutor, SequentialExecutor, build_executor
+from conadv.adversarial.engine import (
+    ConAdvEngine,
+    EngineContext,
+    TrainInputs,
+    ViewEngine,
+    build_engine,
+)
 
 __all__ = [
     "AttackSpec",
     "ConAdvEngine",
-    "CudaStreamExecutor",
-    "SequentialExecutor",
+    "EngineContext",
     "TrainInputs",
     "ViewEngine",
     "build_engine",
-    "build_executor",
     "perturb",
 ]

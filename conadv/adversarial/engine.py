@@ -1,5 +1,10 @@
 """The ConAdv engine: which images a training step sees, and with which BatchNorm.
 
+This package is the only place that knows ConAdv. The trainer builds an engine from the typed
+`adv` config and a small `EngineContext`; the engine converts the model's BatchNorm, picks where
+its attacks run, and hands the trainer micro-batches (`take`), a forward context that routes
+each view to its BatchNorm, the loss, a label for the summary and its timing.
+
 Vanilla training, the sequential baseline (tau = 0, "DisAdv") and ConAdv (tau >= 1) share one
 path; only the policy differs:
 
@@ -18,14 +23,24 @@ Each step's loss is the weighted mean of the per-view cross-entropies over [clea
 augmented, adversarial] (equal weights by default, as published); each view is normalised by
 its own BatchNorm (main / aug / adv routes, see models/multi_bn.py). Attack randomness is seeded
 by the batch's identity (run seed + global batch index), so it does not depend on the rank or
-on the restart, and the queue (clean batches, adversarial images, source steps) is saved in
-every checkpoint, per rank.
+on the restart.
+
+What a checkpoint keeps of the queue is what determines it, not its tensors: an attack is a pure
+function of (weights, batch, batch key), so the engine saves the source step of each queued
+optimizer step and the weights of those source steps (at most tau snapshots, copied when the
+attack reads them). On resume the trainer positions the data stream at the first untrained
+step; the engine then refills its queue from the stream as usual, but attacks the replayed
+batches with the saved weights. No image is stored, and the queue is rebuilt for whatever number
+of ranks and accumulation split the resumed job has.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,12 +48,30 @@ import torch
 from torch import Tensor, nn
 
 from conadv.adversarial.attacks import AttackSpec, perturb
-from conadv.adversarial.streams import Launched, SequentialExecutor
+from conadv.adversarial.streams import Launched, build_executor
+from conadv.config import AdvConfig
 from conadv.data.device import batch_to_device
 from conadv.errors import CheckpointError
-from conadv.models.multi_bn import MAIN, bn_views
+from conadv.models.multi_bn import MAIN, bn_views, convert_to_multi_bn
+
+log = logging.getLogger(__name__)
 
 Batch = dict[str, Tensor]
+Weights = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class EngineContext:
+    """What an engine needs to know about the run, besides its `adv` config."""
+
+    device: torch.device
+    num_classes: int
+    seed: int
+    accumulation: int = 1
+    channels_last: bool = False
+    second_view: bool = False  # the data yields an augmented view of each image
+    autocast: Callable[[], AbstractContextManager] | None = None
+    mix: Callable | None = None  # MixUp/CutMix (vanilla only)
 
 
 @dataclass
@@ -61,16 +94,24 @@ class ViewWeights:
     adv: float = 1.0
 
 
+def _keyed_seed(seed: int, key: int, stream: int) -> int:
+    """A seed for one batch's randomness of one kind (`stream`), independent of rank/restart."""
+    return ((seed * 1_000_003 + stream) * 10_000_019 + key) % (2**63)
+
+
 class ViewEngine:
     """Vanilla training: clean view (+ augmented view). No attack, no queue."""
 
-    def __init__(self, device: torch.device, channels_last: bool, weights: ViewWeights,
-                 routes: dict[str, str], mix: Callable | None = None) -> None:
-        self.device = device
-        self.channels_last = channels_last
+    label = "vanilla"
+    concurrent = False  # attacks run beside the training step (CUDA stream)
+
+    def __init__(self, model: nn.Module, context: EngineContext, weights: ViewWeights,
+                 routes: dict[str, str]) -> None:
+        self.model = model
+        self.context = context
+        self.device = context.device
         self.weights = weights
         self.routes = routes
-        self.mix = mix
         self._pending: tuple[Batch, int] | None = None
 
     # the trainer's protocol -----------------------------------------------------------
@@ -83,8 +124,13 @@ class ViewEngine:
     def take(self) -> TrainInputs:
         batch, key = self._pending
         self._pending = None
-        moved = batch_to_device(batch, self.device, self.channels_last)
+        moved = batch_to_device(batch, self.device, self.context.channels_last)
         return self._assemble(moved, key, adv=None)
+
+    def forward_context(self, inputs: TrainInputs) -> AbstractContextManager:
+        """Wrap the training forward of `inputs`: routes each view to its BatchNorm."""
+        plan = [(self.routes.get(view, MAIN), rows) for view, rows, _ in inputs.views]
+        return bn_views(self.model, plan)
 
     def before_optimizer_step(self) -> None:
         pass
@@ -92,10 +138,14 @@ class ViewEngine:
     def after_optimizer_step(self) -> None:
         pass
 
+    def attack_events(self) -> tuple[Any, Any] | None:
+        """CUDA (begin, end) events of the newest attack, for the overlap measurement."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         pass
 
     # shared by both engines -----------------------------------------------------------
@@ -111,17 +161,18 @@ class ViewEngine:
             images.append(adv)
             views.append(("adv", labels.shape[0], self.weights.adv))
         targets: Tensor = labels
-        if self.mix is not None:  # vanilla only: each view mixed on its own
-            mixed = [self.mix(x, labels) for x in images]
+        mix = self.context.mix
+        if mix is not None:  # vanilla only: each view mixed on its own
+            # seeded by the batch key, so mixing does not depend on the rank or a restart
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_keyed_seed(self.context.seed, key, stream=1))
+                mixed = [mix(x, labels) for x in images]
             images = [x for x, _ in mixed]
             targets = torch.cat([t for _, t in mixed])
         else:
             targets = labels.repeat(len(images))
         return TrainInputs(torch.cat(images) if len(images) > 1 else images[0], targets, labels,
                            views, key, source_step)
-
-    def bn_plan(self, inputs: TrainInputs) -> list[tuple[str, int]]:
-        return [(self.routes.get(view, MAIN), rows) for view, rows, _ in inputs.views]
 
     def loss(self, criterion: nn.Module, logits: Tensor,
              inputs: TrainInputs) -> tuple[Tensor, dict[str, Tensor]]:
@@ -149,35 +200,42 @@ class _Pending:
     launched: Launched
     key: int
     source_step: int
-    batch: Batch  # as loaded (uint8, CPU): what a checkpoint stores
 
 
 class ConAdvEngine(ViewEngine):
     """Adversarial views made tau optimizer steps ahead, with the weights of that step."""
 
-    def __init__(self, model: nn.Module, spec: AttackSpec, tau: int, accumulation: int,
-                 executor, num_classes: int, seed: int, device: torch.device,
-                 channels_last: bool, weights: ViewWeights, routes: dict[str, str],
-                 autocast: Callable | None = None) -> None:
-        super().__init__(device, channels_last, weights, routes)
-        self.model = model
+    def __init__(self, model: nn.Module, context: EngineContext, weights: ViewWeights,
+                 routes: dict[str, str], spec: AttackSpec, tau: int, executor) -> None:
+        super().__init__(model, context, weights, routes)
         self.spec = spec
         self.tau = tau
-        self.accumulation = accumulation
+        self.accumulation = context.accumulation
         self.executor = executor
-        self.num_classes = num_classes
-        self.seed = seed
-        self.autocast = autocast
+        self.concurrent = executor.concurrent
+        self.label = f"ConAdv tau={tau}" if tau else "sequential adversarial (tau=0)"
         self.queue: deque[_Pending] = deque()
-        self.last_launched_events: tuple[Any, Any] | None = None  # CUDA timing of the newest
+        self._last_events: tuple[Any, Any] | None = None
+        # weights of the source steps the queue refers to (what a checkpoint saves)
+        self._snapshots: dict[int, Weights] = {}
+        # after a resume: the source step of each micro-batch still to be replayed
+        self._replay: deque[int] = deque()
+        self._restored: dict[int, Weights] = {}
+        self._replica: tuple[int, nn.Module] | None = None
 
     def wants_batch(self) -> bool:
         return len(self.queue) < self.tau * self.accumulation + 1
 
     def feed(self, batch: Batch, key: int, step: int) -> None:
-        launched = self.executor.launch(lambda: self._prepare(batch, key))
-        self.last_launched_events = launched.events
-        self.queue.append(_Pending(launched, key, step, batch))
+        if self._replay:  # rebuilding the queue of a checkpoint: attack with the saved weights
+            source = self._replay.popleft()
+            self._snapshots[source] = self._restored[source]
+            model = self._replica_at(source)
+        else:
+            source, model = step, self.model
+        launched = self.executor.launch(lambda: self._prepare(model, batch, key, source))
+        self._last_events = launched.events
+        self.queue.append(_Pending(launched, key, source))
 
     def take(self) -> TrainInputs:
         pending = self.queue.popleft()
@@ -185,6 +243,9 @@ class ConAdvEngine(ViewEngine):
         adv = moved.pop("adv")
         inputs = self._assemble(moved, pending.key, adv, pending.source_step)
         inputs.attack_seconds = pending.launched.seconds
+        oldest = self.queue[0].source_step if self.queue else None
+        for source in [s for s in self._snapshots if oldest is None or s < oldest]:
+            del self._snapshots[source]
         return inputs
 
     def before_optimizer_step(self) -> None:
@@ -192,11 +253,17 @@ class ConAdvEngine(ViewEngine):
 
     def after_optimizer_step(self) -> None:
         self.executor.after_optimizer_step()
+        if not self._replay:  # replayed attacks are done (the optimizer waited for them)
+            self._restored.clear()
+            self._replica = None
+
+    def attack_events(self) -> tuple[Any, Any] | None:
+        return self._last_events
 
     # the attack --------------------------------------------------------------------------
     def attack_generator(self, key: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(
-            (self.seed * 1_000_003 + key) % (2**63))
+            (self.context.seed * 1_000_003 + key) % (2**63))
 
     def make_adversarial(self, model: nn.Module, images: Tensor, labels: Tensor,
                          key: int) -> Tensor:
@@ -204,69 +271,73 @@ class ConAdvEngine(ViewEngine):
         adversarial BatchNorm, no running statistic touched, no .grad written."""
         with bn_views(model, [(self.routes.get("adv", MAIN), labels.shape[0])],
                       update_stats=False):
-            return perturb(model, images, labels, self.spec, self.num_classes,
-                           self.attack_generator(key), self.autocast)
+            return perturb(model, images, labels, self.spec, self.context.num_classes,
+                           self.attack_generator(key), self.context.autocast)
 
-    def _prepare(self, batch: Batch, key: int) -> Batch:
-        """Runs on the executor: copy the batch to the device, then attack it."""
-        moved = batch_to_device(batch, self.device, self.channels_last)
-        adv = self.make_adversarial(self.model, moved["image"], moved["label"], key)
-        if self.channels_last:
+    def _prepare(self, model: nn.Module, batch: Batch, key: int, source: int) -> Batch:
+        """Runs on the executor: keep the weights the attack reads (a checkpoint may need them
+        while the batch is queued), copy the batch to the device, then attack it."""
+        if self.tau and source not in self._snapshots:
+            self._snapshots[source] = {name: value.detach().clone()
+                                       for name, value in model.state_dict().items()}
+        moved = batch_to_device(batch, self.device, self.context.channels_last)
+        adv = self.make_adversarial(model, moved["image"], moved["label"], key)
+        if self.context.channels_last:
             adv = adv.contiguous(memory_format=torch.channels_last)
         return {**moved, "adv": adv}
 
+    def _replica_at(self, source: int) -> nn.Module:
+        """A copy of the model holding the saved weights of step `source`."""
+        if self._replica is None or self._replica[0] != source:
+            replica = self._replica[1] if self._replica else copy.deepcopy(self.model)
+            replica.load_state_dict(self._restored[source])
+            self._replica = (source, replica)
+        return self._replica[1]
+
     # state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The queue between two optimizer steps: clean batches, their adversarial images and
-        the steps whose weights made them."""
+        """Between two optimizer steps the queue holds tau whole optimizer steps; saved are the
+        source step of each and the weights of those source steps (device tensors)."""
         self.executor.synchronize()
-        return {"tau": self.tau, "accumulation": self.accumulation, "queue": [
-            {"batch": {k: v.clone() for k, v in p.batch.items()}, "key": p.key,
-             "source_step": p.source_step, "adv": p.launched.value["adv"].detach().cpu()}
-            for p in self.queue]}
+        a = self.accumulation
+        sources = [self.queue[i * a].source_step for i in range(len(self.queue) // a)]
+        return {"tau": self.tau, "sources": sources,
+                "snapshots": {s: self._snapshots[s] for s in sorted(set(sources))}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state["tau"], state["accumulation"]) != (self.tau, self.accumulation):
-            raise CheckpointError(
-                f"the checkpoint's ConAdv queue was made with adv.tau={state['tau']} and "
-                f"accumulation {state['accumulation']}; this run has adv.tau={self.tau} and "
-                f"accumulation {self.accumulation}")
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """`strict=False` (an allowed config change): a queue made for another tau, or none
+        (a vanilla checkpoint), is dropped and refilled with the current weights."""
+        if state.get("tau") != self.tau and not strict:
+            log.warning("the checkpoint holds no ConAdv queue for adv.tau=%d; the queue is "
+                        "refilled with the current weights", self.tau)
+            return
+        if state.get("tau") != self.tau:
+            raise CheckpointError(f"the checkpoint's ConAdv queue was made with "
+                                  f"adv.tau={state.get('tau')}; this run has adv.tau={self.tau}")
         self.queue.clear()
-        for item in state["queue"]:
-            moved = batch_to_device(item["batch"], self.device, self.channels_last)
-            adv = item["adv"].to(self.device)
-            if self.channels_last:
-                adv = adv.contiguous(memory_format=torch.channels_last)
-            launched = Launched({**moved, "adv": adv}, None)
-            self.queue.append(_Pending(launched, item["key"], item["source_step"],
-                                       item["batch"]))
+        self._snapshots.clear()
+        self._replay = deque(s for s in state["sources"] for _ in range(self.accumulation))
+        self._restored = {s: {k: v.to(self.device) for k, v in weights.items()}
+                          for s, weights in state["snapshots"].items()}
 
 
-def build_engine(adv_cfg, data_second_view: bool, model: nn.Module, accumulation: int,
-                 executor, num_classes: int, seed: int, device: torch.device,
-                 channels_last: bool, mix: Callable | None,
-                 autocast: Callable | None) -> ViewEngine:
-    """The engine a config asks for; `model` is the plain module (never the DDP wrapper)."""
-    weights = ViewWeights(adv_cfg.clean_weight, adv_cfg.aug_weight, adv_cfg.adv_weight)
-    routes = bn_routes(adv_cfg, data_second_view)
-    if not adv_cfg.enabled:
-        return ViewEngine(device, channels_last, weights, routes, mix)
-    spec = AttackSpec(adv_cfg.epsilon, adv_cfg.step_size, adv_cfg.steps,
-                      adv_cfg.random_start_prob, adv_cfg.targeted)
-    return ConAdvEngine(model, spec, adv_cfg.tau, accumulation, executor or SequentialExecutor(),
-                        num_classes, seed, device, channels_last, weights, routes, autocast)
-
-
-def bn_routes(adv_cfg, data_second_view: bool) -> dict[str, str]:
-    """view -> BatchNorm route; auxiliary routes exist only for views that are used."""
+def build_engine(cfg: AdvConfig, model: nn.Module, context: EngineContext) -> ViewEngine:
+    """The engine a config asks for. Converts `model`'s BatchNorm for the views that need their
+    own (call before building the optimizer and wrapping in DDP); `model` is the plain module,
+    never the DDP wrapper."""
     routes = {"clean": MAIN}
-    if data_second_view:
-        routes["aug"] = "aug" if adv_cfg.aug_bn else MAIN
-    if adv_cfg.enabled:
-        routes["adv"] = "adv" if adv_cfg.aux_bn else MAIN
-    return routes
-
-
-def auxiliary_routes(routes: dict[str, str]) -> list[str]:
-    return sorted({r for r in routes.values() if r != MAIN})
-
+    if context.second_view:
+        routes["aug"] = "aug" if cfg.aug_bn else MAIN
+    if cfg.enabled:
+        routes["adv"] = "adv" if cfg.aux_bn else MAIN
+    auxiliary = sorted({r for r in routes.values() if r != MAIN})
+    if cfg.enabled or auxiliary:
+        # MultiBatchNorm also lets attacks run on batch statistics without touching
+        # running statistics, so it is used whenever adversarial training is on.
+        convert_to_multi_bn(model, auxiliary)
+    weights = ViewWeights(cfg.clean_weight, cfg.aug_weight, cfg.adv_weight)
+    if not cfg.enabled:
+        return ViewEngine(model, context, weights, routes)
+    spec = AttackSpec(cfg.epsilon, cfg.step_size, cfg.steps, cfg.random_start_prob, cfg.targeted)
+    return ConAdvEngine(model, context, weights, routes, spec, cfg.tau,
+                        build_executor(cfg.executor, context.device))

@@ -1,9 +1,11 @@
 """Where the attack runs: on its own CUDA stream, or inline on the CPU (same operations, same
 order, so CPU results are the reference for the CUDA ones).
 
-Ordering on CUDA (see DESIGN.md, data flow step 3):
+Ordering on CUDA:
 - an attack launched during step t waits for the event recorded after optimizer step t-1, so
-  it reads exactly the weights of step t;
+  it reads exactly the weights of step t; before the first optimizer step (a new run or a
+  resume) it waits for everything queued so far on the main stream (weights loaded from a
+  checkpoint, DDP's initial broadcast);
 - the future batch is copied to the device on the attack stream, so the attack is ordered
   after its copy;
 - whoever consumes the attack's tensors on another stream waits for its done-event and records
@@ -81,9 +83,12 @@ class CudaStreamExecutor:
 
     def launch(self, job: Callable[[], Any]) -> Launched:
         start_time = time.perf_counter()
+        main = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.stream):
             if self._weights_ready is not None:
                 self.stream.wait_event(self._weights_ready)
+            else:
+                self.stream.wait_stream(main)
             begin = torch.cuda.Event(enable_timing=True) if self.timing else None
             if begin is not None:
                 begin.record(self.stream)
@@ -96,8 +101,6 @@ class CudaStreamExecutor:
 
     def consume(self, launched: Launched) -> Any:
         """Make the current stream wait for the job and own its tensors from now on."""
-        if launched.done is None:  # restored from a checkpoint on the current stream
-            return launched.value
         current = torch.cuda.current_stream(self.device)
         current.wait_event(launched.done)
         for tensor in _tensors(launched.value):

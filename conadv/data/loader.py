@@ -38,19 +38,21 @@ def _loader(dataset: ViewDataset, sampler, batch_size: int, cfg: DataConfig, pin
 
 
 def build_train_stream(cfg: DataConfig, world_size: int, rank: int, per_device_batch: int,
-                       seed: int, pin_memory: bool) -> BatchStream:
+                       accumulation: int, seed: int, pin_memory: bool) -> BatchStream:
     source = build_source(cfg, "train")
     if cfg.name == "synthetic":  # noise needs no augmentation: keep benchmarks model-bound
         transform, aug = None, None
     else:
         transform, aug = build_train_transforms(cfg)
     dataset = ViewDataset(source, transform, aug, cfg.bad_images)
-    sampler = ResumableShardSampler(len(source), world_size, rank, per_device_batch, seed)
-    if sampler.batches_per_epoch == 0:
+    sampler = ResumableShardSampler(len(source), world_size, rank, per_device_batch, seed,
+                                    accumulation=accumulation)
+    if sampler.steps_per_epoch == 0:
         raise ConfigError(f"the training set has {len(source)} images, fewer than one global "
-                          f"micro-batch ({per_device_batch} x {world_size} ranks)")
+                          f"batch ({per_device_batch} x {world_size} ranks x {accumulation} "
+                          "accumulation)")
     loader = _loader(dataset, sampler, per_device_batch, cfg, pin_memory, drop_last=True)
-    return BatchStream(loader, sampler, source.num_classes)
+    return BatchStream(loader, sampler, source.num_classes, accumulation)
 
 
 def build_eval_loader(cfg: DataConfig, world_size: int, rank: int, batch_size: int,
@@ -63,18 +65,22 @@ def build_eval_loader(cfg: DataConfig, world_size: int, rank: int, batch_size: i
 
 
 class BatchStream:
-    """Endless training batches across epochs, with a position that can be saved and restored.
+    """Endless training batches across epochs, positioned by optimizer step.
 
-    The position (epoch, batches taken in that epoch) counts what the trainer took, not what
-    the loader prefetched, so a checkpoint resumes at exactly the next unseen batch.
+    The position is global: optimizer step s begins with this rank's micro-batch s x A of the
+    run (A = accumulation), whatever the number of ranks, so a checkpoint records only the
+    step it was written after, and a job may resume it on another number of ranks or another
+    accumulation split of the same global batch (`seek`).
     """
 
-    def __init__(self, loader: DataLoader, sampler: ResumableShardSampler,
-                 num_classes: int) -> None:
+    def __init__(self, loader: DataLoader, sampler: ResumableShardSampler, num_classes: int,
+                 accumulation: int = 1) -> None:
         self.loader = loader
         self.sampler = sampler
         self.num_classes = num_classes
+        self.accumulation = accumulation
         self.batches_per_epoch = sampler.batches_per_epoch
+        self.steps_per_epoch = sampler.steps_per_epoch
         self.epoch = 0
         self.batch_in_epoch = 0
         self._iterator: Any = None
@@ -96,15 +102,8 @@ class BatchStream:
         self.batch_in_epoch += 1
         return batch, key
 
-    @property
-    def epoch_progress(self) -> float:
-        """Epochs completed, fractional."""
-        return self.epoch + self.batch_in_epoch / self.batches_per_epoch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = state["epoch"]
-        self.batch_in_epoch = state["batch_in_epoch"]
+    def seek(self, step: int) -> None:
+        """Continue with the first micro-batch of optimizer step `step`."""
+        self.epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        self.batch_in_epoch = step_in_epoch * self.accumulation
         self._iterator = None

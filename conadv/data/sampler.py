@@ -23,19 +23,21 @@ class ResumableShardSampler(Sampler[tuple[int, int]]):
     Chunking by batch (rather than striding by sample) means the images of one optimizer step
     are the same set whether the global batch is split over ranks or over accumulation
     micro-steps, so a 2-rank run and a 1-rank run with accumulation 2 see identical data.
-    The tail that does not fill a chunk on every rank is dropped (drop_last semantics).
+    The tail that does not fill a whole optimizer step (per_device x W x accumulation images)
+    is dropped, so an epoch has the same number of steps on every layout of the global batch.
     Yields (dataset index, per-sample augmentation seed).
     """
 
     def __init__(self, dataset_size: int, world_size: int, rank: int, per_device_batch: int,
-                 seed: int, shuffle: bool = True) -> None:
+                 seed: int, shuffle: bool = True, accumulation: int = 1) -> None:
         self.dataset_size = dataset_size
         self.world_size = world_size
         self.rank = rank
         self.batch = per_device_batch
         self.seed = seed
         self.shuffle = shuffle
-        self.batches_per_epoch = dataset_size // (per_device_batch * world_size)
+        self.steps_per_epoch = dataset_size // (per_device_batch * world_size * accumulation)
+        self.batches_per_epoch = self.steps_per_epoch * accumulation
         self.epoch = 0
         self.start = 0
 

@@ -63,11 +63,14 @@ class _Multiplier:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, peak_lr: float,
-                    steps_per_epoch: float, total_steps: int) -> tuple[LambdaLR, WarmupDecay]:
+                    steps_per_epoch: float, total_steps: int,
+                    start_step: int = 0) -> tuple[LambdaLR, WarmupDecay]:
+    """The scheduler positioned at `start_step` (a resumed run): its state is a function of
+    the config and the step, so checkpoints store the step, never a pickled schedule."""
     warmup = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
     schedule = WarmupDecay(peak_lr, total_steps, warmup, cfg.warmup_start_lr, cfg.decay,
                            cfg.poly_power, cfg.end_lr)
     for group in optimizer.param_groups:
         group["lr"] = peak_lr
         group["initial_lr"] = peak_lr
-    return LambdaLR(optimizer, _Multiplier(schedule)), schedule
+    return LambdaLR(optimizer, _Multiplier(schedule), last_epoch=start_step - 1), schedule

@@ -1,40 +1,39 @@
-"""Atomic, verifiable checkpoints with per-rank state, and resume that skips broken ones.
+"""Atomic, verifiable checkpoints written in the background, and resume that skips broken ones.
 
-Layout: <dir>/step-00000100/ holds shared.pt (rank 0: model, optimizer, scaler, scheduler, step),
-rank-00000.pt ... (each rank: data position, RNG states, engine queue) and manifest.json (size
+Layout: <dir>/step-00000100/ holds state.pt (the whole run state, written by rank 0: every
+part of a run's state is global, so no rank writes a file of its own) and manifest.json (size
 and SHA-256 of every file). A checkpoint is written into step-N.partial/ and renamed only once
 every file and the manifest are on disk (fsync'd), so a crash mid-write never leaves something
 that looks complete; the manifest lets resume detect truncated or corrupt files and fall back.
+
+Saving does not stall training: the caller hands over a host copy of the state (`host_copy`),
+and a background thread serialises, checksums, writes and renames it. A new save, the end of the
+run and `wait()` wait for the previous write and re-raise its error.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import random
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from conadv.distributed import all_gather_object, barrier, broadcast_object
+from conadv.distributed import broadcast_object
 from conadv.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
-SHARED = "shared.pt"
-
-
-def rank_file(rank: int) -> str:
-    return f"rank-{rank:05d}.pt"
+STATE = "state.pt"
+FORMAT = 2  # 1: per-rank files with image queues (conadv 0.1), not resumable
 
 
 def _fsync_dir(path: Path) -> None:
@@ -54,77 +53,98 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _serialize(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
+def _save_file(path: Path, obj: Any) -> None:
+    """torch.save straight to the file (no in-memory copy of a possibly large state), fsync'd."""
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _file_sha256(path: Path, chunk: int = 8 << 20) -> str:
+    """Streamed in chunks, which lets other threads run (hashlib releases the GIL)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+def host_copy(obj: Any) -> Any:
+    """A copy of a nested state (dicts, lists, tuples, tensors) with every tensor in host memory,
+    so training may go on changing the originals while the copy is written."""
+    copied = _copy_to_host(obj)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+    return copied
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _copy_to_host(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cpu":
+            return obj.detach().clone()
+        return obj.detach().to("cpu", non_blocking=True)
+    if isinstance(obj, dict):
+        return {key: _copy_to_host(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy_to_host(value) for value in obj)
+    return obj
 
 
 class CheckpointManager:
-    """Saves and finds checkpoints under one directory for a job of `world_size` ranks."""
+    """Saves (rank 0, in the background) and finds checkpoints under one directory."""
 
-    def __init__(self, directory: Path, keep_last: int, rank: int, world_size: int) -> None:
+    def __init__(self, directory: Path, keep_last: int, is_main: bool = True) -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
-        self.rank = rank
-        self.world_size = world_size
+        self.is_main = is_main
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     # ------------------------------------------------------------------ saving
-    def save(self, step: int, shared: dict[str, Any] | None, per_rank: dict[str, Any]) -> Path:
-        """Collective: every rank calls it; `shared` is only used on rank 0."""
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Start writing `state` (host tensors only: see `host_copy`) as the checkpoint of
+        `step`; returns its final path. Waits for the previous write first."""
+        self.wait()
         final = self.directory / f"step-{step:08d}"
-        partial = final.with_name(final.name + ".partial")
-        if self.rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir()
-        barrier()
-        data = _serialize(per_rank)
-        _write_atomic(partial / rank_file(self.rank), data)
-        digests = [(rank_file(self.rank), len(data), _sha256(data))]
-        if self.rank == 0:
-            blob = _serialize(shared)
-            _write_atomic(partial / SHARED, blob)
-            digests.append((SHARED, len(blob), _sha256(blob)))
-        all_digests = self._gather(digests)
-        if self.rank == 0:
-            manifest = {"step": step, "world_size": self.world_size,
-                        "files": {name: {"bytes": size, "sha256": digest}
-                                  for name, size, digest in all_digests}}
-            _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
-            _fsync_dir(partial)
-            if final.exists():  # the same step saved again (e.g. end of a resumed run)
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            _fsync_dir(self.directory)
-            self._prune()
-            log.info("saved checkpoint %s", final)
-        barrier()
+        self._writer = threading.Thread(target=self._write_in_background,
+                                        args=(final, {"format": FORMAT, "step": step, **state}),
+                                        name="conadv-checkpoint", daemon=True)
+        self._writer.start()
         return final
 
-    @staticmethod
-    def _gather(digests: list[tuple[str, int, str]]) -> list[tuple[str, int, str]]:
-        return [item for rank_items in all_gather_object(digests) for item in rank_items]
+    def wait(self) -> None:
+        """Block until the background write is on disk; re-raise its error."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write_in_background(self, final: Path, state: dict[str, Any]) -> None:
+        try:
+            self._write(final, state)
+        except BaseException as err:  # re-raised in the training thread by wait()
+            self._error = err
+
+    def _write(self, final: Path, state: dict[str, Any]) -> None:
+        partial = final.with_name(final.name + ".partial")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        _save_file(partial / STATE, state)
+        size = (partial / STATE).stat().st_size
+        manifest = {"format": FORMAT, "step": state["step"],
+                    "files": {STATE: {"bytes": size, "sha256": _file_sha256(partial / STATE)}}}
+        _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
+        _fsync_dir(partial)
+        if final.exists():  # the same step saved again (e.g. end of a resumed run)
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(self.directory)
+        self._prune()
+        log.info("saved checkpoint %s", final)
 
     def _prune(self) -> None:
         for old in self.list_checkpoints()[self.keep_last:]:
@@ -138,20 +158,21 @@ class CheckpointManager:
         found = [p for p in self.directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
         return sorted(found, key=lambda p: p.name, reverse=True)
 
-    def problem(self, path: Path) -> str | None:
+    @staticmethod
+    def problem(path: Path) -> str | None:
         """Why this checkpoint cannot be used, or None when every file matches its manifest."""
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError) as err:
             return f"its manifest is missing or unreadable ({err})"
-        if manifest.get("world_size") != self.world_size:
-            return (f"it was written by {manifest.get('world_size')} ranks and this job has "
-                    f"{self.world_size} (per-rank data position and RNG cannot be mapped)")
+        if manifest.get("format") != FORMAT:
+            return (f"it has checkpoint format {manifest.get('format', 1)}, written by an older "
+                    f"conadv; this version reads format {FORMAT}")
         for name, meta in manifest["files"].items():
             file = path / name
             if not file.is_file() or file.stat().st_size != meta["bytes"]:
                 return f"{name} is missing or truncated"
-            if _sha256(file.read_bytes()) != meta["sha256"]:
+            if _file_sha256(file) != meta["sha256"]:
                 return f"{name} is corrupt (checksum mismatch)"
         return None
 
@@ -162,7 +183,7 @@ class CheckpointManager:
             return None
         chosen: str | None = None
         error: str | None = None
-        if self.rank == 0:
+        if self.is_main:
             if resume == "auto":
                 for candidate in self.list_checkpoints():
                     why = self.problem(candidate)
@@ -182,15 +203,14 @@ class CheckpointManager:
             raise CheckpointError(error)
         return Path(chosen) if chosen else None
 
-    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(shared state, this rank's state), on the CPU."""
-        shared = torch.load(path / SHARED, map_location="cpu", weights_only=False)
-        mine = torch.load(path / rank_file(self.rank), map_location="cpu", weights_only=False)
-        return shared, mine
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The run state stored in a checkpoint directory, on the CPU."""
+    if not (path / STATE).is_file():
+        raise CheckpointError(f"{path} is not a checkpoint directory (no {STATE})")
+    return torch.load(path / STATE, map_location="cpu", weights_only=False)
 
 
 def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
     """The model state_dict stored in a checkpoint directory."""
-    if not (path / SHARED).is_file():
-        raise CheckpointError(f"{path} is not a checkpoint directory (no {SHARED})")
-    return torch.load(path / SHARED, map_location="cpu", weights_only=False)["model"]
+    return load_state(path)["model"]

@@ -15,18 +15,18 @@ from conadv.errors import CheckpointError
 from conadv.models import build_model, export_state_dict
 from conadv.models.multi_bn import main_state_dict
 from conadv.telemetry import setup_logging
-from conadv.train.checkpoint import CheckpointManager, load_model_weights
+from conadv.train.checkpoint import STATE, CheckpointManager, load_model_weights
 from conadv.train.evaluate import evaluate, robust_attacks
-from conadv.train.trainer import autocast_dtype, autocast_factory
+from conadv.train.runtime import autocast_dtype, autocast_factory
 
 
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint directory, or a run directory whose newest valid checkpoint is taken."""
-    if (path / "shared.pt").is_file():
+    if (path / STATE).is_file():
         return path
-    manager = CheckpointManager(path / "checkpoints", keep_last=1, rank=0, world_size=1)
+    manager = CheckpointManager(path / "checkpoints", keep_last=1)
     for candidate in manager.list_checkpoints():
-        if (candidate / "shared.pt").is_file():
+        if (candidate / STATE).is_file():
             return candidate
     raise CheckpointError(f"no checkpoint found at {path} (give a run or checkpoint directory)")
 
@@ -49,8 +49,7 @@ def run_evaluation(cfg: RunConfig, checkpoint: Path, export_to: Path | None = No
         loader = build_eval_loader(cfg.data, env.world_size, env.rank, per_device,
                                    device.type == "cuda")
         autocast = autocast_factory(device, autocast_dtype(cfg.train.precision, device))
-        attacks = (robust_attacks(cfg.adv.eval_epsilon, cfg.adv.eval_pgd_steps,
-                                  cfg.adv.eval_step_size) if robust else None)
+        attacks = robust_attacks(cfg.adv) if robust else None
         result = evaluate(model, loader, device, cfg.model.channels_last, autocast, attacks,
                           cfg.train.seed)
     return {"checkpoint": str(path), **result}

@@ -11,16 +11,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from conadv.adversarial.attacks import AttackSpec, draw_per_sample, perturb
+from conadv.config import AdvConfig
 from conadv.data.device import images_to_device
 from conadv.distributed import all_reduce_sum
 
 
-def robust_attacks(epsilon: float, pgd_steps: int, pgd_step_size: float) -> dict[str, AttackSpec]:
-    """The standard untargeted evaluation attacks: FGSM from the clean image, PGD-k from a
-    random start."""
-    return {"fgsm": AttackSpec(epsilon, epsilon, 1, 0.0, targeted=False),
-            f"pgd{pgd_steps}": AttackSpec(epsilon, pgd_step_size, pgd_steps, 1.0,
-                                          targeted=False)}
+def robust_attacks(adv: AdvConfig) -> dict[str, AttackSpec]:
+    """The standard untargeted evaluation attacks at adv.eval_epsilon: FGSM from the clean
+    image, PGD-k from a random start."""
+    eps, steps = adv.eval_epsilon, adv.eval_pgd_steps
+    return {"fgsm": AttackSpec(eps, eps, 1, 0.0, targeted=False),
+            f"pgd{steps}": AttackSpec(eps, adv.eval_step_size, steps, 1.0, targeted=False)}
+
+
+def final_eval_attacks(adv: AdvConfig) -> dict[str, AttackSpec] | None:
+    """The attacks of a run's final evaluation: the robust ones when adv.eval_robust is set."""
+    return robust_attacks(adv) if adv.eval_robust else None
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False,

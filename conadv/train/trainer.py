@@ -5,33 +5,41 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import random
 import time
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
 
-from conadv.adversarial.engine import auxiliary_routes, bn_routes, build_engine
-from conadv.adversarial.streams import build_executor
-from conadv.config import BatchPlan, RunConfig, plan_batch, to_yaml
+from conadv.adversarial import EngineContext, build_engine
+from conadv.config import (
+    BatchPlan,
+    RunConfig,
+    parse_saved_config,
+    plan_batch,
+    to_yaml,
+    trajectory_changes,
+)
 from conadv.data import build_eval_loader, build_train_stream
-from conadv.distributed import DistEnv, all_reduce_sum, detect_env, pick_device, process_group
+from conadv.distributed import DistEnv, detect_env, pick_device, process_group
+from conadv.errors import ConfigError
 from conadv.models import build_model
-from conadv.models.multi_bn import bn_views, convert_to_multi_bn
 from conadv.optim import build_optimizer, build_scheduler, scaled_lr
 from conadv.telemetry import Telemetry, setup_logging
-from conadv.train.checkpoint import CheckpointManager, rng_state, set_rng_state
-from conadv.train.evaluate import evaluate, robust_attacks
+from conadv.train.checkpoint import CheckpointManager, host_copy, load_state
+from conadv.train.evaluate import evaluate, final_eval_attacks
 from conadv.train.preemption import StopRequest
+from conadv.train.runtime import (
+    autocast_dtype,
+    autocast_factory,
+    configure_determinism,
+    seed_everything,
+)
+from conadv.train.state import OptimizerState, Progress, RunState
 from conadv.train.step_metrics import MetricWindow, StepResult
 
 log = logging.getLogger(__name__)
@@ -46,35 +54,6 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     with process_group(env, device, cfg.dist.backend, cfg.dist.timeout_s):
         summary = Trainer(cfg, env, device).fit()
     return summary if env.is_main else {}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def configure_determinism(deterministic: bool) -> None:
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.benchmark = not deterministic
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """None means full fp32 (no autocast)."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def autocast_factory(device: torch.device,
-                     dtype: torch.dtype | None) -> Callable[[], AbstractContextManager]:
-    """A no-argument factory of autocast contexts (a nullcontext for fp32). A plain function,
-    not a bound method, so the engine holding it keeps no reference to the trainer."""
-    if dtype is None:
-        return nullcontext
-    return partial(torch.autocast, device.type, dtype=dtype)
 
 
 def _record_event() -> torch.cuda.Event:
@@ -93,47 +72,59 @@ class Trainer:
 
         pin = device.type == "cuda"
         self.stream = build_train_stream(cfg.data, env.world_size, env.rank,
-                                         self.plan.per_device, cfg.train.seed, pin)
+                                         self.plan.per_device, self.plan.accumulation,
+                                         cfg.train.seed, pin)
         self.eval_loader = build_eval_loader(cfg.data, env.world_size, env.rank,
                                              self.plan.per_device, pin)
         num_classes = cfg.model.num_classes or self.stream.num_classes
         self.model = build_model(cfg.model, num_classes).to(device)
-        routes = bn_routes(cfg.adv, cfg.data.second_view)
-        if cfg.adv.enabled or auxiliary_routes(routes):
-            # MultiBatchNorm also lets attacks run on batch statistics without touching
-            # running statistics, so it is used whenever adversarial training is on.
-            convert_to_multi_bn(self.model, auxiliary_routes(routes))
+        amp_dtype = autocast_dtype(cfg.train.precision, device)
+        self.autocast = autocast_factory(device, amp_dtype)
+        # the engine converts the model's BatchNorm, so it comes before optimizer and DDP
+        self.engine = build_engine(cfg.adv, self.model, EngineContext(
+            device, num_classes, cfg.train.seed, self.plan.accumulation,
+            cfg.model.channels_last, cfg.data.second_view, self.autocast,
+            self._build_mix(num_classes)))
         self.ddp: nn.Module = self.model
         if env.is_distributed:
             self.ddp = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        self.steps_per_epoch = self.stream.batches_per_epoch / self.plan.accumulation
+        self.steps_per_epoch = self.stream.steps_per_epoch
         self.total_steps = cfg.train.max_steps or max(
             1, int(cfg.train.epochs * self.steps_per_epoch))
-        peak_lr = scaled_lr(cfg.optim.lr, cfg.optim.scale_rule, self.plan.global_batch,
-                            cfg.optim.base_batch)
-        self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim, peak_lr)
-        self.scheduler, self.schedule = build_scheduler(
-            self.optimizer, cfg.schedule, peak_lr, self.steps_per_epoch, self.total_steps)
-        self.amp_dtype = autocast_dtype(cfg.train.precision, device)
-        self.autocast = autocast_factory(device, self.amp_dtype)
-        self.scaler = torch.amp.GradScaler(device.type,
-                                           enabled=self.amp_dtype == torch.float16)
+        self.peak_lr = scaled_lr(cfg.optim.lr, cfg.optim.scale_rule, self.plan.global_batch,
+                                 cfg.optim.base_batch)
+        self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim, self.peak_lr)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-        self.executor = build_executor(cfg.adv.executor, device) if cfg.adv.enabled else None
-        self.engine = build_engine(cfg.adv, cfg.data.second_view, self.model,
-                                   self.plan.accumulation, self.executor, num_classes,
-                                   cfg.train.seed, device, cfg.model.channels_last,
-                                   self._build_mix(num_classes), self.autocast)
+        self.final_attacks = final_eval_attacks(cfg.adv)
 
+        self.progress = Progress(device, env.is_main)
+        self.state = RunState()  # everything a checkpoint saves and restores, in one place
+        self.state.register("model", self.model)
+        self.state.register("optimizer", OptimizerState(self.optimizer))
+        self.state.register("scaler", self.scaler)
+        self.state.register("engine", self.engine)
+        self.state.register("progress", self.progress)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints",
-                                             cfg.checkpoint.keep_last, env.rank, env.world_size)
-        self.step = 0
-        self.bad_images = 0
-        # Random ops inside the loop (mixup, cutmix) differ per rank; init above did not.
-        torch.manual_seed(cfg.train.seed + 1 + env.rank)
+                                             cfg.checkpoint.keep_last, env.is_main)
         self.resumed_from = self._resume()
+        # derived from the config and the step, never restored
+        self.scheduler, self.schedule = build_scheduler(
+            self.optimizer, cfg.schedule, self.peak_lr, self.steps_per_epoch, self.total_steps,
+            start_step=self.step)
+        self.stream.seek(self.step)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far."""
+        return self.progress.step
+
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs trained, fractional."""
+        return self.step / self.steps_per_epoch
 
     # ------------------------------------------------------------------ building blocks
     def _build_mix(self, num_classes: int) -> v2.Transform | None:
@@ -158,30 +149,34 @@ class Trainer:
         path = self.checkpoints.find_resume(self.cfg.checkpoint.resume)
         if path is None:
             return None
-        shared, mine = self.checkpoints.load(path)
-        self.model.load_state_dict(shared["model"])
-        self.optimizer.load_state_dict(shared["optimizer"])
-        self.scheduler.load_state_dict(shared["scheduler"])
-        self.scaler.load_state_dict(shared["scaler"])
-        self.step = shared["step"]
-        self.stream.load_state_dict(mine["stream"])
-        self.engine.load_state_dict(mine["engine"])
-        self.bad_images = mine["bad_images"]
-        set_rng_state(mine["rng"])
+        saved = load_state(path)
+        changes = trajectory_changes(parse_saved_config(saved["config"]), self.cfg)
+        described = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+        if changes and not self.cfg.checkpoint.allow_config_change:
+            raise ConfigError(
+                f"checkpoint {path} was made with another config ({described}); resume with "
+                "the same values, start afresh with a new log.run_dir or "
+                "checkpoint.resume=none, or continue on the new config with "
+                "checkpoint.allow_config_change=true")
+        skip = set()
+        if changes:
+            log.warning("resuming %s with a changed config (checkpoint.allow_config_change): "
+                        "%s; the schedule follows the new config", path, described)
+            if any(key == "optim.name" for key, _, _ in changes):
+                skip.add("optimizer")  # another optimizer's moments do not apply
+        self.state.load_state_dict(saved, skip=skip, strict=not changes)
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
     def save_checkpoint(self) -> Path:
-        shared = None
+        """Every rank calls it; rank 0 copies the state to host memory and writes it in the
+        background (training goes on meanwhile)."""
+        state = self.state.state_dict()
+        final = self.checkpoints.directory / f"step-{self.step:08d}"
         if self.env.is_main:
-            shared = {"model": self.model.state_dict(),
-                      "optimizer": self.optimizer.state_dict(),
-                      "scheduler": self.scheduler.state_dict(),
-                      "scaler": self.scaler.state_dict(), "step": self.step,
-                      "config": to_yaml(self.resolved_config())}
-        per_rank = {"stream": self.stream.state_dict(), "engine": self.engine.state_dict(),
-                    "rng": rng_state(), "bad_images": self.bad_images}
-        return self.checkpoints.save(self.step, shared, per_rank)
+            state["config"] = to_yaml(self.resolved_config())
+            final = self.checkpoints.save(self.step, host_copy(state))
+        return final
 
     def resolved_config(self) -> RunConfig:
         train = dataclasses.replace(self.cfg.train, per_device_batch=self.plan.per_device,
@@ -193,7 +188,7 @@ class Trainer:
         """One optimizer step over `accumulation` micro-batches."""
         accumulation = self.plan.accumulation
         result = StepResult(loss=torch.zeros((), device=self.device))
-        timed = self.device.type == "cuda" and self.cfg.adv.enabled
+        timed = self.device.type == "cuda"
         if timed:
             result.cuda_events["train_begin"] = _record_event()
         for micro in range(accumulation):
@@ -201,12 +196,12 @@ class Trainer:
                 start = time.perf_counter()
                 batch, key = self.stream.next()
                 result.data_time += time.perf_counter() - start
-                self.bad_images += int(batch["n_bad"].sum())
+                self.progress.bad_images += int(batch["n_bad"].sum())
                 self.engine.feed(batch, key, self.step)
             inputs = self.engine.take()
             result.attack_seconds += inputs.attack_seconds
             with self._no_sync(micro == accumulation - 1):
-                with bn_views(self.model, self.engine.bn_plan(inputs)), self.autocast():
+                with self.engine.forward_context(inputs), self.autocast():
                     logits = self.ddp(inputs.images)
                 loss, stats = self.engine.loss(self.criterion, logits, inputs)
                 self.scaler.scale(loss / accumulation).backward()
@@ -217,18 +212,16 @@ class Trainer:
         self.engine.after_optimizer_step()  # later attacks read the new weights
         if timed:
             result.cuda_events["train_end"] = _record_event()
-            launched = getattr(self.engine, "last_launched_events", None)
+            launched = self.engine.attack_events()
             if launched is not None:
                 result.cuda_events["attack_begin"], result.cuda_events["attack_end"] = launched
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.step += 1
+        self.progress.step += 1
         return result
 
-    def run_eval(self, robust: bool = False) -> dict[str, float]:
-        adv = self.cfg.adv
-        attacks = (robust_attacks(adv.eval_epsilon, adv.eval_pgd_steps, adv.eval_step_size)
-                   if robust else None)
+    def run_eval(self, final: bool = False) -> dict[str, float]:
+        attacks = self.final_attacks if final else None
         return evaluate(self.model, self.eval_loader, self.device, self.cfg.model.channels_last,
                         self.autocast, attacks, self.cfg.train.seed)
 
@@ -245,7 +238,7 @@ class Trainer:
                      self.plan.accumulation, self.device)
         eval_every = round(cfg.train.eval_every_epochs * self.steps_per_epoch)
         log_every = cfg.log.every_steps
-        last_saved_epoch = int(self.stream.epoch_progress)
+        last_saved_epoch = int(self.epoch_progress)
         result: dict[str, float] = {}
         window = MetricWindow(self.device)
         window_start = time.perf_counter()
@@ -267,44 +260,42 @@ class Trainer:
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - window_start
                     telemetry.log("train", self.step, {
-                        "epoch": round(self.stream.epoch_progress, 4),
+                        "epoch": round(self.epoch_progress, 4),
                         "lr": self.scheduler.get_last_lr()[0], **window.record(env.world_size),
                         "img_per_s": window.steps * self.plan.global_batch / elapsed,
-                        "step_time": elapsed / window.steps, "bad_images": self.bad_images})
+                        "step_time": elapsed / window.steps,
+                        "bad_images": self.progress.bad_images})
                     window.reset()
                     window_start = time.perf_counter()
                 if done or (eval_every and self.step % eval_every == 0):
-                    result = self.run_eval(robust=done and cfg.adv.eval_robust)
+                    result = self.run_eval(final=done)
                     telemetry.log("eval", self.step, {
-                        "epoch": round(self.stream.epoch_progress, 4), **result})
-                epoch_done = int(self.stream.epoch_progress) > last_saved_epoch
+                        "epoch": round(self.epoch_progress, 4), **result})
+                epoch_done = int(self.epoch_progress) > last_saved_epoch
                 every = cfg.checkpoint.every_steps
                 if (done or stop_reason or (every and self.step % every == 0)
                         or (not every and epoch_done)):
                     self.save_checkpoint()
-                    last_saved_epoch = int(self.stream.epoch_progress)
+                    last_saved_epoch = int(self.epoch_progress)
                 if stop_reason:
                     log.info("stopping after step %d with a checkpoint: %s; resume with "
                              "checkpoint.resume=auto", self.step, stop_reason)
                     break
             if not result and self.step == self.total_steps:
                 # resumed a finished run: nothing was trained, still report its accuracy
-                result = self.run_eval(robust=cfg.adv.eval_robust)
+                result = self.run_eval(final=True)
+            self.checkpoints.wait()  # the last checkpoint is on disk before the run reports
         finally:
             stop_request.close()
             telemetry.close()
         train_time = time.perf_counter() - train_start
-        bad_total = all_reduce_sum(torch.tensor(float(self.bad_images), device=self.device))
-        kind = "vanilla"
-        if cfg.adv.enabled:
-            kind = f"ConAdv tau={cfg.adv.tau}" if cfg.adv.tau else "sequential adversarial (tau=0)"
-        summary = {"training": kind, "steps": self.step,
-                   "epochs": round(self.stream.epoch_progress, 4),
+        summary = {"training": self.engine.label, "steps": self.step,
+                   "epochs": round(self.epoch_progress, 4),
                    "global_batch": self.plan.global_batch, "world_size": env.world_size,
                    "train_time_s": round(train_time, 2),
                    "img_per_s": (self.step - start_step) * self.plan.global_batch
                    / max(train_time, 1e-9),
-                   "bad_images": int(bad_total.item()),
+                   "bad_images": self.progress.total_bad_images(),
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                    "finished": self.step == self.total_steps, "stop_reason": stop_reason,
                    "final_eval": result}

@@ -1,0 +1,41 @@
+"""Run-time set-up shared by training and evaluation: seeding, determinism and autocast."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_determinism(deterministic: bool) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None means full fp32 (no autocast)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast_factory(device: torch.device,
+                     dtype: torch.dtype | None) -> Callable[[], AbstractContextManager]:
+    """A no-argument factory of autocast contexts (a nullcontext for fp32). A plain function,
+    not a bound method, so whoever holds it keeps no reference to its creator."""
+    if dtype is None:
+        return nullcontext
+    return partial(torch.autocast, device.type, dtype=dtype)

@@ -1,0 +1,209 @@
+"""Run state at scale: checkpoints that do not grow with the batch, resume on another number of
+ranks or accumulation split, config drift refused (or allowed on request), and the layering
+that keeps ConAdv inside conadv/adversarial."""
+
+import ast
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from conadv.errors import ConfigError
+from conadv.optim.schedules import WarmupDecay
+from conadv.train.trainer import train
+from tests.helpers import (
+    REPO,
+    TINY,
+    checkpoint_state,
+    newest_checkpoint,
+    run_module,
+    run_torchrun,
+    tiny_config,
+)
+
+
+def _checkpoint_bytes(run_dir) -> int:
+    return sum(f.stat().st_size for f in newest_checkpoint(run_dir).iterdir())
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def test_conadv_checkpoint_does_not_grow_with_the_batch(tmp_path):
+    sizes = {}
+    for batch in (64, 512):
+        run = tmp_path / str(batch)
+        train(tiny_config(run, "adv.enabled=true", "adv.tau=2", f"train.global_batch={batch}",
+                          "train.max_steps=3", "train.stop_at_step=2",
+                          "checkpoint.every_steps=100", "schedule.warmup_epochs=0"))
+        state = checkpoint_state(run)
+        assert state["engine"]["sources"] == [0, 1]  # two queued steps, made at steps 0 and 1
+        assert sorted(state["engine"]["snapshots"]) == [0, 1]
+        # no image of any batch anywhere: the largest tensor is a weight
+        images = [t for t in _tensors(state) if t.dim() == 4 and t.shape[0] in (64, 512)
+                  and t.shape[-1] == 32]
+        assert not images
+        sizes[batch] = _checkpoint_bytes(run)
+    assert sizes[512] / sizes[64] <= 1.1, sizes
+
+
+def test_a_changed_trajectory_key_stops_the_resume_naming_it(tmp_path):
+    base = ["adv.enabled=true", "adv.tau=2", "train.max_steps=4", "checkpoint.every_steps=100"]
+    train(tiny_config(tmp_path, *base, "train.stop_at_step=2"))
+    for change, key in [("train.epochs=3", "train.epochs"), ("optim.lr=0.2", "optim.lr"),
+                        ("adv.tau=1", "adv.tau"), ("adv.enabled=false", "adv.enabled")]:
+        with pytest.raises(ConfigError, match=re.escape(key)) as caught:
+            train(tiny_config(tmp_path, *base, change, "checkpoint.resume=auto"))
+        assert "checkpoint.allow_config_change=true" in str(caught.value)
+        assert "log.run_dir" in str(caught.value)
+
+
+def test_the_cli_reports_config_drift_in_one_line_with_exit_2(tmp_path):
+    run = [*TINY, f"log.run_dir={tmp_path}", "train.max_steps=3", "checkpoint.every_steps=1"]
+    first = run_module("conadv.cli.train", *run, "train.stop_at_step=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_module("conadv.cli.train", *run, "optim.lr=0.3", "train.max_steps=5",
+                       "checkpoint.resume=auto")
+    assert again.returncode == 2
+    errors = [line for line in again.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in again.stderr
+    assert "optim.lr 0.1 -> 0.3" in errors[0] and "train.max_steps 3 -> 5" in errors[0]
+
+
+def test_free_keys_resume_silently(tmp_path, caplog):
+    base = ["train.max_steps=4", "checkpoint.every_steps=100"]
+    train(tiny_config(tmp_path, *base, "train.stop_at_step=2"))
+    resumed = train(tiny_config(tmp_path, *base, "log.every_steps=3", "data.workers=1",
+                                "checkpoint.keep_last=5", "checkpoint.resume=auto"))
+    assert resumed["resumed_from"].endswith("step-00000002") and resumed["finished"]
+    assert "changed config" not in caplog.text
+
+
+def test_allowed_config_change_continues_on_the_new_schedule(tmp_path, caplog):
+    base = ["train.max_steps=6", "checkpoint.every_steps=100", "schedule.decay=cosine"]
+    train(tiny_config(tmp_path, *base, "train.stop_at_step=3"))
+    resumed = train(tiny_config(tmp_path, "train.max_steps=12", "optim.lr=0.3",
+                                "checkpoint.every_steps=100", "checkpoint.resume=auto",
+                                "checkpoint.allow_config_change=true"))
+    assert resumed["resumed_from"].endswith("step-00000003") and resumed["steps"] == 12
+    assert "optim.lr 0.1 -> 0.3" in caplog.text and "train.max_steps 6 -> 12" in caplog.text
+    # 44 steps per epoch at batch 32 on the digits: warm-up round(0.1 * 44) = 4 steps
+    schedule = WarmupDecay(peak_lr=0.3, total_steps=12, warmup_steps=4)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
+    for step in range(4, 13):  # `lr` of record `step` is the rate of the next optimizer step
+        assert math.isclose(logged[step], schedule(step), rel_tol=1e-9, abs_tol=1e-12), step
+
+
+def test_allowed_switch_from_vanilla_to_conadv_warm_starts(tmp_path):
+    train(tiny_config(tmp_path, "train.max_steps=4", "train.stop_at_step=2",
+                      "checkpoint.every_steps=100"))
+    vanilla = checkpoint_state(tmp_path)["model"]
+    resumed = train(tiny_config(tmp_path, "train.max_steps=4", "adv.enabled=true",
+                                "checkpoint.every_steps=100", "checkpoint.resume=auto",
+                                "checkpoint.allow_config_change=true", "train.stop_at_step=3"))
+    assert resumed["training"] == "ConAdv tau=1" and resumed["steps"] == 3
+    assert "backbone.fc.weight" in vanilla
+
+
+# ------------------------------------------------------------------ another layout
+
+LAYOUT = [*TINY, "train.global_batch=32", "train.max_steps=6", "train.deterministic=false",
+          "optim.weight_decay=1e-3", "data.min_crop_scale=0.5", "checkpoint.every_steps=100"]
+
+
+def _one_rank(run_dir, *extra):
+    result = run_module("conadv.cli.train", *LAYOUT, "train.accumulation=2",
+                        f"log.run_dir={run_dir}", *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _two_ranks(run_dir, *extra):
+    result = run_torchrun(2, *LAYOUT, f"log.run_dir={run_dir}", *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _assert_same_parameters(a: dict, b: dict) -> None:
+    compared = 0
+    for name, value in a["model"].items():
+        if "running_" in name or "num_batches_tracked" in name:
+            continue  # each layout updates BN running statistics from its own micro-batches
+        torch.testing.assert_close(value, b["model"][name], rtol=1e-5, atol=1e-6, msg=name)
+        compared += 1
+    assert compared > 20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adv", [[], ["adv.enabled=true", "adv.tau=2"]],
+                         ids=["vanilla", "conadv"])
+def test_resume_on_another_number_of_ranks_continues_the_trajectory(tmp_path, adv):
+    _one_rank(tmp_path / "straight", *adv)
+    reference = checkpoint_state(tmp_path / "straight")
+
+    _two_ranks(tmp_path / "two_then_one", *adv, "train.stop_at_step=3")
+    resumed = _one_rank(tmp_path / "two_then_one", *adv, "checkpoint.resume=auto")
+    assert "resumed from" in resumed.stderr and "step-00000003" in resumed.stderr
+    _assert_same_parameters(reference, checkpoint_state(tmp_path / "two_then_one"))
+
+    _one_rank(tmp_path / "one_then_two", *adv, "train.stop_at_step=3")
+    resumed = _two_ranks(tmp_path / "one_then_two", *adv, "checkpoint.resume=auto")
+    assert "step-00000003" in resumed.stderr
+    _assert_same_parameters(reference, checkpoint_state(tmp_path / "one_then_two"))
+
+    # guard: a resume that skips or repeats one step's batches lands outside the tolerance
+    for shift in (1, -1):
+        _assert_shifted_resume_differs(tmp_path / f"shift{shift}", adv, reference, shift)
+
+
+def _assert_shifted_resume_differs(run_dir, adv, reference, shift):
+    from conadv.config import load_config
+    from conadv.data.loader import BatchStream
+
+    overrides = [*LAYOUT, "train.accumulation=2", f"log.run_dir={run_dir}", *adv]
+    threads = torch.get_num_threads()
+    seek = BatchStream.seek
+    torch.set_num_threads(1)  # as the subprocess runs (OMP_NUM_THREADS=1)
+    try:
+        train(load_config(None, [*overrides, "train.stop_at_step=3"]))
+        BatchStream.seek = lambda self, step: seek(self, step + shift if step else 0)
+        train(load_config(None, [*overrides, "checkpoint.resume=auto"]))
+    finally:
+        BatchStream.seek = seek
+        torch.set_num_threads(threads)
+    with pytest.raises(AssertionError):
+        _assert_same_parameters(reference, checkpoint_state(run_dir))
+
+
+# ------------------------------------------------------------------ layering
+
+
+def _imports(path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_conadv_lives_behind_one_door():
+    trainer = REPO / "conadv" / "train" / "trainer.py"
+    imported = _imports(trainer)
+    assert not imported & {"conadv.models.multi_bn", "conadv.adversarial.streams",
+                           "conadv.adversarial.engine"}
+    assert not re.search(r"cfg\.adv\.\w+", trainer.read_text())
+    assert "conadv.train.trainer" not in _imports(REPO / "conadv" / "train" / "eval_job.py")
