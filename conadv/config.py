@@ -122,6 +122,11 @@ class TrainConfig:
     label_smoothing: float = knob(0.0, "cross-entropy label smoothing", low=0.0, high=1.0)
     mixup_alpha: float = knob(0.0, "MixUp Beta(alpha, alpha); 0 disables", low=0.0)
     cutmix_alpha: float = knob(0.0, "CutMix Beta(alpha, alpha); 0 disables", low=0.0)
+    on_nonfinite: str = knob("stop", "a non-finite loss or gradient norm: stop (name the newest "
+                             "finite checkpoint) or skip those optimizer steps on the device",
+                             choices=("stop", "skip"), free=True)
+    max_skipped_steps: int = knob(10, "on_nonfinite=skip: stop after this many skipped steps in "
+                                  "a row", low=1, free=True)
     eval_every_epochs: float = knob(1.0, "evaluate every this many epochs; 0 only at the end",
                                     low=0.0, free=True)
 

@@ -15,3 +15,11 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """No usable checkpoint where one was asked for."""
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (no space, quota, permission, I/O error)."""
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradient norm became non-finite."""

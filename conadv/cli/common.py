@@ -1,7 +1,9 @@
-"""What every entry point shares: turning user errors into one line and a non-zero exit."""
+"""What every entry point shares: turning user errors into one line and a non-zero exit, and
+leaving each failing rank's error where torchrun reports it."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -18,12 +20,27 @@ def one_sentence(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def record_for_torchrun(err: BaseException) -> None:
+    """Under torchrun, write the error file its agent reads (what torch.distributed.elastic's
+    `@record` does), so the launcher's failure report names this rank and its error instead of
+    `error_file: <N/A>`. Elsewhere, nothing."""
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        return
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ErrorHandler().record_exception(err)
+
+
 def run_cli(program: str, body: Callable[[], int | None]) -> None:
     try:
         code = body()
     except UserError as err:
         print(f"{program}: error: {one_sentence(err)}", file=sys.stderr)
+        record_for_torchrun(err)
         sys.exit(2)
+    except Exception as err:
+        record_for_torchrun(err)
+        raise
     except KeyboardInterrupt:
         print(f"{program}: interrupted", file=sys.stderr)
         sys.exit(130)

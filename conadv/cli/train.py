@@ -48,13 +48,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"global batch {plan.global_batch} = {plan.per_device} per device x "
                   f"{plan.world_size} ranks x {plan.accumulation} accumulation steps")
             return 0
-        from conadv.train.trainer import train  # heavy imports only when training
+        # heavy imports only when training
+        from conadv.train.preemption import TERMINATED_EXIT_STATUS
+        from conadv.train.trainer import train
 
         summary = train(cfg)
         final = summary.get("final_eval")
         if final:
             print(describe_result(summary))
-        return 0
+        return TERMINATED_EXIT_STATUS if summary.get("terminated") else 0
 
     run_cli("conadv-train", body)
 

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from conadv.distributed import broadcast_object
-from conadv.errors import CheckpointError
+from conadv.errors import CheckpointError, CheckpointWriteError
+from conadv.train.nonfinite import first_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,18 @@ def _copy_to_host(obj: Any) -> Any:
     return obj
 
 
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OS error (no space, quota, permission, I/O) behind a failed write: torch.save wraps
+    the file's OSError in a RuntimeError of its zip writer."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 class CheckpointManager:
     """Saves (rank 0, in the background) and finds checkpoints under one directory."""
 
@@ -122,14 +135,59 @@ class CheckpointManager:
             error, self._error = self._error, None
             raise error
 
-    def _write_in_background(self, final: Path, state: dict[str, Any]) -> None:
-        try:
-            self._write(final, state)
-        except BaseException as err:  # re-raised in the training thread by wait()
-            self._error = err
+    def agreed_wait(self) -> None:
+        """A collective: rank 0 waits for its write and every rank raises its error, so all
+        ranks stop together when a checkpoint could not be written."""
+        message = None
+        if self.is_main:
+            try:
+                self.wait()
+            except (CheckpointWriteError, CheckpointError) as err:
+                message = str(err)
+        message = broadcast_object(message)
+        if message:
+            raise CheckpointWriteError(message)
 
-    def _write(self, final: Path, state: dict[str, Any]) -> None:
+    def _write_in_background(self, final: Path, state: dict[str, Any]) -> None:
         partial = final.with_name(final.name + ".partial")
+        try:
+            self._write(final, partial, state)
+        except BaseException as err:  # re-raised in the training thread by wait()
+            shutil.rmtree(partial, ignore_errors=True)
+            os_error = _os_error_in(err)
+            if os_error is None:
+                self._error = err
+                return
+            log.debug("checkpoint write failed", exc_info=err)  # the traceback, for the log
+            self._error = CheckpointWriteError(self._describe_failure(final, os_error))
+
+    def _describe_failure(self, final: Path, err: OSError) -> str:
+        try:
+            free = f"{shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        intact = self.list_checkpoints()
+        newest = (f"the newest intact checkpoint is {intact[0]}" if intact
+                  else "no intact checkpoint exists yet")
+        return (f"cannot write checkpoint {final}: {err.strerror or err} ({free}); {newest}; "
+                "free space or fix the directory, then resume with checkpoint.resume=auto")
+
+    def remove_leftovers(self) -> None:
+        """Delete what a crashed write left behind (step-N.partial/, *.tmp)."""
+        if not (self.is_main and self.directory.is_dir()):
+            return
+        for leftover in self.directory.iterdir():
+            if leftover.name.endswith(".partial") and leftover.is_dir():
+                log.warning("removing %s, left by an interrupted checkpoint write", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif leftover.name.endswith(".tmp"):
+                leftover.unlink(missing_ok=True)
+
+    def _write(self, final: Path, partial: Path, state: dict[str, Any]) -> None:
+        bad = first_non_finite(state)
+        if bad:  # the trainer checks first; this keeps a bad state off the disk regardless
+            raise CheckpointError(f"refusing to write checkpoint {final}: {bad} holds NaN or "
+                                  "infinite values")
         self.directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()

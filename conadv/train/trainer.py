@@ -26,13 +26,14 @@ from conadv.config import (
 )
 from conadv.data import build_eval_loader, build_train_stream
 from conadv.distributed import DistEnv, detect_env, pick_device, process_group
-from conadv.errors import ConfigError
+from conadv.errors import ConfigError, TrainingDiverged
 from conadv.models import build_model
 from conadv.optim import build_optimizer, build_scheduler, scaled_lr
 from conadv.telemetry import Telemetry, setup_logging
 from conadv.train.checkpoint import CheckpointManager, host_copy, load_state
 from conadv.train.evaluate import evaluate, final_eval_attacks
-from conadv.train.preemption import StopRequest
+from conadv.train.nonfinite import NonFiniteGuard
+from conadv.train.preemption import REASONS, TERMINATED, StopRequest
 from conadv.train.runtime import (
     autocast_dtype,
     autocast_factory,
@@ -47,13 +48,13 @@ log = logging.getLogger(__name__)
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run a whole training job in this process (one rank of it under torchrun or Slurm).
-    Returns the run summary on rank 0 and {} elsewhere."""
+    Returns the run summary on rank 0; elsewhere only whether a signal ended it."""
     env = detect_env()
     setup_logging(env.is_main)
     device = pick_device(cfg.train.device, env)
     with process_group(env, device, cfg.dist.backend, cfg.dist.timeout_s):
         summary = Trainer(cfg, env, device).fit()
-    return summary if env.is_main else {}
+    return summary if env.is_main else {"terminated": summary["terminated"]}
 
 
 def _record_event() -> torch.cuda.Event:
@@ -99,6 +100,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.final_attacks = final_eval_attacks(cfg.adv)
+        # fp16: the GradScaler handles overflowing gradients itself; only the loss counts
+        self.guard = NonFiniteGuard(device, cfg.train.on_nonfinite,
+                                    check_gradients=not self.scaler.is_enabled())
 
         self.progress = Progress(device, env.is_main)
         self.state = RunState()  # everything a checkpoint saves and restores, in one place
@@ -109,6 +113,7 @@ class Trainer:
         self.state.register("progress", self.progress)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints",
                                              cfg.checkpoint.keep_last, env.is_main)
+        self.checkpoints.remove_leftovers()
         self.resumed_from = self._resume()
         # derived from the config and the step, never restored
         self.scheduler, self.schedule = build_scheduler(
@@ -170,7 +175,9 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Every rank calls it; rank 0 copies the state to host memory and writes it in the
-        background (training goes on meanwhile)."""
+        background (training goes on meanwhile). A failure of the previous write stops every
+        rank here."""
+        self.checkpoints.agreed_wait()
         state = self.state.state_dict()
         final = self.checkpoints.directory / f"step-{self.step:08d}"
         if self.env.is_main:
@@ -206,9 +213,9 @@ class Trainer:
                 loss, stats = self.engine.loss(self.criterion, logits, inputs)
                 self.scaler.scale(loss / accumulation).backward()
             result.add(loss.detach(), stats, inputs, accumulation)
+        bad = self.guard.step_is_bad(result.loss, self.model.parameters())
         self.engine.before_optimizer_step()  # the attacks that read these weights are done
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.guard.optimizer_step(self._optimizer_step, bad, self.optimizer)
         self.engine.after_optimizer_step()  # later attacks read the new weights
         if timed:
             result.cuda_events["train_end"] = _record_event()
@@ -219,6 +226,32 @@ class Trainer:
         self.scheduler.step()
         self.progress.step += 1
         return result
+
+    def _optimizer_step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def check_finite(self, window_first_step: int) -> int:
+        """At logging and checkpoint steps (a collective): stop the run when training went
+        non-finite (policy stop) or skipped too many steps in a row (policy skip). Returns
+        the number of skipped steps so far."""
+        status = self.guard.poll()
+        limit = self.cfg.train.max_skipped_steps
+        skip = self.cfg.train.on_nonfinite == "skip"
+        if (status.bad_steps and not skip) or (skip and status.longest_run > limit):
+            self.checkpoints.agreed_wait()
+            intact = self.checkpoints.list_checkpoints()
+            where = (f"the newest finite checkpoint is {intact[0]}; resume it with "
+                     "checkpoint.resume=auto and checkpoint.allow_config_change=true"
+                     if intact else "no checkpoint was written yet; start again")
+            steps = (f"at step {self.step}" if window_first_step == self.step
+                     else f"between steps {window_first_step} and {self.step}")
+            what = (f"{status.longest_run} optimizer steps in a row were skipped "
+                    f"(train.max_skipped_steps={limit})" if skip else
+                    f"the loss or gradient norm became non-finite {steps}")
+            raise TrainingDiverged(f"training diverged: {what}; {where}, with a lower optim.lr "
+                                   "or a longer schedule.warmup_epochs")
+        return status.skipped_total
 
     def run_eval(self, final: bool = False) -> dict[str, float]:
         attacks = self.final_attacks if final else None
@@ -244,17 +277,27 @@ class Trainer:
         window_start = time.perf_counter()
         train_start, start_step = time.perf_counter(), self.step
         stop_request = StopRequest(self.run_dir, env.is_main)
-        stop_reason = None
+        stop_reason, stop_level, skipped = None, 0, 0
+        window_first_step = self.step + 1  # the first step since the last non-finite check
         try:
             while self.step < self.total_steps:
                 window.add(self.train_step())
                 telemetry.advance()
                 done = self.step == self.total_steps
                 logging_step = self.step % log_every == 0 or done
-                if logging_step and not done and stop_request.agreed(self.device):
-                    stop_reason = "stop requested (SIGUSR1 or a STOP file in the run directory)"
+                # ranks agree on stop requests at logging steps (a single process: every step)
+                if not done and (logging_step or not env.is_distributed):
+                    stop_level = stop_request.agreed(self.device)
+                    stop_reason = REASONS.get(stop_level)
                 if self.step == cfg.train.stop_at_step and not done:
                     stop_reason = "train.stop_at_step reached"
+                epoch_done = int(self.epoch_progress) > last_saved_epoch
+                every = cfg.checkpoint.every_steps
+                checkpoint_step = bool(done or stop_reason or (every and self.step % every == 0)
+                                       or (not every and epoch_done))
+                if logging_step or checkpoint_step:
+                    skipped = self.check_finite(window_first_step)
+                    window_first_step = self.step + 1  # the steps since this check were fine
                 if logging_step:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
@@ -264,17 +307,14 @@ class Trainer:
                         "lr": self.scheduler.get_last_lr()[0], **window.record(env.world_size),
                         "img_per_s": window.steps * self.plan.global_batch / elapsed,
                         "step_time": elapsed / window.steps,
-                        "bad_images": self.progress.bad_images})
+                        "bad_images": self.progress.bad_images, "skipped_steps": skipped})
                     window.reset()
                     window_start = time.perf_counter()
                 if done or (eval_every and self.step % eval_every == 0):
                     result = self.run_eval(final=done)
                     telemetry.log("eval", self.step, {
                         "epoch": round(self.epoch_progress, 4), **result})
-                epoch_done = int(self.epoch_progress) > last_saved_epoch
-                every = cfg.checkpoint.every_steps
-                if (done or stop_reason or (every and self.step % every == 0)
-                        or (not every and epoch_done)):
+                if checkpoint_step:
                     self.save_checkpoint()
                     last_saved_epoch = int(self.epoch_progress)
                 if stop_reason:
@@ -284,7 +324,7 @@ class Trainer:
             if not result and self.step == self.total_steps:
                 # resumed a finished run: nothing was trained, still report its accuracy
                 result = self.run_eval(final=True)
-            self.checkpoints.wait()  # the last checkpoint is on disk before the run reports
+            self.checkpoints.agreed_wait()  # the last checkpoint is on disk before the report
         finally:
             stop_request.close()
             telemetry.close()
@@ -298,6 +338,7 @@ class Trainer:
                    "bad_images": self.progress.total_bad_images(),
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                    "finished": self.step == self.total_steps, "stop_reason": stop_reason,
+                   "terminated": stop_level == TERMINATED, "skipped_steps": skipped,
                    "final_eval": result}
         telemetry.write_summary(summary)
         return summary

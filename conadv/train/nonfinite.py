@@ -1,0 +1,103 @@
+"""Non-finite training: notice it without a host synchronisation per step, and either stop (the
+default) or skip the optimizer steps it would poison.
+
+Every step adds, on the device, whether its loss or its gradient norm is non-finite. The host
+reads the counters only where it synchronises anyway: at logging steps and before a checkpoint
+(`poll`, one small all-reduce). Under fp16 the GradScaler already skips steps whose scaled
+gradients overflow (that is how it finds its scale), so only a non-finite loss counts there.
+
+`skip` keeps the optimizer's tensors of a bad step: they are copied before the step and put
+back, on the device, where the step was bad (a `torch.where` per tensor). That costs a copy of
+the parameters and optimizer state per step, so it is opt-in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from conadv.distributed import all_reduce_max
+
+
+@dataclass
+class NonFiniteStatus:
+    """What the ranks saw since the last poll (agreed over ranks)."""
+
+    bad_steps: int  # steps with a non-finite loss or gradient norm (max over ranks)
+    longest_run: int  # longest run of consecutive bad steps so far
+    skipped_total: int  # optimizer steps skipped since the start of this process
+
+
+class NonFiniteGuard:
+    def __init__(self, device: torch.device, policy: str, check_gradients: bool) -> None:
+        self.policy = policy
+        self.check_gradients = check_gradients
+        self._bad_steps = torch.zeros((), dtype=torch.long, device=device)
+        self._run = torch.zeros((), dtype=torch.long, device=device)
+        self._longest_run = torch.zeros((), dtype=torch.long, device=device)
+        self._skipped = torch.zeros((), dtype=torch.long, device=device)
+
+    def step_is_bad(self, loss: Tensor, parameters: Iterable[Tensor]) -> Tensor:
+        """A 0-dim bool tensor: this step's loss or gradient norm is not finite."""
+        bad = ~torch.isfinite(loss.detach())
+        if self.check_gradients:
+            grads = [p.grad for p in parameters if p.grad is not None]
+            if grads:
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                bad = bad | ~torch.isfinite(norm)
+        return bad
+
+    def optimizer_step(self, step: Callable[[], None], bad: Tensor,
+                       optimizer: torch.optim.Optimizer) -> None:
+        """Run `step` (the optimizer step); under `skip`, undo it on the device if `bad`."""
+        bad_long = bad.long()
+        self._bad_steps += bad_long
+        self._run.mul_(bad_long).add_(bad_long)  # consecutive bad steps, 0 after a good one
+        torch.maximum(self._longest_run, self._run, out=self._longest_run)
+        if self.policy != "skip":
+            step()
+            return
+        saved = {key: t.detach().clone() for key, t in _optimizer_tensors(optimizer).items()}
+        step()
+        for key, tensor in _optimizer_tensors(optimizer).items():
+            # state the step created (first step) goes back to zeros, i.e. "not started"
+            kept = saved[key] if key in saved else torch.zeros_like(tensor)
+            tensor.copy_(torch.where(bad, kept, tensor))
+        self._skipped += bad_long
+
+    def poll(self) -> NonFiniteStatus:
+        """A collective: every rank calls it at the same step; resets the window counter."""
+        values = torch.stack([self._bad_steps, self._longest_run, self._skipped])
+        bad_steps, longest, skipped = all_reduce_max(values).tolist()
+        self._bad_steps.zero_()
+        return NonFiniteStatus(int(bad_steps), int(longest), int(skipped))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[tuple, Tensor]:
+    """Every tensor an optimizer step writes: parameters and their state, keyed stably."""
+    tensors: dict[tuple, Tensor] = {}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, param in enumerate(group["params"]):
+            tensors[(g, i, "param")] = param.data
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, Tensor):
+                    tensors[(g, i, name)] = value
+    return tensors
+
+
+def first_non_finite(state: object, prefix: str = "") -> str | None:
+    """The name of the first floating tensor with a NaN or infinity in a nested state."""
+    if isinstance(state, Tensor):
+        if state.is_floating_point() and not bool(torch.isfinite(state).all()):
+            return prefix or "tensor"
+        return None
+    items = (state.items() if isinstance(state, dict)
+             else enumerate(state) if isinstance(state, (list, tuple)) else ())
+    for key, value in items:
+        found = first_non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found:
+            return found
+    return None
