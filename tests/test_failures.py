@@ -293,3 +293,45 @@ def test_a_failing_rank_is_named_with_its_error_by_torchrun(tmp_path):
     assert "RuntimeError: simulated fault on rank 1" in report, report[-3000:]
     assert re.search(r"rank\s*:\s*1", report), report[-3000:]
     assert "error_file: <N/A>" not in report.split("Root Cause")[-1]
+
+
+# ------------------------------------------------------------------ kill -9
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_times_never_breaks_resume_or_the_result(tmp_path):
+    """Ten SIGKILLs at random moments of a run that writes a checkpoint every step (so most
+    land during a write); every restart resumes, and the end equals an uninterrupted run."""
+    import random
+
+    run = [*TINY, "train.max_steps=40", "checkpoint.every_steps=1", "checkpoint.keep_last=2",
+           "log.every_steps=1"]
+    straight = _start([*run, f"log.run_dir={tmp_path / 'straight'}"])
+    assert straight.wait(timeout=300) == 0, straight.communicate()[1][-3000:]
+
+    run_dir = tmp_path / "killed"
+    chooser = random.Random(1234)
+    kills = 0
+    while kills < 10:
+        records = (run_dir / "metrics.jsonl").read_text().count('"kind": "train"') if (
+            run_dir / "metrics.jsonl").exists() else 0
+        process = _start([*run, f"log.run_dir={run_dir}", "checkpoint.resume=auto"])
+        try:
+            _wait_for_train_records(run_dir, records + 1, process)
+        except AssertionError:
+            break  # it finished before we could kill it
+        time.sleep(chooser.uniform(0.0, 0.15))
+        process.kill()
+        process.communicate(timeout=60)
+        kills += 1
+    assert kills >= 8
+    final = _start([*run, f"log.run_dir={run_dir}", "checkpoint.resume=auto"])
+    assert final.wait(timeout=300) == 0, final.communicate()[1][-3000:]
+    a, b = checkpoint_state(tmp_path / "straight"), checkpoint_state(run_dir)
+    assert a["step"] == b["step"] == 40
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for pid, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][pid][name]), (pid, name)
+    assert not list((run_dir / "checkpoints").glob("*.partial"))
