@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The project's one-shot GPU check (fits in ~8 minutes on one H200):
-#   1. the CUDA tests (stream executor == sequential executor, no host sync in steady state)
-#      and the optimizer equivalence tests on the GPU's torch;
+# The project's one-shot GPU check (fits in ~10 minutes on one H200):
+#   1. the CUDA tests (stream executor == sequential executor, no host sync in steady state),
+#      the optimizer equivalence tests and the CUDA-path tests on the GPU's torch;
 #   2. the training-step benchmark for ResNet-50, bf16, channels-last, synthetic data, 256 per
-#      GPU: vanilla, tau = 0 and tau = 1 (step time, img/s, overlap, peak memory);
-#   3. the optimizer-step benchmark on the GPU.
+#      GPU: vanilla, tau = 0 and tau = 1 (step time, img/s, overlap, peak memory per mode);
+#   3. the optimizer-step benchmark on the GPU;
+#   4. torch.compile against eager (ResNet-50, tau = 1: steady step time, graphs compiled);
+#   5. the checkpoint stall of ResNet-50 with ConAdv (host copy + background write).
 # Usage, from the repository root:   benchmarks/gpu_check.sh OUT_DIR
 # It runs from source (PYTHONPATH=.). Wheels in .whl/ (omegaconf, which the GPU image lacks;
 # see benchmarks/README.md) are installed to /tmp/site first.
@@ -25,12 +27,20 @@ print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "
 PY
 
 status=0
-timeout 150 "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_optim.py \
-  2>&1 | tee "$out/cuda_tests.log" || status=1
+timeout 150 "$python" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_cuda.py \
+  tests/test_optim.py tests/test_gpu_path.py 2>&1 | tee "$out/cuda_tests.log" || status=1
 timeout 240 "$python" -m benchmarks.step_throughput --device cuda --arch resnet50 --batch 256 \
   --image-size 224 --precision bf16 --channels-last --rounds 3 --steps 8 --warmup 4 \
   --out "$out/step_throughput.json" 2>&1 | grep -v " INFO " | tee "$out/step_throughput.txt" \
   || status=1
 timeout 90 "$python" -m benchmarks.optimizer_step --device cuda --rounds 4 --steps 10 \
   --out "$out/optimizer_step.json" 2>&1 | tee "$out/optimizer_step.txt" || status=1
+timeout 240 "$python" -m benchmarks.compile_speed --device cuda --arch resnet50 --batch 256 \
+  --image-size 224 --precision bf16 --channels-last --count 20 \
+  --out "$out/compile_speed.json" 2>&1 | grep -v " INFO " | tee "$out/compile_speed.txt" \
+  || status=1
+timeout 120 "$python" -m benchmarks.checkpoint_stall --device cuda --arch resnet50 --batch 256 \
+  --image-size 224 --precision bf16 --channels-last --rounds 3 \
+  --out "$out/checkpoint_stall.json" 2>&1 | grep -v " INFO " | tee "$out/checkpoint_stall.txt" \
+  || status=1
 exit "$status"

@@ -43,7 +43,7 @@ RESNET50_PARAMS = 25_557_032
 @dataclass(frozen=True)
 class Cluster:
     name: str = "H100 SXM, 8 per node, NVLink 4, 400 Gb/s InfiniBand per GPU"
-    anchor_img_s: float = 7150.0  # per GPU at 256/GPU, 8 GPUs (MLPerf v4.0, REFERENCE.md)
+    anchor_img_s: float = 7150.0  # per GPU at 256/GPU, 8 GPUs (MLPerf Training v4.0 results)
     anchor_batch: int = 256
     t_fixed_ms: float = 3.0  # ~500 kernels x ~6 us latency floor (estimate, see docstring)
     gpus_per_node: int = 8

@@ -66,7 +66,7 @@ def build_trainer(mode: str, args: argparse.Namespace, run_dir: str) -> Trainer:
         f"train.global_batch={args.batch}", f"train.precision={args.precision}",
         f"train.device={args.device}", "train.epochs=1000", f"optim.name={args.optimizer}",
         "optim.lr=0.1", f"log.run_dir={run_dir}", "checkpoint.resume=none",
-        *MODES[mode],
+        *MODES[mode], *getattr(args, "extra", []),
     ]
     device = torch.device(args.device)
     trainer = Trainer(load_config(None, overrides), DistEnv("single", 0, 1, 0, "", 0), device)

@@ -118,6 +118,8 @@ class TrainConfig:
     device: str = knob("auto", "auto picks CUDA when available", choices=("auto", "cpu", "cuda"),
                        free=True)
     seed: int = knob(0, "seed of data order, augmentation and initialisation", low=0)
+    compile: bool = knob(False, "torch.compile the model for the training forward and the "
+                         "attack (BatchNorm routes compile once each, not every step)", free=True)
     deterministic: bool = knob(False, "torch.use_deterministic_algorithms (slower)", free=True)
     label_smoothing: float = knob(0.0, "cross-entropy label smoothing", low=0.0, high=1.0)
     mixup_alpha: float = knob(0.0, "MixUp Beta(alpha, alpha); 0 disables", low=0.0)

@@ -74,7 +74,46 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
-def pick_device(requested: str, env: DistEnv) -> torch.device:
+_SLURM_GPU_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS", "SLURM_GPUS_ON_NODE",
+                        "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK")
+
+
+def gpus_given(env: DistEnv, backend: str, environ: dict[str, str] | None = None) -> str | None:
+    """What says this job was given GPUs (for the error when CUDA is unusable), or None."""
+    environ = os.environ if environ is None else environ
+    visible = environ.get("CUDA_VISIBLE_DEVICES", "")
+    if visible.strip() and visible.strip() not in ("-1", "NoDevFiles"):
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    for name in _SLURM_GPU_VARIABLES:
+        if environ.get(name, "").strip() not in ("", "0"):
+            return f"{name}={environ[name]}"
+    if env.launcher == "torchrun" and backend == "nccl":
+        return "torchrun with dist.backend=nccl"
+    return None
+
+
+def cuda_unusable_reason() -> str:
+    """Why torch cannot use CUDA here, in the words of torch's own initialisation."""
+    if torch.version.cuda is None:
+        return "this torch build has no CUDA support"
+    try:
+        torch.cuda.init()
+    except Exception as err:  # torch raises RuntimeError/AssertionError with the driver's words
+        return str(err).strip().splitlines()[0]
+    return "no CUDA device is visible"
+
+
+def pick_device(requested: str, env: DistEnv, backend: str = "auto") -> torch.device:
+    """CUDA when asked for or available; the CPU otherwise, but never quietly for a job that
+    was given GPUs (a driver too old for the wheel makes CUDA unusable, and the job would
+    train on the CPU for days)."""
+    if requested == "auto" and not torch.cuda.is_available():
+        evidence = gpus_given(env, backend)
+        if evidence:
+            raise ConfigError(
+                f"this job was given GPUs ({evidence}) but CUDA is unusable "
+                f"({cuda_unusable_reason()}); install a torch build whose CUDA version the "
+                "driver supports (nvidia-smi shows the driver's), or set train.device=cpu")
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but no CUDA device is visible; "
@@ -123,6 +162,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics): DDP broadcasts them only
+    at the start of a forward, so after training each rank holds its own last update."""
+    if is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ from conadv.errors import ConfigError
 from conadv.train.trainer import train
 from tests.helpers import REPO, tiny_config
 
-# batch: (peak LR, warm-up epochs, momentum, poly power) from REFERENCE.md's LARS table
+# batch: (peak LR, warm-up epochs, momentum, poly power) from the MLPerf ResNet-50 LARS policy
+# (and the ConAdv release for 96K)
 PUBLISHED = {
     "1k": (1024, 10.0, 5, 0.9, 2.0), "2k": (2048, 10.0, 5, 0.9, 2.0),
     "4k": (4096, 10.0, 5, 0.9, 2.0), "8k": (8192, 10.0, 5, 0.9, 2.0),

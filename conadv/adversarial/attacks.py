@@ -5,8 +5,11 @@ label (the loss to that label is minimised), starting from uniform noise in [-ep
 probability 0.8 and from the clean image otherwise. Untargeted mode maximises the loss of the
 true label. The input gradient comes from torch.autograd.grad with respect to the input only,
 so no parameter's .grad is written and no DDP hook fires; it is fp32 even under autocast
-(the input leaf is fp32). Random draws come from the generator the caller passes, so an attack
-is a pure function of (weights, images, labels, seed).
+(the input leaf is fp32). The loss is the *sum* of the per-image cross-entropies: only the
+gradient's sign is used, and a mean would divide every image's gradient by the batch size,
+which under fp16 autocast pushes small entries below fp16's range to 0 (sign 0: pixel left
+unattacked). Random draws come from the generator the caller passes, so an attack is a pure
+function of (weights, images, labels, seed).
 """
 
 from __future__ import annotations
@@ -58,6 +61,20 @@ def draw_per_sample(shape: torch.Size, num_classes: int, indices: Tensor, seed: 
                          for f in ("offsets", "noise", "starts")))
 
 
+def input_gradient(model: Callable[[Tensor], Tensor], images: Tensor, goal: Tensor,
+                   autocast: Callable | None = None) -> Tensor:
+    """d(sum of cross-entropies to `goal`)/d(images), fp32, with no parameter .grad written."""
+    leaf = images.detach().requires_grad_(True)
+    if autocast is None:
+        logits = model(leaf)
+    else:
+        with autocast():
+            logits = model(leaf)
+    loss = F.cross_entropy(logits.float(), goal, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return grad
+
+
 def perturb(model: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor,
             spec: AttackSpec, num_classes: int, generator: torch.Generator | None = None,
             autocast: Callable | None = None, draws: AttackDraws | None = None) -> Tensor:
@@ -71,14 +88,7 @@ def perturb(model: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor,
     start = (noise * 2 - 1) * spec.epsilon * (starts < spec.random_start_prob)
     adv = (x + start).clamp_(0, 1)
     for _ in range(spec.steps):
-        adv.requires_grad_(True)
-        if autocast is None:
-            logits = model(adv)
-        else:
-            with autocast():
-                logits = model(adv)
-        loss = F.cross_entropy(logits.float(), goal)
-        (grad,) = torch.autograd.grad(loss, adv)
+        grad = input_gradient(model, adv, goal, autocast)
         step = grad.sign_().mul_(-spec.step_size if spec.targeted else spec.step_size)
         adv = adv.detach().add_(step)
         adv = torch.minimum(torch.maximum(adv, x - spec.epsilon), x + spec.epsilon).clamp_(0, 1)

@@ -72,6 +72,7 @@ class EngineContext:
     second_view: bool = False  # the data yields an augmented view of each image
     autocast: Callable[[], AbstractContextManager] | None = None
     mix: Callable | None = None  # MixUp/CutMix (vanilla only)
+    compile: bool = False  # torch.compile the attack's forward
 
 
 @dataclass
@@ -197,9 +198,10 @@ class ViewEngine:
 
 @dataclass
 class _Pending:
-    launched: Launched
+    launched: Launched  # the attack: its value is the adversarial images, on the device
     key: int
     source_step: int
+    batch: Batch  # the clean batch as loaded (uint8, pinned on CUDA): on the host until taken
 
 
 class ConAdvEngine(ViewEngine):
@@ -215,6 +217,8 @@ class ConAdvEngine(ViewEngine):
         self.concurrent = executor.concurrent
         self.label = f"ConAdv tau={tau}" if tau else "sequential adversarial (tau=0)"
         self.queue: deque[_Pending] = deque()
+        # the attack's forward (compiled: one graph for the adversarial BatchNorm route)
+        self._attack_forward = torch.compile(model) if context.compile else model
         self._last_events: tuple[Any, Any] | None = None
         # weights of the source steps the queue refers to (what a checkpoint saves)
         self._snapshots: dict[int, Weights] = {}
@@ -235,12 +239,12 @@ class ConAdvEngine(ViewEngine):
             source, model = step, self.model
         launched = self.executor.launch(lambda: self._prepare(model, batch, key, source))
         self._last_events = launched.events
-        self.queue.append(_Pending(launched, key, source))
+        self.queue.append(_Pending(launched, key, source, batch))
 
     def take(self) -> TrainInputs:
         pending = self.queue.popleft()
-        moved = self.executor.consume(pending.launched)
-        adv = moved.pop("adv")
+        adv = self.executor.consume(pending.launched)
+        moved = batch_to_device(pending.batch, self.device, self.context.channels_last)
         inputs = self._assemble(moved, pending.key, adv, pending.source_step)
         inputs.attack_seconds = pending.launched.seconds
         oldest = self.queue[0].source_step if self.queue else None
@@ -269,14 +273,18 @@ class ConAdvEngine(ViewEngine):
                          key: int) -> Tensor:
         """The attack on one micro-batch with `model`'s current weights: batch statistics of the
         adversarial BatchNorm, no running statistic touched, no .grad written."""
+        forward = self._attack_forward if model is self.model else model
         with bn_views(model, [(self.routes.get("adv", MAIN), labels.shape[0])],
                       update_stats=False):
-            return perturb(model, images, labels, self.spec, self.context.num_classes,
+            return perturb(forward, images, labels, self.spec, self.context.num_classes,
                            self.attack_generator(key), self.context.autocast)
 
-    def _prepare(self, model: nn.Module, batch: Batch, key: int, source: int) -> Batch:
+    def _prepare(self, model: nn.Module, batch: Batch, key: int, source: int) -> Tensor:
         """Runs on the executor: keep the weights the attack reads (a checkpoint may need them
-        while the batch is queued), copy the batch to the device, then attack it."""
+        while the batch is queued), copy the batch to the device, attack it. Only the
+        adversarial images stay on the device while queued: the clean (and augmented) views
+        are copied again from host memory when the batch is taken, so a queue of tau x A
+        micro-batches holds one float view per micro-batch on the device, not two or three."""
         if self.tau and source not in self._snapshots:
             self._snapshots[source] = {name: value.detach().clone()
                                        for name, value in model.state_dict().items()}
@@ -284,7 +292,7 @@ class ConAdvEngine(ViewEngine):
         adv = self.make_adversarial(model, moved["image"], moved["label"], key)
         if self.context.channels_last:
             adv = adv.contiguous(memory_format=torch.channels_last)
-        return {**moved, "adv": adv}
+        return adv
 
     def _replica_at(self, source: int) -> nn.Module:
         """A copy of the model holding the saved weights of step `source`."""

@@ -1,6 +1,7 @@
 """LAMB (You et al., 2019): Adam moments with a layer-wise trust ratio.
 
-Semantics follow timm's Lamb and NVIDIA's NVLAMB / FusedLAMB (see REFERENCE.md):
+Semantics follow timm's Lamb and NVIDIA's NVLAMB / FusedLAMB (You et al., "Large Batch
+Optimization for Deep Learning: Training BERT in 76 minutes", ICLR 2020, arXiv 1904.00962):
     g   <- g / max(1, ||g_all|| / max_grad_norm)               (optional global clipping)
     m   <- b1 m + (1 - b1) g        (grad averaging; b1 m + g without it)
     v   <- b2 v + (1 - b2) g^2
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from conadv.optim.cpu_kernels import lamb_kernel
-from conadv.optim.multi_tensor import bucket_params, trust_ratios
+from conadv.optim.multi_tensor import bucket_params, state_to_param_devices, trust_ratios
 
 
 class LAMB(torch.optim.Optimizer):
@@ -51,6 +52,12 @@ class LAMB(torch.optim.Optimizer):
         # per-parameter work buffers: reused every step, never part of the state_dict
         self._scratch: dict[Tensor, Tensor] = {}
         super().__init__(params, defaults)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch keeps a loaded `step` on the CPU for optimizers that are neither fused nor
+        capturable; this one's kernels want every state tensor beside its parameter."""
+        super().load_state_dict(state_dict)
+        state_to_param_devices(self)
 
     def _clip_divisor(self) -> Tensor | None:
         """max(1, ||all grads|| / max_grad_norm) as a device tensor (no host sync)."""

@@ -1,4 +1,6 @@
-"""LARS (You et al., 2017) with the MLPerf ResNet-50 semantics (see REFERENCE.md).
+"""LARS (You, Gitman, Ginsburg, "Large Batch Training of Convolutional Networks", 2017, arXiv
+1708.03888) with the MLPerf ResNet-50 reference semantics (its lars_util: skip list
+['batch_normalization', 'bias'], trust ratio eeta ||w|| / (||g|| + wd ||w|| + eps)).
 
 For every tensor w of a group that adapts:
     r = eeta ||w|| / (||g|| + wd ||w|| + eps)      (1 when ||w|| or ||g|| is 0)

@@ -50,3 +50,11 @@ def trust_ratios(weight_norms: list[Tensor], update_norms: list[Tensor], coeff: 
     u = torch.stack(update_norms)
     ratio = coeff * w / (u + weight_decay * w + eps)
     return torch.where((w > 0) & (u > 0), ratio, torch.ones_like(ratio))
+
+
+def state_to_param_devices(optimizer: torch.optim.Optimizer) -> None:
+    """Move every tensor of an optimizer's state to its parameter's device (after a load)."""
+    for param, state in optimizer.state.items():
+        for name, value in state.items():
+            if isinstance(value, Tensor) and value.device != param.device:
+                state[name] = value.to(param.device)

@@ -37,10 +37,13 @@ def run_evaluation(cfg: RunConfig, checkpoint: Path, export_to: Path | None = No
     FGSM and PGD-k at adv.eval_epsilon."""
     env = detect_env()
     setup_logging(env.is_main)
-    device = pick_device(cfg.train.device, env)
+    device = pick_device(cfg.train.device, env, cfg.dist.backend)
     with process_group(env, device, cfg.dist.backend, cfg.dist.timeout_s):
         path = resolve_checkpoint(checkpoint)
-        per_device = plan_batch(cfg.train, env.world_size).per_device
+        # a run directory's config.yaml pins the training split of its world size; evaluation
+        # only borrows the per-device batch, on any number of ranks
+        per_device = (cfg.train.per_device_batch
+                      or plan_batch(cfg.train, env.world_size).per_device)
         num_classes = cfg.model.num_classes or build_source(cfg.data, "val").num_classes
         model = build_model(cfg.model, num_classes).to(device)
         model.load_state_dict(main_state_dict(load_model_weights(path)))  # main BN only

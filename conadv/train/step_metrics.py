@@ -75,6 +75,11 @@ class MetricWindow:
             # 1-based like `step`: the step during which (and with whose starting weights) the
             # adversarial examples trained on in the logged step were made
             record["adv_source_step"] = self.last.source_step + 1
-            record["attack_time"] = self.attack_seconds / self.steps
-            record.update(cuda_overlap(self.last.cuda_events))
+            host = self.attack_seconds / self.steps
+            record["attack_time"] = host  # CPU: the attack itself
+            device_times = cuda_overlap(self.last.cuda_events)
+            if device_times:  # CUDA: the host only launched it; the events time the device
+                record.update(device_times)
+                record["attack_time"] = device_times["attack_ms"] / 1000
+                record["attack_launch_time"] = host
         return record

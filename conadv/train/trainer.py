@@ -25,7 +25,13 @@ from conadv.config import (
     trajectory_changes,
 )
 from conadv.data import build_eval_loader, build_train_stream
-from conadv.distributed import DistEnv, detect_env, pick_device, process_group
+from conadv.distributed import (
+    DistEnv,
+    broadcast_buffers,
+    detect_env,
+    pick_device,
+    process_group,
+)
 from conadv.errors import ConfigError, TrainingDiverged
 from conadv.models import build_model
 from conadv.optim import build_optimizer, build_scheduler, scaled_lr
@@ -51,7 +57,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     Returns the run summary on rank 0; elsewhere only whether a signal ended it."""
     env = detect_env()
     setup_logging(env.is_main)
-    device = pick_device(cfg.train.device, env)
+    device = pick_device(cfg.train.device, env, cfg.dist.backend)
     with process_group(env, device, cfg.dist.backend, cfg.dist.timeout_s):
         summary = Trainer(cfg, env, device).fit()
     return summary if env.is_main else {"terminated": summary["terminated"]}
@@ -85,11 +91,13 @@ class Trainer:
         self.engine = build_engine(cfg.adv, self.model, EngineContext(
             device, num_classes, cfg.train.seed, self.plan.accumulation,
             cfg.model.channels_last, cfg.data.second_view, self.autocast,
-            self._build_mix(num_classes)))
+            self._build_mix(num_classes), cfg.train.compile))
         self.ddp: nn.Module = self.model
         if env.is_distributed:
             self.ddp = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        # the training forward; the plain module stays for evaluation and checkpoints
+        self.forward = torch.compile(self.ddp) if cfg.train.compile else self.ddp
 
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.total_steps = cfg.train.max_steps or max(
@@ -209,7 +217,7 @@ class Trainer:
             result.attack_seconds += inputs.attack_seconds
             with self._no_sync(micro == accumulation - 1):
                 with self.engine.forward_context(inputs), self.autocast():
-                    logits = self.ddp(inputs.images)
+                    logits = self.forward(inputs.images)
                 loss, stats = self.engine.loss(self.criterion, logits, inputs)
                 self.scaler.scale(loss / accumulation).backward()
             result.add(loss.detach(), stats, inputs, accumulation)
@@ -254,6 +262,9 @@ class Trainer:
         return status.skipped_total
 
     def run_eval(self, final: bool = False) -> dict[str, float]:
+        """Exact over ranks, with rank 0's BatchNorm statistics on every rank (the ones its
+        checkpoint holds, so `conadv-eval` of that checkpoint gives the same numbers)."""
+        broadcast_buffers(self.model)
         attacks = self.final_attacks if final else None
         return evaluate(self.model, self.eval_loader, self.device, self.cfg.model.channels_last,
                         self.autocast, attacks, self.cfg.train.seed)

@@ -1,0 +1,85 @@
+"""torch.compile against eager on the same training step (ConAdv tau = 1 by default): the
+first step's time (compilation included), the steady step time of each, and how many graphs
+dynamo compiled over the run (a recompile per step would show here).
+
+    python -m benchmarks.compile_speed                  # CPU benchmark model, 20 steps
+    python -m benchmarks.compile_speed --device cuda --arch resnet50 --batch 256 \
+        --image-size 224 --precision bf16 --channels-last
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from benchmarks import step_throughput
+from benchmarks.common import machine_info, write_json
+
+
+def _steps(trainer, count: int) -> list[float]:
+    cuda = trainer.device.type == "cuda"
+    times = []
+    for _ in range(count):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    report: dict[str, Any] = {"machine": machine_info(), "mode": args.mode, "arch": args.arch,
+                              "batch": args.batch, "steps": args.count}
+    with tempfile.TemporaryDirectory() as tmp:
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            counters.clear()
+            args.extra = ["train.compile=true"] if compiled else []
+            trainer = step_throughput.build_trainer(args.mode, args, f"{tmp}/{compiled}")
+            times = _steps(trainer, args.count)
+            report["compiled" if compiled else "eager"] = {
+                "first_step_s": times[0], "steady_step_ms": 1000 * statistics.median(times[2:]),
+                "graphs": int(counters["stats"]["unique_graphs"])}
+            del trainer
+    report["compiled_over_eager"] = (report["compiled"]["steady_step_ms"]
+                                     / report["eager"]["steady_step_ms"])
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"torch.compile ({report['arch']}, batch {report['batch']}, {report['mode']}, "
+          f"{report['steps']} steps)")
+    for kind in ("eager", "compiled"):
+        entry = report[kind]
+        print(f"  {kind:9s} first step {entry['first_step_s']:7.2f} s, steady "
+              f"{entry['steady_step_ms']:8.1f} ms, graphs compiled {entry['graphs']}")
+    print(f"  compiled / eager steady step time: {report['compiled_over_eager']:.2f}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = step_throughput.build_parser(__doc__)
+    parser.add_argument("--mode", default="tau1", choices=sorted(step_throughput.MODES))
+    parser.add_argument("--count", type=int, default=20, help="training steps per variant")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    report = run(args)
+    print_report(report)
+    write_json(args.out, report)
+
+
+if __name__ == "__main__":
+    main()
