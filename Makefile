@@ -10,7 +10,7 @@ TEST_ARGS ?=
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.conadv-deps
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench study clean
 
 $(DEPS_STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,11 @@ install: $(DEPS_STAMP)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 
 # ConAdv (tau = 1) on the digits, then the same run without adversarial training, so the
-# clean and PGD accuracies of both are printed one above the other.
+# clean and PGD accuracies of both are printed one above the other; then a report of the two.
 demo: install
 	$(VENV)/bin/conadv-train --config configs/demo.yaml log.run_dir=runs/demo
 	$(VENV)/bin/conadv-train --config configs/demo.yaml adv.enabled=false log.run_dir=runs/demo_vanilla
+	$(VENV)/bin/conadv-report runs/demo runs/demo_vanilla --out runs/demo_report
 
 test: install
 	$(PY) -m pytest -q $(TEST_ARGS)
@@ -35,6 +36,10 @@ test: install
 # CPU benchmark suite (< 10 min on 2 cores) -> benchmarks/results/<machine>-<date>.json
 bench: install
 	$(PY) -m benchmarks.run_all
+
+# The large-batch study on the digits (~45 minutes on 2 cores) -> docs/results/
+study: install
+	$(PY) -m benchmarks.large_batch_study --out docs/results
 
 lint: install
 	$(PY) -m ruff check conadv benchmarks tests

@@ -19,6 +19,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "tensorboard>=2.12",
+        "matplotlib>=3.7",  # conadv-report figures (headless)
         "ninja",  # builds the fused CPU LAMB kernel (conadv/optim/lamb_cpu.cpp) on first use
     ],
     extras_require={
@@ -29,6 +30,7 @@ setup(
         "console_scripts": [
             "conadv-train=conadv.cli.train:main",
             "conadv-eval=conadv.cli.evaluate:main",
+            "conadv-report=conadv.cli.report:main",
         ]
     },
 )

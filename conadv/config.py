@@ -129,6 +129,9 @@ class TrainConfig:
                              choices=("stop", "skip"), free=True)
     max_skipped_steps: int = knob(10, "on_nonfinite=skip: stop after this many skipped steps in "
                                   "a row", low=1, free=True)
+    eval_train_images: int = knob(0, "also evaluate a fixed, seeded subset of this many "
+                                  "training images (evaluation transform) at each evaluation, "
+                                  "for the train-test gap; 0: off", low=0, free=True)
     eval_every_epochs: float = knob(1.0, "evaluate every this many epochs; 0 only at the end",
                                     low=0.0, free=True)
 

@@ -58,3 +58,16 @@ def test_checkpoint_stall_benchmark_writes_real_checkpoints():
     for key in ("normal_step_ms", "checkpoint_step_ms", "step_after_checkpoint_ms",
                 "synchronous_write_ms"):
         assert report[key] > 0
+
+
+@pytest.mark.slow
+def test_large_batch_study_reduced_grid_writes_its_table_and_figure(tmp_path):
+    from benchmarks import large_batch_study
+
+    report = large_batch_study.main(["--quick", "--out", str(tmp_path)])
+    assert len(report["runs"]) == 4 and len(report["cells"]) == 4
+    table = (tmp_path / "large_batch_study.md").read_text()
+    for run in report["runs"]:
+        assert f"| lars | {run['batch']} |" in table
+    assert (tmp_path / "large_batch_study.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((tmp_path / "large_batch_study.json").read_text())["wall_s"] > 0

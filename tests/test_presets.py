@@ -41,3 +41,17 @@ def test_training_runs_with_each_large_batch_optimizer(tmp_path, optimizer):
     summary = train(tiny_config(tmp_path, f"optim.name={optimizer}", lr, "train.epochs=2",
                                 "schedule.decay=poly", "train.deterministic=false"))
     assert summary["finished"] and summary["final_eval"]["top1"] > 40  # 10 classes: chance 10
+
+
+def test_conadv_preset_is_the_published_96k_recipe():
+    cfg = load_config(REPO / "configs/imagenet/resnet50_96k_conadv.yaml", ["data.root=/data/in"])
+    vanilla = load_config(REPO / "configs/imagenet/resnet50_96k.yaml", ["data.root=/data/in"])
+    assert (cfg.optim, cfg.schedule, cfg.train) == (vanilla.optim, vanilla.schedule,
+                                                    vanilla.train)
+    adv = cfg.adv
+    assert adv.enabled and adv.tau == 1 and adv.steps == 1 and adv.targeted
+    assert adv.epsilon == adv.step_size == 9 / 255 and adv.random_start_prob == 0.8
+    assert adv.aux_bn and adv.aug_bn and (adv.clean_weight, adv.aug_weight, adv.adv_weight) == (
+        1.0, 1.0, 1.0)
+    assert cfg.data.augment == "autoaugment" and cfg.data.second_view
+    assert "76.2%" in (REPO / "configs/imagenet/resnet50_96k_conadv.yaml").read_text()

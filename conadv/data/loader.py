@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from conadv.config import DataConfig
 from conadv.data.dataset import ViewDataset
@@ -27,7 +27,7 @@ def build_source(cfg: DataConfig, split: str) -> ImageSource:
     return ImageFolderSource(f"{cfg.root}/{split}")
 
 
-def _loader(dataset: ViewDataset, sampler, batch_size: int, cfg: DataConfig, pin: bool,
+def _loader(dataset: Dataset, sampler, batch_size: int, cfg: DataConfig, pin: bool,
             drop_last: bool) -> DataLoader:
     # A private generator: creating an iterator would otherwise draw from the global RNG and
     # shift every later random op (mixup, attacks) depending on when the iterator was made.
@@ -56,11 +56,18 @@ def build_train_stream(cfg: DataConfig, world_size: int, rank: int, per_device_b
 
 
 def build_eval_loader(cfg: DataConfig, world_size: int, rank: int, batch_size: int,
-                      pin_memory: bool) -> DataLoader:
-    source = build_source(cfg, "val")
+                      pin_memory: bool, split: str = "val", subset: int = 0,
+                      seed: int = 0) -> DataLoader:
+    """Exact evaluation of a split over ranks. `subset` > 0 takes that many images of the split,
+    chosen by `seed` (the same whatever the number of ranks): the training split seen without
+    augmentation, for the train-test gap."""
+    source = build_source(cfg, split)
     transform = None if cfg.name == "synthetic" else build_eval_transform(cfg)
-    dataset = ViewDataset(source, transform, None, cfg.bad_images)
-    sampler = ExactShardSampler(len(source), world_size, rank)
+    dataset: Dataset = ViewDataset(source, transform, None, cfg.bad_images)
+    if subset:
+        chosen = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
+        dataset = Subset(dataset, sorted(chosen[:subset].tolist()))
+    sampler = ExactShardSampler(len(dataset), world_size, rank)
     return _loader(dataset, sampler, batch_size, cfg, pin_memory, drop_last=False)
 
 

@@ -83,6 +83,11 @@ class Trainer:
                                          cfg.train.seed, pin)
         self.eval_loader = build_eval_loader(cfg.data, env.world_size, env.rank,
                                              self.plan.per_device, pin)
+        self.train_eval_loader = None
+        if cfg.train.eval_train_images:
+            self.train_eval_loader = build_eval_loader(
+                cfg.data, env.world_size, env.rank, self.plan.per_device, pin, split="train",
+                subset=cfg.train.eval_train_images, seed=cfg.train.seed)
         num_classes = cfg.model.num_classes or self.stream.num_classes
         self.model = build_model(cfg.model, num_classes).to(device)
         amp_dtype = autocast_dtype(cfg.train.precision, device)
@@ -266,8 +271,15 @@ class Trainer:
         checkpoint holds, so `conadv-eval` of that checkpoint gives the same numbers)."""
         broadcast_buffers(self.model)
         attacks = self.final_attacks if final else None
-        return evaluate(self.model, self.eval_loader, self.device, self.cfg.model.channels_last,
-                        self.autocast, attacks, self.cfg.train.seed)
+        result = evaluate(self.model, self.eval_loader, self.device,
+                          self.cfg.model.channels_last, self.autocast, attacks,
+                          self.cfg.train.seed)
+        if self.train_eval_loader is not None:
+            seen = evaluate(self.model, self.train_eval_loader, self.device,
+                            self.cfg.model.channels_last, self.autocast)
+            result.update(train_top1=seen["top1"], train_loss=seen["loss"],
+                          train_count=seen["count"], train_test_gap=seen["top1"] - result["top1"])
+        return result
 
     def fit(self) -> dict[str, Any]:
         cfg, env = self.cfg, self.env

@@ -1,0 +1,68 @@
+"""Run reports (conadv-report) and the training-subset evaluation behind the train-test gap."""
+
+import json
+
+import pytest
+import torch
+
+from conadv.config import load_config
+from conadv.data.loader import build_eval_loader
+from conadv.models.factory import CifarResNet, ImageClassifier
+from conadv.train.evaluate import evaluate
+from conadv.train.trainer import train
+from tests.helpers import TINY, run_gloo_ranks, run_module, tiny_config
+
+
+def test_report_of_two_runs_writes_figures_and_their_final_accuracies(tmp_path):
+    runs = []
+    for name, extra in (("vanilla", []), ("conadv", ["adv.enabled=true"])):
+        summary = train(tiny_config(tmp_path / name, "train.max_steps=4",
+                                    "train.eval_train_images=64", *extra))
+        runs.append((tmp_path / name, summary))
+    result = run_module("conadv.cli.report", *(str(p) for p, _ in runs), "--out",
+                        str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"report: {tmp_path / 'report' / 'report.md'}" in result.stdout
+    for figure in ("loss.png", "lr.png", "accuracy.png", "throughput.png"):
+        data = (tmp_path / "report" / figure).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, figure
+    table = (tmp_path / "report" / "report.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| adv.enabled=")]
+    assert len(rows) == 2  # labelled by what differs: adv.enabled
+    for (_, summary), row in zip(runs, rows):
+        final = summary["final_eval"]
+        assert f"| {final['top1']:.2f} |" in row
+        assert f"| {final['train_top1']:.2f} | {final['train_test_gap']:.2f} |" in row
+
+
+def test_report_of_a_directory_that_is_not_a_run_is_one_line(tmp_path):
+    result = run_module("conadv.cli.report", str(tmp_path), "--out", str(tmp_path / "r"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"conadv-report: error: {tmp_path} is not a run directory "
+                                     "(config.yaml and metrics.jsonl are missing)")
+
+
+def test_training_subset_evaluation_is_logged_beside_the_test_accuracy(tmp_path):
+    train(tiny_config(tmp_path, "train.max_steps=3", "train.eval_train_images=100"))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if r["kind"] == "eval"][-1]
+    assert final["train_count"] == 100 and final["count"] == 360
+    assert final["train_test_gap"] == pytest.approx(final["train_top1"] - final["top1"])
+
+
+def _subset_accuracy(rank: int, world: int) -> dict:
+    cfg = load_config(None, TINY)
+    torch.manual_seed(0)
+    model = ImageClassifier(CifarResNet(10, width=8))
+    loader = build_eval_loader(cfg.data, world, rank, 16, False, split="train", subset=101,
+                               seed=5)
+    return evaluate(model, loader, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_training_subset_evaluation_is_the_same_on_one_and_two_ranks(tmp_path):
+    one = _subset_accuracy(0, 1)
+    two = run_gloo_ranks(2, _subset_accuracy, tmp_path)
+    assert one["count"] == two[0]["count"] == two[1]["count"] == 101
+    assert one["top1"] == two[0]["top1"] == two[1]["top1"]
+    assert one["loss"] == pytest.approx(two[0]["loss"], rel=1e-6)
