@@ -130,3 +130,13 @@ def test_mixed_precision_trains_and_checkpoints_the_scaler(tmp_path, precision, 
     state = checkpoint_state(tmp_path)
     assert bool(state["scaler"]) == scaled  # fp16 needs a GradScaler; its state is saved
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_run_of_an_older_checkpoint_format_is_never_silently_restarted(tmp_path):
+    from conadv.errors import CheckpointError
+
+    old = tmp_path / "checkpoints" / "step-00000004"
+    old.mkdir(parents=True)
+    (old / "manifest.json").write_text('{"step": 4, "world_size": 1, "files": {}}')
+    with pytest.raises(CheckpointError, match="checkpoint format 1.*checkpoint.resume=none"):
+        train(tiny_config(tmp_path, "train.max_steps=2", "checkpoint.resume=auto"))

@@ -248,6 +248,11 @@ class CheckpointManager:
                     if why is None:
                         chosen = str(candidate)
                         break
+                    if "checkpoint format" in why:  # another version's run: never start over
+                        error = (f"checkpoint {candidate} cannot be used: {why}; resume it "
+                                 "with that version, or start afresh with a new log.run_dir "
+                                 "or checkpoint.resume=none")
+                        break
                     log.warning("skipping checkpoint %s: %s; trying the previous one",
                                 candidate, why)
             else:
