@@ -13,44 +13,31 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from typing import Any
 
-import torch
-
 from benchmarks import step_throughput
-from benchmarks.common import machine_info, write_json
-
-
-def _timed(fn, cuda: bool) -> float:
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+from benchmarks.common import machine_info, timed_call, write_json
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = step_throughput.build_trainer(args.mode, args, run_dir)
-        cuda = trainer.device.type == "cuda"
+        device = trainer.device
         for _ in range(3):  # warm-up (allocator, kernels, the first attacks)
             trainer.train_step()
         normal, writing, after, synchronous = [], [], [], []
         for _ in range(args.rounds):
-            normal.append(_timed(trainer.train_step, cuda))
+            normal.append(timed_call(trainer.train_step, device))
 
             def step_and_save() -> None:
                 trainer.train_step()
                 trainer.save_checkpoint()
 
-            writing.append(_timed(step_and_save, cuda))
-            after.append(_timed(trainer.train_step, cuda))
+            writing.append(timed_call(step_and_save, device))
+            after.append(timed_call(trainer.train_step, device))
             trainer.checkpoints.wait()
-            synchronous.append(_timed(lambda: (trainer.save_checkpoint(),
-                                               trainer.checkpoints.wait()), cuda))
+            synchronous.append(timed_call(lambda: (trainer.save_checkpoint(),
+                                                   trainer.checkpoints.wait()), device))
         size = sum(f.stat().st_size for f in trainer.checkpoints.list_checkpoints()[0].iterdir())
     median = statistics.median
     return {"machine": machine_info(), "mode": args.mode, "arch": args.arch,

@@ -31,21 +31,23 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def timed_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call, synchronising CUDA around it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int,
                warmup: int = 2) -> list[float]:
-    """Seconds per call, each call timed alone (synchronising CUDA around it)."""
+    """Seconds per call, each call timed alone."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return [timed_call(fn, device) for _ in range(repeats)]
 
 
 def summarize(times: list[float]) -> dict[str, float]:

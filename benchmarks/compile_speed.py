@@ -12,27 +12,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from typing import Any
 
-import torch
-
 from benchmarks import step_throughput
-from benchmarks.common import machine_info, write_json
-
-
-def _steps(trainer, count: int) -> list[float]:
-    cuda = trainer.device.type == "cuda"
-    times = []
-    for _ in range(count):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        trainer.train_step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+from benchmarks.common import machine_info, time_calls, write_json
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -47,7 +30,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             counters.clear()
             args.extra = ["train.compile=true"] if compiled else []
             trainer = step_throughput.build_trainer(args.mode, args, f"{tmp}/{compiled}")
-            times = _steps(trainer, args.count)
+            times = time_calls(trainer.train_step, trainer.device, args.count, warmup=0)
             report["compiled" if compiled else "eager"] = {
                 "first_step_s": times[0], "steady_step_ms": 1000 * statistics.median(times[2:]),
                 "graphs": int(counters["stats"]["unique_graphs"])}
