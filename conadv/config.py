@@ -36,6 +36,9 @@ def knob(default: Any, doc: str, *, choices: tuple | None = None, low: float | N
 class DataConfig:
     name: str = knob("digits", "dataset", choices=("digits", "synthetic", "imagefolder"))
     root: str = knob("", "imagefolder root holding train/ and val/ class folders", free=True)
+    val_labels: str = knob("", "labels file for a flat val/ folder (ImageNet's CSV "
+                           "ImageId,PredictionString or 'file label' lines); empty: class folders",
+                           free=True)
     image_size: int = knob(224, "training crop and evaluation crop size in pixels", low=8)
     eval_resize: int = knob(256, "evaluation resize of the shorter side before center crop", low=8)
     min_crop_scale: float = knob(0.08, "RandomResizedCrop lower area bound", low=0.0, high=1.0,

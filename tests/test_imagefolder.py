@@ -70,7 +70,7 @@ def test_missing_and_empty_directories_are_clear(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         ImageFolderSource(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no usable images|empty"):
+    with pytest.raises(DataError, match="has no class folders"):
         ImageFolderSource(tmp_path / "empty")
 
 
@@ -97,3 +97,70 @@ def test_training_on_jpegs_skips_or_fails_from_the_cli(tmp_path):
     error_lines = [line for line in failed.stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and str(bad) in error_lines[0], failed.stderr
     assert "data.bad_images=skip" in error_lines[0]
+
+
+def _model_and_eval(cfg, root):
+    from conadv.data.loader import build_eval_loader
+    from conadv.models.factory import CifarResNet, ImageClassifier
+    from conadv.train.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = ImageClassifier(CifarResNet(2, width=4))
+    loader = build_eval_loader(cfg, 1, 0, 4, False)
+    return evaluate(model, loader, torch.device("cpu"))
+
+
+def test_hidden_folders_are_not_classes_and_an_empty_class_is_an_error(tmp_path):
+    make_imagefolder(tmp_path, corrupt=False)
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "train" / "class_0" / ".cache").mkdir()
+    (tmp_path / "train" / "class_0" / ".cache" / "x.jpg").write_bytes(b"not an image")
+    source = ImageFolderSource(tmp_path / "train")
+    assert source.classes == ["class_0", "class_1"] and len(source) == 12
+    (tmp_path / "train" / "class_2").mkdir()
+    with pytest.raises(DataError, match="class folder .*class_2 has no images"):
+        ImageFolderSource(tmp_path / "train")
+
+
+def test_a_flat_validation_folder_with_imagenet_labels_evaluates_like_class_folders(tmp_path):
+    make_imagefolder(tmp_path / "folders", corrupt=False)
+    flat = tmp_path / "flat"
+    (flat / "val").mkdir(parents=True)
+    (flat / "train").symlink_to(tmp_path / "folders" / "train")
+    rows = ["ImageId,PredictionString"]
+    for image in sorted((tmp_path / "folders" / "val").glob("*/*.jpg")):
+        name = f"ILSVRC2012_val_{image.parent.name}_{image.stem}"
+        (flat / "val" / f"{name}.JPEG").write_bytes(image.read_bytes())
+        rows.append(f"{name},{image.parent.name} 1 2 30 40 {image.parent.name} 5 6 7 8")
+    labels = tmp_path / "LOC_val_solution.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    common = dict(name="imagefolder", image_size=24, eval_resize=28, workers=0)
+    by_folder = _model_and_eval(DataConfig(root=str(tmp_path / "folders"), **common), None)
+    by_labels = _model_and_eval(DataConfig(root=str(flat), val_labels=str(labels), **common),
+                                None)
+    assert by_labels == by_folder and by_folder["count"] == 12
+
+    text_labels = tmp_path / "labels.txt"  # the two-column form, with class indices
+    text_labels.write_text("".join(f"{row.split(',')[0]}.JPEG {row.split(',')[1][6]}\n"
+                                   for row in rows[1:]))
+    assert _model_and_eval(DataConfig(root=str(flat), val_labels=str(text_labels), **common),
+                           None) == by_folder
+
+    labels.write_text(labels.read_text().replace("class_1 1 2", "n09999999 1 2", 1))
+    with pytest.raises(DataError, match="class 'n09999999', which is not one of the training"):
+        build_source(DataConfig(root=str(flat), val_labels=str(labels), **common), "val")
+
+
+def test_an_unreadable_evaluation_image_is_left_out_and_counted_never_replaced(tmp_path):
+    make_imagefolder(tmp_path, corrupt=False)
+    bad = tmp_path / "val" / "class_1" / "img_2.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=24, eval_resize=28,
+                     bad_images="skip", workers=0)
+    result = _model_and_eval(cfg, None)
+    assert result["count"] == 11 and result["unreadable"] == 1
+    bad.unlink()
+    without = _model_and_eval(cfg, None)
+    assert without["count"] == 11 and "unreadable" not in without
+    assert without["top1"] == result["top1"] and without["loss"] == pytest.approx(
+        result["loss"], rel=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +11,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from conadv.config import DataConfig
 from conadv.data.dataset import ViewDataset
 from conadv.data.sampler import ExactShardSampler, ResumableShardSampler
-from conadv.data.sources import DigitsSource, ImageFolderSource, ImageSource, SyntheticSource
+from conadv.data.sources import (
+    DigitsSource,
+    ImageFolderSource,
+    ImageSource,
+    SyntheticSource,
+    class_folders,
+)
 from conadv.data.transforms import build_eval_transform, build_train_transforms
 from conadv.errors import ConfigError
 
@@ -24,7 +31,10 @@ def build_source(cfg: DataConfig, split: str) -> ImageSource:
     if cfg.name == "synthetic":
         samples = cfg.synthetic_samples if split == "train" else max(1, cfg.synthetic_samples // 8)
         return SyntheticSource(samples, cfg.synthetic_classes, cfg.image_size)
-    return ImageFolderSource(f"{cfg.root}/{split}")
+    classes = class_folders(Path(cfg.root) / "train")  # training order fixes the indices
+    if split == "train":
+        return ImageFolderSource(Path(cfg.root) / "train", classes)
+    return ImageFolderSource(Path(cfg.root) / "val", classes, cfg.val_labels or None)
 
 
 def _loader(dataset: Dataset, sampler, batch_size: int, cfg: DataConfig, pin: bool,
@@ -63,7 +73,7 @@ def build_eval_loader(cfg: DataConfig, world_size: int, rank: int, batch_size: i
     augmentation, for the train-test gap."""
     source = build_source(cfg, split)
     transform = None if cfg.name == "synthetic" else build_eval_transform(cfg)
-    dataset: Dataset = ViewDataset(source, transform, None, cfg.bad_images)
+    dataset: Dataset = ViewDataset(source, transform, None, cfg.bad_images, exclude=True)
     if subset:
         chosen = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
         dataset = Subset(dataset, sorted(chosen[:subset].tolist()))

@@ -3,12 +3,13 @@ Augmentation, bad-file policy and batching live elsewhere."""
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from conadv.errors import DataError
@@ -35,20 +36,32 @@ class ImageSource:
 
 
 class ImageFolderSource(ImageSource):
-    """ImageNet layout: root/<class>/<image>. Decoded by torchvision's decoder (libjpeg-turbo
-    for JPEG), which is faster than the PIL path of torchvision's ImageFolder."""
+    """ImageNet layout: root/<class>/<image> (class folders searched recursively), or a flat
+    folder of images with a labels file (ImageNet's official validation layout). Hidden files
+    and folders (.ipynb_checkpoints, .cache) are not classes or images. `classes` fixes the
+    class order (the training folder's), so indices agree between training and evaluation.
+    Decoded by torchvision's decoder (libjpeg-turbo for JPEG), which is faster than the PIL path
+    of torchvision's ImageFolder."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, classes: list[str] | None = None,
+                 labels_file: str | Path | None = None) -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"dataset directory {root} does not exist")
-        try:
-            classes, class_to_idx = find_classes(str(root))
-            self.samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
-        except (FileNotFoundError, OSError) as err:
-            raise DataError(f"dataset directory {root} has no usable images: {err}") from None
-        if not self.samples:
-            raise DataError(f"dataset directory {root} is empty")
+        if labels_file:
+            if classes is None:
+                raise DataError("a labels file needs the training classes to map its labels")
+            self.samples = _labelled_flat_folder(root, Path(labels_file), classes)
+        else:
+            found = class_folders(root)
+            classes = classes if classes is not None else found
+            unknown = sorted(set(found) - set(classes))
+            if unknown:
+                raise DataError(f"{root} has class folders that the training set lacks "
+                                f"({', '.join(unknown[:5])}); the class indices would disagree")
+            index = {name: i for i, name in enumerate(classes)}
+            self.samples = [(path, index[name]) for name in found
+                            for path in _images_below(root / name)]
         self.classes = classes
         self.num_classes = len(classes)
 
@@ -63,6 +76,76 @@ class ImageFolderSource(ImageSource):
 
     def describe(self, index: int) -> str:
         return self.samples[index][0]
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class folder names of an image-folder root, sorted (hidden folders are not classes)."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and _visible(e.name))
+    if not classes:
+        raise DataError(f"dataset directory {root} has no class folders (expected "
+                        f"{root}/<class>/<image>)")
+    return classes
+
+
+def _images_below(folder: Path) -> list[str]:
+    """Image files below one class folder, in torchvision ImageFolder's order."""
+    listed = []
+    for directory, subdirs, files in os.walk(folder, followlinks=True):
+        subdirs[:] = [d for d in subdirs if _visible(d)]  # prunes the walk
+        listed.append((directory, files))
+    found = [os.path.join(directory, f) for directory, files in sorted(listed)
+             for f in sorted(files) if _visible(f) and f.lower().endswith(IMG_EXTENSIONS)]
+    if not found:
+        raise DataError(f"class folder {folder} has no images ({', '.join(IMG_EXTENSIONS)}); "
+                        "add its images or remove the folder")
+    return found
+
+
+def read_labels_file(path: Path) -> dict[str, str]:
+    """image name (without extension) -> class name, from ImageNet's validation CSV
+    (`ImageId,PredictionString`, the class is the first word of the prediction) or a
+    two-column `file label` text file."""
+    if not path.is_file():
+        raise DataError(f"labels file {path} does not exist")
+    labels: dict[str, str] = {}
+    lines = path.read_text().splitlines()
+    csv = bool(lines) and lines[0].replace(" ", "").lower().startswith("imageid,")
+    for number, line in enumerate(lines[1:] if csv else lines, start=2 if csv else 1):
+        if not line.strip():
+            continue
+        parts = line.split(",", 1) if csv else line.split()
+        if len(parts) < 2 or not parts[1].split():
+            raise DataError(f"labels file {path} line {number} is not "
+                            f"{'ImageId,PredictionString' if csv else 'file label'}: {line!r}")
+        labels[Path(parts[0].strip()).stem] = parts[1].split()[0]
+    return labels
+
+
+def _labelled_flat_folder(root: Path, labels_file: Path,
+                          classes: list[str]) -> list[tuple[str, int]]:
+    labels = read_labels_file(labels_file)
+    index = {name: i for i, name in enumerate(classes)}
+    samples = []
+    for name in sorted(os.listdir(root)):
+        if not (_visible(name) and name.lower().endswith(IMG_EXTENSIONS)):
+            continue
+        label = labels.get(Path(name).stem)
+        if label is None:
+            raise DataError(f"labels file {labels_file} has no label for {root / name}")
+        if label not in index:
+            if label.isdigit() and int(label) < len(classes):
+                label = classes[int(label)]  # a class index instead of a name
+            else:
+                raise DataError(f"labels file {labels_file} gives {name} the class '{label}', "
+                                "which is not one of the training class folders")
+        samples.append((str(root / name), index[label]))
+    if not samples:
+        raise DataError(f"dataset directory {root} has no images")
+    return samples
 
 
 class SyntheticSource(ImageSource):

@@ -33,12 +33,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
              autocast: Callable[[], AbstractContextManager] | None = None,
              attacks: dict[str, AttackSpec] | None = None, seed: int = 0) -> dict[str, float]:
     """top-1 / top-5 accuracy (percent), mean loss and count, summed over all ranks; with
-    `attacks`, also `<name>_top1` under each attack."""
+    `attacks`, also `<name>_top1` under each attack. Items marked valid=0 (unreadable files)
+    are left out of every number and counted as `unreadable`."""
     attacks = attacks or {}
     was_training = model.training
     model.eval()
-    # correct@1, correct@5, summed loss, count, then correct@1 per attack; float64 stays exact
-    sums = torch.zeros(4 + len(attacks), dtype=torch.float64, device=device)
+    # correct@1, correct@5, summed loss, count, unreadable, then correct@1 per attack; float64
+    # stays exact
+    sums = torch.zeros(5 + len(attacks), dtype=torch.float64, device=device)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if autocast is None:
@@ -49,19 +51,21 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
     for batch in loader:
         x = images_to_device(batch["image"], device, channels_last)
         y = batch["label"].to(device, non_blocking=True)
+        valid = batch["valid"].to(device) if "valid" in batch else torch.ones_like(y)
         with torch.no_grad():
             logits = forward(x).float()
         k = min(5, logits.shape[1])
-        hits = logits.topk(k, dim=1).indices.eq(y[:, None])
-        row = [hits[:, 0].sum(), hits.any(dim=1).sum(),
-               F.cross_entropy(logits, y, reduction="sum"), torch.tensor(len(y), device=device)]
+        hits = logits.topk(k, dim=1).indices.eq(y[:, None]) & valid[:, None].bool()
+        losses = F.cross_entropy(logits, y, reduction="none") * valid
+        row = [hits[:, 0].sum(), hits.any(dim=1).sum(), losses.sum(), valid.sum(),
+               (1 - valid).sum()]
         for a, spec in enumerate(attacks.values()):
             # seeded per image, so robust accuracy does not depend on how ranks shard the data
             draws = draw_per_sample(x.shape, logits.shape[1], batch["index"], seed * 31 + a,
                                     device)
             adv = perturb(forward, x, y, spec, logits.shape[1], draws=draws)
             with torch.no_grad():
-                row.append((forward(adv).argmax(dim=1) == y).sum())
+                row.append(((forward(adv).argmax(dim=1) == y) & valid.bool()).sum())
         sums += torch.stack([v.double() for v in row])
     all_reduce_sum(sums)
     model.train(was_training)
@@ -69,6 +73,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
     count = max(values[3], 1.0)
     result = {"top1": 100.0 * values[0] / count, "top5": 100.0 * values[1] / count,
               "loss": values[2] / count, "count": int(values[3])}
-    for name, correct in zip(attacks, values[4:]):
+    if values[4]:
+        result["unreadable"] = int(values[4])
+    for name, correct in zip(attacks, values[5:]):
         result[f"{name}_top1"] = 100.0 * correct / count
     return result
