@@ -157,6 +157,11 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def rank() -> int:
+    """This process's rank (0 in a single process)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place (a no-op in a single process)."""
     if is_initialized():

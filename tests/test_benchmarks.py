@@ -8,6 +8,7 @@ import torch
 from benchmarks import (
     checkpoint_stall,
     data_pipeline,
+    index_startup,
     optimizer_step,
     scaling_model,
     step_throughput,
@@ -71,3 +72,8 @@ def test_large_batch_study_reduced_grid_writes_its_table_and_figure(tmp_path):
         assert f"| lars | {run['batch']} |" in table
     assert (tmp_path / "large_batch_study.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((tmp_path / "large_batch_study.json").read_text())["wall_s"] > 0
+
+
+def test_index_startup_benchmark_indexes_every_file():
+    report = index_startup.run(files=2000, classes=20)
+    assert report["files"] == 2000 and report["cached_s"] > 0 and report["first_run_walk_s"] > 0

@@ -164,3 +164,49 @@ def test_an_unreadable_evaluation_image_is_left_out_and_counted_never_replaced(t
     assert without["count"] == 11 and "unreadable" not in without
     assert without["top1"] == result["top1"] and without["loss"] == pytest.approx(
         result["loss"], rel=1e-6)
+
+
+def test_the_file_index_is_cached_and_refreshed_when_a_folder_changes(tmp_path, monkeypatch):
+    import os
+
+    from conadv.data import sources
+
+    monkeypatch.setenv("CONADV_CACHE_DIR", str(tmp_path / "cache"))
+    make_imagefolder(tmp_path / "data", corrupt=False)
+    first = ImageFolderSource(tmp_path / "data" / "train")
+    assert sources.index_cache_path(tmp_path / "data" / "train").is_file()
+
+    walk = os.walk
+    monkeypatch.setattr(sources.os, "walk", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("walked the tree although the cache is fresh")))
+    assert ImageFolderSource(tmp_path / "data" / "train").samples == first.samples
+
+    monkeypatch.setattr(sources.os, "walk", walk)
+    extra = tmp_path / "data" / "train" / "class_1" / "img_new.jpg"
+    extra.write_bytes((tmp_path / "data" / "train" / "class_1" / "img_0.jpg").read_bytes())
+    refreshed = ImageFolderSource(tmp_path / "data" / "train")
+    assert len(refreshed) == len(first) + 1 and (str(extra), 1) in refreshed.samples
+
+
+def _index_on_rank(rank: int, world: int) -> int:
+    import os
+
+    from conadv.data import sources
+
+    root = Path(os.environ["CONADV_TEST_ROOT"])
+    if rank:  # only rank 0 may look at the tree
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"rank {rank} touched the tree")
+
+        sources.os.walk = sources.os.scandir = sources.os.listdir = refuse
+    return len(ImageFolderSource(root / "train"))
+
+
+@pytest.mark.slow
+def test_only_rank_0_walks_the_tree(tmp_path, monkeypatch):
+    from tests.helpers import run_gloo_ranks
+
+    make_imagefolder(tmp_path / "data", corrupt=False)
+    monkeypatch.setenv("CONADV_TEST_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("CONADV_CACHE_DIR", str(tmp_path / "cache"))
+    assert run_gloo_ranks(2, _index_on_rank, tmp_path) == {0: 12, 1: 12}

@@ -16,7 +16,7 @@ from conadv.data.sources import (
     ImageFolderSource,
     ImageSource,
     SyntheticSource,
-    class_folders,
+    shared_folder_index,
 )
 from conadv.data.transforms import build_eval_transform, build_train_transforms
 from conadv.errors import ConfigError
@@ -31,7 +31,7 @@ def build_source(cfg: DataConfig, split: str) -> ImageSource:
     if cfg.name == "synthetic":
         samples = cfg.synthetic_samples if split == "train" else max(1, cfg.synthetic_samples // 8)
         return SyntheticSource(samples, cfg.synthetic_classes, cfg.image_size)
-    classes = class_folders(Path(cfg.root) / "train")  # training order fixes the indices
+    classes, _ = shared_folder_index(Path(cfg.root) / "train")  # its order fixes the indices
     if split == "train":
         return ImageFolderSource(Path(cfg.root) / "train", classes)
     return ImageFolderSource(Path(cfg.root) / "val", classes, cfg.val_labels or None)

@@ -3,6 +3,9 @@ Augmentation, bad-file policy and batching live elsewhere."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 from functools import cached_property
 from pathlib import Path
@@ -13,6 +16,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from conadv.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 class ImageSource:
@@ -53,15 +58,15 @@ class ImageFolderSource(ImageSource):
                 raise DataError("a labels file needs the training classes to map its labels")
             self.samples = _labelled_flat_folder(root, Path(labels_file), classes)
         else:
-            found = class_folders(root)
+            found, files = shared_folder_index(root)
             classes = classes if classes is not None else found
             unknown = sorted(set(found) - set(classes))
             if unknown:
                 raise DataError(f"{root} has class folders that the training set lacks "
                                 f"({', '.join(unknown[:5])}); the class indices would disagree")
             index = {name: i for i, name in enumerate(classes)}
-            self.samples = [(path, index[name]) for name in found
-                            for path in _images_below(root / name)]
+            self.samples = [(str(root / relative), index[name])
+                            for name, relatives in zip(found, files) for relative in relatives]
         self.classes = classes
         self.num_classes = len(classes)
 
@@ -91,18 +96,83 @@ def class_folders(root: Path) -> list[str]:
     return classes
 
 
-def _images_below(folder: Path) -> list[str]:
-    """Image files below one class folder, in torchvision ImageFolder's order."""
-    listed = []
-    for directory, subdirs, files in os.walk(folder, followlinks=True):
+def _images_below(root: Path, name: str) -> tuple[list[str], dict[str, int]]:
+    """Image files below one class folder (relative to `root`, in torchvision ImageFolder's
+    order) and the modification times of the folders walked (what a cached index checks)."""
+    listed, stamps = [], {}
+    for directory, subdirs, files in os.walk(root / name, followlinks=True):
         subdirs[:] = [d for d in subdirs if _visible(d)]  # prunes the walk
         listed.append((directory, files))
-    found = [os.path.join(directory, f) for directory, files in sorted(listed)
+        stamps[os.path.relpath(directory, root)] = os.stat(directory).st_mtime_ns
+    found = [os.path.relpath(os.path.join(directory, f), root)
+             for directory, files in sorted(listed)
              for f in sorted(files) if _visible(f) and f.lower().endswith(IMG_EXTENSIONS)]
     if not found:
-        raise DataError(f"class folder {folder} has no images ({', '.join(IMG_EXTENSIONS)}); "
-                        "add its images or remove the folder")
-    return found
+        raise DataError(f"class folder {root / name} has no images "
+                        f"({', '.join(IMG_EXTENSIONS)}); add its images or remove the folder")
+    return found, stamps
+
+
+INDEX_VERSION = 1
+
+
+def index_cache_path(root: Path) -> Path:
+    """Where the file index of an image folder is cached: beside the user's other caches
+    (dataset folders are often read-only), one file per folder."""
+    base = Path(os.environ.get("CONADV_CACHE_DIR", Path.home() / ".cache" / "conadv"))
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:20]
+    return base / "index" / f"{digest}.json"
+
+
+def folder_index(root: Path) -> tuple[list[str], list[list[str]]]:
+    """(class names, image paths per class relative to root), from the cache when no folder
+    of the tree changed since it was written (adding or removing a file changes its folder's
+    modification time), otherwise by walking the tree and writing the cache."""
+    cache = index_cache_path(root)
+    try:
+        cached = json.loads(cache.read_text())
+        fresh = cached["version"] == INDEX_VERSION and cached["root"] == str(root.resolve())
+        fresh = fresh and all(os.stat(root / d).st_mtime_ns == t
+                              for d, t in cached["stamps"].items())
+        if fresh:
+            return cached["classes"], cached["files"]
+    except (OSError, ValueError, KeyError):
+        pass  # no cache, an unreadable one, or a folder gone: walk the tree
+    classes = class_folders(root)
+    stamps = {".": os.stat(root).st_mtime_ns}
+    files = []
+    for name in classes:
+        found, walked = _images_below(root, name)
+        files.append(found)
+        stamps.update(walked)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": INDEX_VERSION, "root": str(root.resolve()),
+                                   "stamps": stamps, "classes": classes, "files": files}))
+        os.replace(tmp, cache)
+    except OSError as err:  # a read-only home: the walk is just not cached
+        log.warning("cannot cache the file index of %s at %s: %s", root, cache, err)
+    return classes, files
+
+
+def shared_folder_index(root: Path) -> tuple[list[str], list[list[str]]]:
+    """The folder index built (or read from the cache) by rank 0 only and sent to the other
+    ranks, so a 1,024-rank job makes one walk of a shared file system, not 1,024."""
+    from conadv.distributed import broadcast_object, is_initialized, rank
+
+    if not is_initialized():
+        return folder_index(root)
+    result: tuple | str | None = None
+    if rank() == 0:
+        try:
+            result = folder_index(root)
+        except DataError as err:
+            result = str(err)
+    result = broadcast_object(result)
+    if isinstance(result, str):
+        raise DataError(result)
+    return result
 
 
 def read_labels_file(path: Path) -> dict[str, str]:
