@@ -31,6 +31,7 @@ setup(
             "conadv-train=conadv.cli.train:main",
             "conadv-eval=conadv.cli.evaluate:main",
             "conadv-report=conadv.cli.report:main",
+            "conadv-pack=conadv.cli.pack:main",
         ]
     },
 )

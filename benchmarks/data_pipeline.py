@@ -29,6 +29,7 @@ from torchvision.transforms import v2
 from benchmarks.common import machine_info, write_json
 from conadv.config import DataConfig
 from conadv.data.dataset import ViewDataset
+from conadv.data.shards import ShardSource, pack_split
 from conadv.data.sources import ImageFolderSource
 from conadv.data.transforms import build_train_transforms
 
@@ -56,10 +57,10 @@ def write_jpegs(root: Path, count: int, classes: int = 8) -> float:
     return sum(sizes) / len(sizes) / 1024
 
 
-def conadv_dataset(root: Path, augment: str) -> ViewDataset:
+def conadv_dataset(root: Path, augment: str, source=None) -> ViewDataset:
     cfg = DataConfig(name="imagefolder", root=str(root.parent), augment=augment)
     transform, _ = build_train_transforms(cfg)
-    return ViewDataset(ImageFolderSource(root), transform)
+    return ViewDataset(source or ImageFolderSource(root), transform)
 
 
 def baseline_dataset(root: Path, augment: str) -> ImageFolder:
@@ -105,14 +106,18 @@ def run(images: int, workers: int, repeats: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "train"
         mean_kb = write_jpegs(root, images)
+        pack_split(ImageFolderSource(root), Path(tmp) / "shards", "train")
         for augment in ("none", "autoaugment"):
             ours, base = conadv_dataset(root, augment), baseline_dataset(root, augment)
-            per_ours, per_base = per_worker([ours, base], images, repeats)
+            shards = conadv_dataset(root, augment, ShardSource(Path(tmp) / "shards", "train"))
+            per_ours, per_base, per_shards = per_worker([ours, base, shards], images, repeats)
             many_ours = with_workers(ours, images, workers)
             many_base = with_workers(base, images, workers)
             results[augment] = {
                 "conadv_per_worker_img_s": per_ours, "imagefolder_pil_per_worker_img_s": per_base,
                 "per_worker_speedup": per_ours / per_base,
+                "conadv_shards_per_worker_img_s": per_shards,
+                "shards_per_worker_speedup": per_shards / per_base,
                 f"conadv_{workers}_workers_img_s": many_ours,
                 f"imagefolder_pil_{workers}_workers_img_s": many_base,
                 "workers_speedup": many_ours / many_base}

@@ -34,8 +34,11 @@ def knob(default: Any, doc: str, *, choices: tuple | None = None, low: float | N
 
 @dataclass
 class DataConfig:
-    name: str = knob("digits", "dataset", choices=("digits", "synthetic", "imagefolder"))
-    root: str = knob("", "imagefolder root holding train/ and val/ class folders", free=True)
+    name: str = knob("digits", "dataset: imagefolder (root/train, root/val), shards (made by "
+                     "conadv-pack), synthetic noise, or the bundled digits",
+                     choices=("digits", "synthetic", "imagefolder", "shards"))
+    root: str = knob("", "imagefolder root holding train/ and val/ class folders, or the "
+                     "directory of packed shards", free=True)
     val_labels: str = knob("", "labels file for a flat val/ folder (ImageNet's CSV "
                            "ImageId,PredictionString or 'file label' lines); empty: class folders",
                            free=True)
@@ -314,6 +317,8 @@ def validate(cfg: RunConfig) -> None:
             _check_value(f"{section.name}.{f.name}", getattr(values, f.name), f.metadata)
     if cfg.data.name == "imagefolder" and not cfg.data.root:
         raise ConfigError("data.root must name the imagefolder directory (with train/ and val/)")
+    if cfg.data.name == "shards" and not cfg.data.root:
+        raise ConfigError("data.root must name the directory of shards made by conadv-pack")
     if cfg.data.eval_resize < cfg.data.image_size:
         raise ConfigError("data.eval_resize must be at least data.image_size")
     if cfg.optim.backend == "apex" and cfg.optim.name != "lamb":

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from conadv.config import DataConfig
 from conadv.data.dataset import ViewDataset
 from conadv.data.sampler import ExactShardSampler, ResumableShardSampler
+from conadv.data.shards import ShardSource
 from conadv.data.sources import (
     DigitsSource,
     ImageFolderSource,
@@ -31,6 +32,8 @@ def build_source(cfg: DataConfig, split: str) -> ImageSource:
     if cfg.name == "synthetic":
         samples = cfg.synthetic_samples if split == "train" else max(1, cfg.synthetic_samples // 8)
         return SyntheticSource(samples, cfg.synthetic_classes, cfg.image_size)
+    if cfg.name == "shards":
+        return ShardSource(cfg.root, split)
     classes, _ = shared_folder_index(Path(cfg.root) / "train")  # its order fixes the indices
     if split == "train":
         return ImageFolderSource(Path(cfg.root) / "train", classes)
