@@ -217,15 +217,26 @@ class CheckpointManager:
         return sorted(found, key=lambda p: p.name, reverse=True)
 
     @staticmethod
-    def problem(path: Path) -> str | None:
+    def other_format(path: Path) -> str | None:
+        """Why a checkpoint written by another conadv version cannot be read, or None."""
+        try:
+            found = json.loads((path / MANIFEST).read_text()).get("format", 1)
+        except (OSError, ValueError):
+            return None  # not a format question: `problem` reports it
+        if found == FORMAT:
+            return None
+        return (f"it has checkpoint format {found}, written by another conadv version; this "
+                f"version reads format {FORMAT}")
+
+    def problem(self, path: Path) -> str | None:
         """Why this checkpoint cannot be used, or None when every file matches its manifest."""
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError) as err:
             return f"its manifest is missing or unreadable ({err})"
-        if manifest.get("format") != FORMAT:
-            return (f"it has checkpoint format {manifest.get('format', 1)}, written by an older "
-                    f"conadv; this version reads format {FORMAT}")
+        other = self.other_format(path)
+        if other:
+            return other
         for name, meta in manifest["files"].items():
             file = path / name
             if not file.is_file() or file.stat().st_size != meta["bytes"]:
@@ -244,14 +255,15 @@ class CheckpointManager:
         if self.is_main:
             if resume == "auto":
                 for candidate in self.list_checkpoints():
+                    other = self.other_format(candidate)
+                    if other:  # another version's run: never start it over silently
+                        error = (f"checkpoint {candidate} cannot be used: {other}; resume it "
+                                 "with that version, or start afresh with a new log.run_dir "
+                                 "or checkpoint.resume=none")
+                        break
                     why = self.problem(candidate)
                     if why is None:
                         chosen = str(candidate)
-                        break
-                    if "checkpoint format" in why:  # another version's run: never start over
-                        error = (f"checkpoint {candidate} cannot be used: {why}; resume it "
-                                 "with that version, or start afresh with a new log.run_dir "
-                                 "or checkpoint.resume=none")
                         break
                     log.warning("skipping checkpoint %s: %s; trying the previous one",
                                 candidate, why)

@@ -102,7 +102,7 @@ class Trainer:
             self.ddp = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         # the training forward; the plain module stays for evaluation and checkpoints
-        self.forward = torch.compile(self.ddp) if cfg.train.compile else self.ddp
+        self.train_forward = torch.compile(self.ddp) if cfg.train.compile else self.ddp
 
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.total_steps = cfg.train.max_steps or max(
@@ -222,7 +222,7 @@ class Trainer:
             result.attack_seconds += inputs.attack_seconds
             with self._no_sync(micro == accumulation - 1):
                 with self.engine.forward_context(inputs), self.autocast():
-                    logits = self.forward(inputs.images)
+                    logits = self.train_forward(inputs.images)
                 loss, stats = self.engine.loss(self.criterion, logits, inputs)
                 self.scaler.scale(loss / accumulation).backward()
             result.add(loss.detach(), stats, inputs, accumulation)
