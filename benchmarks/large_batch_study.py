@@ -3,7 +3,7 @@
 Every cell trains the same small ResNet for the same number of epochs at one global batch, with
 LARS for each method: vanilla, sequential adversarial (tau = 0), ConAdv (tau = 1, 2) and ConAdv
 with the augmented (AutoAugment) second view and its own BatchNorm; with LAMB for vanilla and
-ConAdv tau = 1 (the full LAMB grid would not fit 45 minutes on 2 cores); three seeds.
+ConAdv tau = 1 (which keeps the study near 20 minutes on 2 cores); three seeds.
 Hyper-parameters follow the project's documented rules and are not tuned per cell (nor on the
 test split): the peak LR is scaled from batch 64 (linear for LARS, square root for LAMB), the
 warm-up is a quarter of the epochs, then polynomial decay (power 2), as in the MLPerf recipes.
@@ -12,7 +12,7 @@ Output in --out: large_batch_study.json (every run), large_batch_study.md (mean 
 top-1, train-test gap, PGD-10 accuracy and wall time per cell, with the command and wall time
 of the study) and large_batch_study.png (test top-1 against global batch, a line per method).
 
-    python -m benchmarks.large_batch_study --out docs/results        # ~40 min on 2 cores
+    python -m benchmarks.large_batch_study --out docs/results        # ~20 min on 2 cores
     python -m benchmarks.large_batch_study --quick --out /tmp/study  # a reduced grid
 """
 

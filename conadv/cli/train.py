@@ -27,7 +27,10 @@ def describe_result(summary: dict) -> str:
     final = summary["final_eval"]
     parts = [f"final test top-1: {final['top1']:.2f}% top-5: {final['top5']:.2f}%"]
     parts += [f"{name[:-5].upper()} top-1: {value:.2f}%" for name, value in final.items()
-              if name.endswith("_top1") and name != "top1"]
+              if name.endswith("_top1") and name not in ("top1", "train_top1")]
+    if "train_top1" in final:
+        parts.append(f"train top-1: {final['train_top1']:.2f}% "
+                     f"(gap {final['train_test_gap']:+.2f})")
     kind = summary.get("training", "")
     return (" | ".join(parts) + f" ({final['count']} images, {summary['steps']} steps, "
             f"{summary['train_time_s']:.1f} s{', ' + kind if kind else ''})")
