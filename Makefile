@@ -15,7 +15,7 @@ DEPS_STAMP := $(VENV)/.conadv-deps
 $(DEPS_STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[dev]'
+	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[dev,dali]'
 	touch $@
 
 # The editable install is re-pointed at this clone every time (cheap), since a cached venv

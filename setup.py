@@ -25,6 +25,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "timm>=1.0"],
         "dev": ["pytest>=7", "timm>=1.0", "ruff>=0.4"],
+        # GPU decoding (data.loader=dali); its CPU operators also run without a GPU
+        "dali": ["nvidia-dali-cuda130>=2.4"],
     },
     entry_points={
         "console_scripts": [

@@ -99,6 +99,29 @@ def with_workers(dataset, count: int, workers: int) -> float:
     return (seen - 32) / (time.perf_counter() - start)
 
 
+def dali_per_core(root: Path, images: int, repeats: int, device: torch.device) -> float | None:
+    """Images per second of the DALI training loader with one thread (CPU operators; nvJPEG
+    'mixed' decoding when `device` is CUDA), RandomResizedCrop 224 + flip; None without DALI."""
+    try:
+        from conadv.data.dali import DaliTrainLoader
+        from conadv.data.sampler import ResumableShardSampler
+        from conadv.errors import ConfigError
+
+        cfg = DataConfig(name="imagefolder", root=str(root.parent), workers=1, loader="dali")
+        sampler = ResumableShardSampler(images, 1, 0, 32, seed=0)
+        loader = DaliTrainLoader(ImageFolderSource(root), sampler, cfg, device)
+    except ConfigError:
+        return None
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        seen = sum(len(batch["label"]) for batch in loader)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return seen / best
+
+
 def run(images: int, workers: int, repeats: int) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a loader worker is one thread
@@ -121,6 +144,11 @@ def run(images: int, workers: int, repeats: int) -> dict[str, Any]:
                 f"conadv_{workers}_workers_img_s": many_ours,
                 f"imagefolder_pil_{workers}_workers_img_s": many_base,
                 "workers_speedup": many_ours / many_base}
+        results["dali_cpu_per_core_img_s"] = dali_per_core(root, images, repeats,
+                                                           torch.device("cpu"))
+        if torch.cuda.is_available():
+            results["dali_mixed_img_s"] = dali_per_core(root, images, repeats,
+                                                        torch.device("cuda"))
     torch.set_num_threads(threads)
     return {"benchmark": "data_pipeline", "images": images, "mean_jpeg_kb": mean_kb,
             "workers": workers, "results": results, "machine": machine_info()}
@@ -130,6 +158,9 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"data pipeline: {report['images']} JPEGs (~500x375, q90, {report['mean_jpeg_kb']:.0f}"
           f" KB), RandomResizedCrop 224 + flip")
     for augment, r in report["results"].items():
+        if not isinstance(r, dict):
+            print(f"  {augment:42s} {r if r is None else f'{r:8.1f}'}")
+            continue
         print(f"  augment={augment}")
         for key, value in r.items():
             print(f"    {key:40s} {value:8.1f}" if "speedup" not in key

@@ -6,7 +6,8 @@
 #      GPU: vanilla, tau = 0 and tau = 1 (step time, img/s, overlap, peak memory per mode);
 #   3. the optimizer-step benchmark on the GPU;
 #   4. torch.compile against eager (ResNet-50, tau = 1: steady step time, graphs compiled);
-#   5. the checkpoint stall of ResNet-50 with ConAdv (host copy + background write).
+#   5. the checkpoint stall of ResNet-50 with ConAdv (host copy + background write);
+#   6. the data pipeline, with DALI's nvJPEG ("mixed") decode + crop when DALI is installed.
 # Usage, from the repository root:   benchmarks/gpu_check.sh OUT_DIR
 # It runs from source (PYTHONPATH=.). Wheels in .whl/ (omegaconf, which the GPU image lacks;
 # see benchmarks/README.md) are installed to /tmp/site first.
@@ -43,4 +44,6 @@ timeout 120 "$python" -m benchmarks.checkpoint_stall --device cuda --arch resnet
   --image-size 224 --precision bf16 --channels-last --rounds 3 \
   --out "$out/checkpoint_stall.json" 2>&1 | grep -v " INFO " | tee "$out/checkpoint_stall.txt" \
   || status=1
+timeout 150 "$python" -m benchmarks.data_pipeline --images 512 --workers 8 --repeats 2 \
+  --out "$out/data_pipeline.json" 2>&1 | tee "$out/data_pipeline.txt" || status=1
 exit "$status"

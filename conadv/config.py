@@ -39,6 +39,10 @@ class DataConfig:
                      choices=("digits", "synthetic", "imagefolder", "shards"))
     root: str = knob("", "imagefolder root holding train/ and val/ class folders, or the "
                      "directory of packed shards", free=True)
+    loader: str = knob("torchvision", "who decodes and crops training images: torchvision "
+                       "(DataLoader workers) or dali (NVIDIA DALI: nvJPEG on a GPU, its CPU "
+                       "operators without one; RandomResizedCrop + flip only)",
+                       choices=("torchvision", "dali"))
     val_labels: str = knob("", "labels file for a flat val/ folder (ImageNet's CSV "
                            "ImageId,PredictionString or 'file label' lines); empty: class folders",
                            free=True)
@@ -327,6 +331,13 @@ def validate(cfg: RunConfig) -> None:
     if cfg.adv.enabled and (cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0):
         raise ConfigError("train.mixup_alpha and train.cutmix_alpha must be 0 with adv.enabled "
                           "(the attack needs hard labels)")
+    if cfg.data.loader == "dali" and cfg.data.name not in ("imagefolder", "shards"):
+        raise ConfigError("data.loader=dali decodes image files: use data.name=imagefolder or "
+                          "shards, or data.loader=torchvision")
+    if cfg.data.loader == "dali" and (cfg.data.augment != "none" or cfg.data.second_view):
+        raise ConfigError("data.loader=dali runs RandomResizedCrop + flip only; set "
+                          "data.augment=none (AutoAugment/RandAugment views run with "
+                          "data.loader=torchvision)")
     if cfg.data.second_view and cfg.data.augment == "none":
         raise ConfigError("data.second_view needs an augment policy (data.augment is 'none')")
 

@@ -51,7 +51,7 @@ def _loader(dataset: Dataset, sampler, batch_size: int, cfg: DataConfig, pin: bo
 
 
 def build_train_stream(cfg: DataConfig, world_size: int, rank: int, per_device_batch: int,
-                       accumulation: int, seed: int, pin_memory: bool) -> BatchStream:
+                       accumulation: int, seed: int, device: torch.device) -> BatchStream:
     source = build_source(cfg, "train")
     if cfg.name == "synthetic":  # noise needs no augmentation: keep benchmarks model-bound
         transform, aug = None, None
@@ -64,7 +64,13 @@ def build_train_stream(cfg: DataConfig, world_size: int, rank: int, per_device_b
         raise ConfigError(f"the training set has {len(source)} images, fewer than one global "
                           f"batch ({per_device_batch} x {world_size} ranks x {accumulation} "
                           "accumulation)")
-    loader = _loader(dataset, sampler, per_device_batch, cfg, pin_memory, drop_last=True)
+    if cfg.loader == "dali":
+        from conadv.data.dali import DaliTrainLoader
+
+        loader = DaliTrainLoader(source, sampler, cfg, device)
+    else:
+        loader = _loader(dataset, sampler, per_device_batch, cfg, device.type == "cuda",
+                         drop_last=True)
     return BatchStream(loader, sampler, source.num_classes, accumulation)
 
 
@@ -85,7 +91,8 @@ def build_eval_loader(cfg: DataConfig, world_size: int, rank: int, batch_size: i
 
 
 class BatchStream:
-    """Endless training batches across epochs, positioned by optimizer step.
+    """Endless training batches across epochs, positioned by optimizer step. The loader is a
+    DataLoader or the DALI loader: anything iterating the sampler's current epoch in batches.
 
     The position is global: optimizer step s begins with this rank's micro-batch s x A of the
     run (A = accumulation), whatever the number of ranks, so a checkpoint records only the
@@ -93,7 +100,7 @@ class BatchStream:
     accumulation split of the same global batch (`seek`).
     """
 
-    def __init__(self, loader: DataLoader, sampler: ResumableShardSampler, num_classes: int,
+    def __init__(self, loader, sampler: ResumableShardSampler, num_classes: int,
                  accumulation: int = 1) -> None:
         self.loader = loader
         self.sampler = sampler

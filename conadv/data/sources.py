@@ -76,6 +76,11 @@ class ImageFolderSource(ImageSource):
     def load(self, index: int) -> torch.Tensor:
         return decode_image(read_file(self.samples[index][0]), mode=ImageReadMode.RGB)
 
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded file (what the DALI loader decodes)."""
+        with open(self.samples[index][0], "rb") as handle:
+            return handle.read()
+
     def label(self, index: int) -> int:
         return self.samples[index][1]
 

@@ -80,7 +80,7 @@ class Trainer:
         pin = device.type == "cuda"
         self.stream = build_train_stream(cfg.data, env.world_size, env.rank,
                                          self.plan.per_device, self.plan.accumulation,
-                                         cfg.train.seed, pin)
+                                         cfg.train.seed, device)
         self.eval_loader = build_eval_loader(cfg.data, env.world_size, env.rank,
                                              self.plan.per_device, pin)
         self.train_eval_loader = None
