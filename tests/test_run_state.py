@@ -16,6 +16,7 @@ from conadv.train.trainer import train
 from tests.helpers import (
     REPO,
     TINY,
+    assert_same_parameters,
     checkpoint_state,
     newest_checkpoint,
     run_module,
@@ -135,16 +136,6 @@ def _two_ranks(run_dir, *extra):
     return result
 
 
-def _assert_same_parameters(a: dict, b: dict) -> None:
-    compared = 0
-    for name, value in a["model"].items():
-        if "running_" in name or "num_batches_tracked" in name:
-            continue  # each layout updates BN running statistics from its own micro-batches
-        torch.testing.assert_close(value, b["model"][name], rtol=1e-5, atol=1e-6, msg=name)
-        compared += 1
-    assert compared > 20
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("adv", [[], ["adv.enabled=true", "adv.tau=2"]],
                          ids=["vanilla", "conadv"])
@@ -155,12 +146,12 @@ def test_resume_on_another_number_of_ranks_continues_the_trajectory(tmp_path, ad
     _two_ranks(tmp_path / "two_then_one", *adv, "train.stop_at_step=3")
     resumed = _one_rank(tmp_path / "two_then_one", *adv, "checkpoint.resume=auto")
     assert "resumed from" in resumed.stderr and "step-00000003" in resumed.stderr
-    _assert_same_parameters(reference, checkpoint_state(tmp_path / "two_then_one"))
+    assert_same_parameters(reference, checkpoint_state(tmp_path / "two_then_one"))
 
     _one_rank(tmp_path / "one_then_two", *adv, "train.stop_at_step=3")
     resumed = _two_ranks(tmp_path / "one_then_two", *adv, "checkpoint.resume=auto")
     assert "step-00000003" in resumed.stderr
-    _assert_same_parameters(reference, checkpoint_state(tmp_path / "one_then_two"))
+    assert_same_parameters(reference, checkpoint_state(tmp_path / "one_then_two"))
 
     # guard: a resume that skips or repeats one step's batches lands outside the tolerance
     for shift in (1, -1):
@@ -183,7 +174,7 @@ def _assert_shifted_resume_differs(run_dir, adv, reference, shift):
         BatchStream.seek = seek
         torch.set_num_threads(threads)
     with pytest.raises(AssertionError):
-        _assert_same_parameters(reference, checkpoint_state(run_dir))
+        assert_same_parameters(reference, checkpoint_state(run_dir))
 
 
 # ------------------------------------------------------------------ layering

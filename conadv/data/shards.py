@@ -15,7 +15,6 @@ it when complete, so an interrupted `conadv-pack` can simply be run again.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from conadv.data.sources import ImageFolderSource, ImageSource, class_folders
 from conadv.errors import DataError
+from conadv.fileio import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def pack_split(source: ImageFolderSource, out: Path, split: str,
         final = out / current.name.removesuffix(".tmp")
         os.replace(current, final)
         shards.append({"name": final.name, "bytes": final.stat().st_size,
-                       "sha256": _file_sha256(final)})
+                       "sha256": file_sha256(final)})
         handle = None
 
     for index in range(len(source)):
@@ -99,14 +99,6 @@ def pack_image_folder(root: Path, out: Path, shard_bytes: int = 1 << 30,
         log.info("packed %s: %d images in %d shards", split, len(source),
                  len(packed[split]["shards"]))
     return packed
-
-
-def _file_sha256(path: Path, chunk: int = 8 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ShardSource(ImageSource):

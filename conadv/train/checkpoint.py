@@ -13,7 +13,6 @@ run and `wait()` wait for the previous write and re-raise its error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import torch
 
 from conadv.distributed import broadcast_object
 from conadv.errors import CheckpointError, CheckpointWriteError
+from conadv.fileio import file_sha256
 from conadv.train.nonfinite import first_non_finite
 
 log = logging.getLogger(__name__)
@@ -60,15 +60,6 @@ def _save_file(path: Path, obj: Any) -> None:
         torch.save(obj, handle)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _file_sha256(path: Path, chunk: int = 8 << 20) -> str:
-    """Streamed in chunks, which lets other threads run (hashlib releases the GIL)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def host_copy(obj: Any) -> Any:
@@ -194,7 +185,7 @@ class CheckpointManager:
         _save_file(partial / STATE, state)
         size = (partial / STATE).stat().st_size
         manifest = {"format": FORMAT, "step": state["step"],
-                    "files": {STATE: {"bytes": size, "sha256": _file_sha256(partial / STATE)}}}
+                    "files": {STATE: {"bytes": size, "sha256": file_sha256(partial / STATE)}}}
         _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
         _fsync_dir(partial)
         if final.exists():  # the same step saved again (e.g. end of a resumed run)
@@ -241,7 +232,7 @@ class CheckpointManager:
             file = path / name
             if not file.is_file() or file.stat().st_size != meta["bytes"]:
                 return f"{name} is missing or truncated"
-            if _file_sha256(file) != meta["sha256"]:
+            if file_sha256(file) != meta["sha256"]:
                 return f"{name} is corrupt (checksum mismatch)"
         return None
 
