@@ -37,7 +37,7 @@ test: install
 bench: install
 	$(PY) -m benchmarks.run_all
 
-# The large-batch study on the digits (~20 minutes on 2 cores) -> docs/results/
+# The large-batch study on the digits (~27 minutes on 2 cores) -> docs/results/
 study: install
 	$(PY) -m benchmarks.large_batch_study --out docs/results
 
