@@ -16,7 +16,7 @@ import tempfile
 from typing import Any
 
 from benchmarks import step_throughput
-from benchmarks.common import machine_info, timed_call, write_json
+from benchmarks.common import benchmark_main, machine_info, timed_call
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -69,10 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
-    args = parse_args()
-    report = run(args)
-    print_report(report)
-    write_json(args.out, report)
+    benchmark_main(parse_args, run, print_report)
 
 
 if __name__ == "__main__":

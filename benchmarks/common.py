@@ -59,3 +59,12 @@ def write_json(path: str | Path | None, payload: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def benchmark_main(parse_args: Callable[[], Any], run: Callable[[Any], dict[str, Any]],
+                   print_report: Callable[[dict[str, Any]], None]) -> None:
+    """The command line of a benchmark: parse, run, print, and write the JSON to --out."""
+    args = parse_args()
+    report = run(args)
+    print_report(report)
+    write_json(args.out, report)

@@ -52,6 +52,14 @@ def run_torchrun(nproc: int, *args: str, extra: tuple[str, ...] = (), timeout: f
                           env=subprocess_env())
 
 
+def the_error_line(result: subprocess.CompletedProcess) -> str:
+    """A user error as the CLI reports it: exit status 2, one 'error:' line, no traceback."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return errors[0]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
