@@ -6,8 +6,12 @@ Per mode: step time, clean images/s and a breakdown (data wait, attack, forward/
 optimizer; communication is 0 in this single-process benchmark). On CUDA also peak memory and
 the measured overlap (T_attack + T_train - T_step) / min(T_attack, T_train) from CUDA events.
 The adversarial/vanilla step-time ratio is printed next to its FLOP-count expectation.
+With --teachers N, two more modes distil from N teachers of the benchmark's architecture
+(random weights: the cost does not depend on them): vanilla and tau = 1, each with
+distillation, and their cost over the same mode without.
 
     python -m benchmarks.step_throughput                       # CPU defaults (small ResNet)
+    python -m benchmarks.step_throughput --teachers 2          # + distillation cost
     python -m benchmarks.step_throughput --device cuda --arch resnet50 --batch 256 \
         --image-size 224 --precision bf16 --channels-last --out results.json
 """
@@ -33,6 +37,7 @@ MODES = {
     "tau0": ["adv.enabled=true", "adv.tau=0"],
     "tau1": ["adv.enabled=true", "adv.tau=1"],
 }
+DISTILL_MODES = {"vanilla+KD": "vanilla", "tau1+KD": "tau1"}  # mode -> the same without
 
 
 class FixedBatchStream:
@@ -56,17 +61,36 @@ class FixedBatchStream:
         return self.batch, self.key
 
 
-def build_trainer(mode: str, args: argparse.Namespace, run_dir: str) -> Trainer:
+def model_overrides(args: argparse.Namespace) -> list[str]:
+    return [f"model.arch={args.arch}", "model.cifar_width=32", "model.cifar_blocks=2"]
+
+
+def write_teachers(args: argparse.Namespace, directory: str) -> str:
+    """N teacher state-dict files of the benchmark's architecture; the distill override."""
+    from conadv.models import build_model
+
+    cfg = load_config(None, model_overrides(args))
+    teachers = []
+    for i in range(args.teachers):
+        path = f"{directory}/teacher{i}.pt"
+        torch.save(build_model(cfg.model, args.classes).backbone.state_dict(), path)
+        teachers.append(f"{{weights: {path}, arch: {args.arch}, cifar_width: 32, "
+                        "cifar_blocks: 2}")
+    return f"distill.teachers=[{', '.join(teachers)}]"
+
+
+def build_trainer(mode: str, args: argparse.Namespace, run_dir: str,
+                  teachers: str = "") -> Trainer:
+    distill = ["distill.enabled=true", teachers] if mode in DISTILL_MODES else []
     overrides = [
         f"data.name={args.data}", f"data.root={args.data_root}", f"data.workers={args.workers}",
         f"data.image_size={args.image_size}", f"data.eval_resize={args.image_size}",
         f"data.synthetic_classes={args.classes}", "data.synthetic_samples=512",
-        f"model.arch={args.arch}", f"model.channels_last={str(args.channels_last).lower()}",
-        "model.cifar_width=32", "model.cifar_blocks=2",
+        *model_overrides(args), f"model.channels_last={str(args.channels_last).lower()}",
         f"train.global_batch={args.batch}", f"train.precision={args.precision}",
         f"train.device={args.device}", "train.epochs=1000", f"optim.name={args.optimizer}",
         "optim.lr=0.1", f"log.run_dir={run_dir}", "checkpoint.resume=none",
-        *MODES[mode], *getattr(args, "extra", []),
+        *MODES[DISTILL_MODES.get(mode, mode)], *distill, *getattr(args, "extra", []),
     ]
     device = torch.device(args.device)
     trainer = Trainer(load_config(None, overrides), DistEnv("single", 0, 1, 0, "", 0), device)
@@ -118,13 +142,23 @@ def flop_expectation(attack_steps: int = 1) -> float:
     return (2 * attack_steps + 6) / 3
 
 
+def distill_expectation(mode: str, teachers: int) -> float:
+    """Step time with / without distillation by FLOPs: each teacher runs a forward (1 unit)
+    per clean image; vanilla training costs 3 units, ConAdv tau = 1 8 (see above)."""
+    base = 3 if mode == "vanilla+KD" else 2 * 1 + 6
+    return (base + teachers) / base
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    modes = [*MODES, *(DISTILL_MODES if args.teachers else [])]
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {mode: build_trainer(mode, args, f"{tmp}/{mode}") for mode in MODES}
+        teachers = write_teachers(args, tmp) if args.teachers else ""
+        trainers = {mode: build_trainer(mode, args, f"{tmp}/{mode}", teachers)
+                    for mode in modes}
         for trainer in trainers.values():
             for _ in range(args.warmup):
                 trainer.train_step()
-        samples: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        samples: dict[str, list[dict]] = {mode: [] for mode in modes}
         for _ in range(args.rounds):
             for mode, trainer in trainers.items():
                 samples[mode].append(timed_steps(trainer, args.steps))
@@ -159,6 +193,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tau0 / vanilla FLOP expectation": flop_expectation(),
         "tau1 / vanilla step time": report["tau1"]["step_ms"] / report["vanilla"]["step_ms"],
     }
+    for mode, without in DISTILL_MODES.items():
+        if mode in report:
+            ratios[f"{mode} / {without} step time"] = (report[mode]["step_ms"]
+                                                       / report[without]["step_ms"])
+            ratios[f"{mode} / {without} FLOP expectation"] = distill_expectation(
+                mode, args.teachers)
     return {"benchmark": "step_throughput", "config": vars(args), "modes": report,
             "ratios": ratios, "machine": machine_info()}
 
@@ -169,12 +209,12 @@ def print_report(report: dict[str, Any]) -> None:
           f"{c['precision']}, {c['device']}, data {c['data']}")
     columns = ["step_ms", "img_per_s", "data_ms", "attack_ms", "forward_backward_ms",
                "optimizer_ms", "overlap", "peak_memory_gb"]
-    print("  " + "mode".ljust(8) + "".join(col.rjust(20) for col in columns))
+    print("  " + "mode".ljust(11) + "".join(col.rjust(20) for col in columns))
     for mode, entry in report["modes"].items():
         cells = [f"{entry[col]:.2f}" if col in entry else "-" for col in columns]
-        print("  " + mode.ljust(8) + "".join(cell.rjust(20) for cell in cells))
+        print("  " + mode.ljust(11) + "".join(cell.rjust(20) for cell in cells))
     for name, value in report["ratios"].items():
-        print(f"  {name:34s} {value:6.3f}")
+        print(f"  {name:40s} {value:6.3f}")
 
 
 def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
@@ -198,6 +238,8 @@ def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    parser.add_argument("--teachers", type=int, default=0,
+                        help="also time distillation from this many teachers")
     parser.add_argument("--out", help="write the JSON report here")
     return parser
 

@@ -29,6 +29,8 @@ def knob(default: Any, doc: str, *, choices: tuple | None = None, low: float | N
     `trajectory_changes`)."""
     meta = {"doc": doc, "choices": choices, "low": low, "high": high, "low_open": low_open,
             "free": free}
+    if isinstance(default, list):  # a mutable default: every instance gets its own copy
+        return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -70,6 +72,13 @@ class ModelConfig:
     channels_last: bool = knob(False, "channels-last memory format for model and inputs", free=True)
     cifar_width: int = knob(16, "cifar_resnet: channels of the first stage", low=1)
     cifar_blocks: int = knob(1, "cifar_resnet: residual blocks per stage", low=1)
+    init_from: str = knob("", "start from these weights: a conadv checkpoint or run directory, "
+                          "or a torchvision/timm state-dict file (fine-tuning, distillation "
+                          "students); a resumed run takes its checkpoint's weights instead",
+                          free=True)
+    init_strict: bool = knob(True, "init_from must fit the model key for key; false loads the "
+                             "keys whose names and shapes fit (e.g. a new classifier) and logs "
+                             "the others")
 
 
 @dataclass
@@ -104,9 +113,13 @@ class OptimConfig:
 class ScheduleConfig:
     warmup_epochs: float = knob(0.0, "linear warm-up length in epochs", low=0.0)
     warmup_start_lr: float = knob(0.0, "learning rate at step 0 of the warm-up", low=0.0)
-    decay: str = knob("cosine", "decay after warm-up", choices=("cosine", "poly", "constant"))
+    decay: str = knob("cosine", "decay after warm-up",
+                      choices=("cosine", "poly", "step", "constant"))
     poly_power: float = knob(2.0, "power of the polynomial decay", low=0.0)
     end_lr: float = knob(0.0, "learning rate at the last step", low=0.0)
+    step_epochs: list[float] = knob([], "decay=step: epochs at which the LR is multiplied by "
+                                    "step_factor")
+    step_factor: float = knob(0.1, "decay=step: LR multiplier at each of step_epochs", low=0.0)
 
 
 @dataclass
@@ -175,6 +188,39 @@ class AdvConfig:
 
 
 @dataclass
+class TeacherConfig:
+    weights: str = knob("", "the teacher's weights: a conadv checkpoint or run directory (its "
+                        "architecture comes with it), or a torchvision/timm state-dict file")
+    arch: str = knob("", "architecture of a state-dict file: resnet18, resnet34, resnet50, "
+                     "resnet101, resnet152, cifar_resnet, or timm:<name> (needs timm); empty "
+                     "for a conadv checkpoint")
+    cifar_width: int = knob(16, "cifar_resnet: channels of the first stage", low=1)
+    cifar_blocks: int = knob(1, "cifar_resnet: residual blocks per stage", low=1)
+
+
+@dataclass
+class DistillConfig:
+    enabled: bool = knob(False, "ensemble distillation (MEAL V2): the student learns the mean "
+                         "of the teachers' softmax")
+    teachers: list[TeacherConfig] = knob([], "frozen teachers, e.g. [{weights: a.pt, arch: "
+                                         "resnet50}, {weights: runs/t2}]")
+    temperature: float = knob(1.0, "softmax temperature of teachers and student (published: "
+                              "1); soft losses are multiplied by its square", low=0.0,
+                              low_open=True)
+    soft_weight: float = knob(1.0, "weight of the soft cross-entropy to the teachers' mean",
+                              low=0.0)
+    hard_weight: float = knob(0.0, "weight of the cross-entropy to the labels (published: 0)",
+                              low=0.0)
+    discriminator: bool = knob(False, "also train a discriminator that tells teacher from "
+                               "student probabilities; the student minimises its adversarial "
+                               "loss")
+    discriminator_weight: float = knob(1.0, "weight of the student's adversarial loss", low=0.0)
+    discriminator_lr: float = knob(1e-4, "learning rate of the discriminator's own Adam "
+                                   "optimizer (the released MEAL V2 code: 1e-4, with SGD)",
+                                   low=0.0, low_open=True)
+
+
+@dataclass
 class DistConfig:
     backend: str = knob("auto", "auto = nccl on CUDA, gloo on CPU",
                         choices=("auto", "nccl", "gloo"))
@@ -207,6 +253,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     adv: AdvConfig = field(default_factory=AdvConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -279,6 +326,13 @@ def _check_keys(tree: dict, schema: type, prefix: str, source: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{full}' in {source} must be a section of keys")
             _check_keys(value, nested, prefix=f"{full}.", source=source)
+        element = _dataclass_of(sub[len("list["):-1]) if str(sub).startswith("list[") else None
+        if element is not None:
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError(f"config key '{full}' in {source} must be a list of sections, "
+                                  f"e.g. [{{{dataclasses.fields(element)[0].name}: ...}}]")
+            for i, item in enumerate(value):
+                _check_keys(item, element, prefix=f"{full}[{i}].", source=source)
 
 
 def _dataclass_of(type_name: Any) -> type | None:
@@ -340,6 +394,44 @@ def validate(cfg: RunConfig) -> None:
                           "data.loader=torchvision)")
     if cfg.data.second_view and cfg.data.augment == "none":
         raise ConfigError("data.second_view needs an augment policy (data.augment is 'none')")
+    if cfg.schedule.decay == "step" and not cfg.schedule.step_epochs:
+        raise ConfigError("schedule.decay=step needs schedule.step_epochs, e.g. [30, 60, 80]")
+    if list(cfg.schedule.step_epochs) != sorted(set(cfg.schedule.step_epochs)) or any(
+            e <= 0 for e in cfg.schedule.step_epochs):
+        raise ConfigError("schedule.step_epochs must be increasing positive epochs, got "
+                          f"{list(cfg.schedule.step_epochs)}")
+    _validate_distill(cfg)
+
+
+TEACHER_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "cifar_resnet")
+
+
+def _validate_distill(cfg: RunConfig) -> None:
+    d = cfg.distill
+    if not d.enabled:
+        if d.discriminator:
+            raise ConfigError("distill.discriminator needs distill.enabled=true")
+        return
+    if not d.teachers:
+        raise ConfigError("distill.enabled needs at least one teacher in distill.teachers, e.g. "
+                          "distill.teachers=[{weights: teacher.pt, arch: resnet50}]")
+    if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
+        raise ConfigError("train.mixup_alpha and train.cutmix_alpha must be 0 with "
+                          "distill.enabled (the teachers see the images before mixing)")
+    if d.soft_weight == 0 and d.hard_weight == 0 and not d.discriminator:
+        raise ConfigError("distill.soft_weight and distill.hard_weight are both 0: the student "
+                          "would learn nothing")
+    for i, teacher in enumerate(d.teachers):
+        where = f"distill.teachers[{i}]"
+        for f in dataclasses.fields(teacher):
+            _check_value(f"{where}.{f.name}", getattr(teacher, f.name), f.metadata)
+        if not teacher.weights:
+            raise ConfigError(f"{where}.weights must name the teacher's weights file or "
+                              "checkpoint")
+        if teacher.arch and teacher.arch not in TEACHER_ARCHS and not (
+                teacher.arch.startswith("timm:") and len(teacher.arch) > len("timm:")):
+            raise ConfigError(f"{where}.arch must be one of {', '.join(TEACHER_ARCHS)} or "
+                              f"timm:<name>; got '{teacher.arch}'")
 
 
 def _check_value(key: str, value: Any, meta: Any) -> None:
@@ -408,8 +500,10 @@ def describe_knobs() -> str:
     """One line per knob: key, default and doc (for `conadv-train --help-config`)."""
     lines = []
     for section in dataclasses.fields(RunConfig):
-        for f in dataclasses.fields(section.default_factory()):
-            lines.append(f"{section.name}.{f.name} = {f.default!r}  # {f.metadata['doc']}")
+        defaults = section.default_factory()
+        for f in dataclasses.fields(defaults):
+            value = getattr(defaults, f.name)
+            lines.append(f"{section.name}.{f.name} = {value!r}  # {f.metadata['doc']}")
     return "\n".join(lines)
 
 

@@ -162,6 +162,11 @@ def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 
 
+def world_size() -> int:
+    """Processes in the job (1 in a single process)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place (a no-op in a single process)."""
     if is_initialized():

@@ -362,6 +362,23 @@ def test_scheduler_drives_any_optimizer_per_step():
     assert seen[0] == 0.0 and seen[10] == pytest.approx(8.0) and seen[-1] == pytest.approx(0.0)
 
 
+def test_step_decay_equals_torch_multisteplr():
+    """decay=step (MEAL V2's recipe: x0.1 at epoch 100) against torch's own MultiStepLR."""
+    params = make_params(torch.float32)
+    ours = torch.optim.SGD(params, lr=0.0)
+    cfg = ScheduleConfig(decay="step", step_epochs=[2.0, 5.0], step_factor=0.1)
+    scheduler, _ = build_scheduler(ours, cfg, peak_lr=0.01, steps_per_epoch=4, total_steps=30)
+    theirs = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    reference = torch.optim.lr_scheduler.MultiStepLR(theirs, milestones=[8, 20], gamma=0.1)
+    for _ in range(30):
+        assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"],
+                                                           rel=1e-12)
+        scheduler.step()
+        theirs.step()
+        reference.step()
+    assert ours.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
 def test_lr_scaling_rules():
     assert scaled_lr(0.1, "linear", 4096, 256) == pytest.approx(1.6)
     assert scaled_lr(1e-3, "sqrt", 16384, 256) == pytest.approx(8e-3)

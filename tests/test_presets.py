@@ -55,3 +55,24 @@ def test_conadv_preset_is_the_published_96k_recipe():
         1.0, 1.0, 1.0)
     assert cfg.data.augment == "autoaugment" and cfg.data.second_view
     assert "76.2%" in (REPO / "configs/imagenet/resnet50_96k_conadv.yaml").read_text()
+
+
+def test_mealv2_preset_is_the_released_recipe():
+    teachers = ('distill.teachers=[{weights: /w/senet154.pth, arch: "timm:senet154"}, '
+                '{weights: /w/resnet152s.pth, arch: "timm:resnet152s"}]')
+    cfg = load_config(REPO / "configs/imagenet/resnet50_mealv2.yaml",
+                      ["data.root=/data/in", "model.init_from=/w/resnet50.pth", teachers])
+    assert [t.arch for t in cfg.distill.teachers] == ["timm:senet154", "timm:resnet152s"]
+    d = cfg.distill
+    assert d.enabled and d.discriminator and d.discriminator_lr == 1e-4
+    assert (d.temperature, d.soft_weight, d.hard_weight) == (1.0, 1.0, 0.0)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (
+        "sgd", 0.01, 0.9, 0.0)
+    assert (cfg.schedule.decay, cfg.schedule.step_epochs, cfg.schedule.step_factor) == (
+        "step", [100.0], 0.1)
+    assert (cfg.train.epochs, cfg.train.global_batch, cfg.train.label_smoothing) == (
+        180, 512, 0.0)
+    assert cfg.model.arch == "resnet50" and not cfg.adv.enabled
+    assert "80.67%" in (REPO / "configs/imagenet/resnet50_mealv2.yaml").read_text()
+    with pytest.raises(ConfigError, match="needs at least one teacher"):
+        load_config(REPO / "configs/imagenet/resnet50_mealv2.yaml", ["data.root=/data/in"])

@@ -3,8 +3,8 @@ nothing about DDP or data loaders: it is handed a module, batches and a small co
 
 from conadv.adversarial.attacks import AttackSpec, perturb
 from conadv.adversarial.engine import (
-    ConAdvEngine,
     EngineContext,
+    LookaheadEngine,
     TrainInputs,
     ViewEngine,
     build_engine,
@@ -12,7 +12,7 @@ from conadv.adversarial.engine import (
 
 __all__ = [
     "AttackSpec",
-    "ConAdvEngine",
+    "LookaheadEngine",
     "EngineContext",
     "TrainInputs",
     "ViewEngine",

@@ -1,37 +1,46 @@
-"""The ConAdv engine: which images a training step sees, and with which BatchNorm.
+"""The ConAdv engine: which images a training step sees, with which BatchNorm and which
+targets.
 
 This package is the only place that knows ConAdv. The trainer builds an engine from the typed
 `adv` config and a small `EngineContext`; the engine converts the model's BatchNorm, picks where
-its attacks run, and hands the trainer micro-batches (`take`), a forward context that routes
+its side work runs, and hands the trainer micro-batches (`take`), a forward context that routes
 each view to its BatchNorm, the loss, a label for the summary and its timing.
 
 Vanilla training, the sequential baseline (tau = 0, "DisAdv") and ConAdv (tau >= 1) share one
 path; only the policy differs:
 
-- `ViewEngine` (adv.enabled=false): the clean view and, optionally, the augmented view.
-- `ConAdvEngine`: keeps a queue of future micro-batches. At optimizer step t the trainer feeds it
-  micro-batches until it holds tau*A + 1 of them (A = accumulation steps) and takes the oldest.
-  Feeding launches the attack on that batch at once, with the weights of step t, on the
-  executor (the attack CUDA stream). So the batch trained on at step t carries adversarial
-  examples made at step t - tau, with the weights of step t - tau.
+- `ViewEngine` (adv.enabled=false, no teachers): the clean view and, optionally, the augmented
+  view.
+- `LookaheadEngine`: keeps a queue of future micro-batches. At optimizer step t the trainer
+  feeds it micro-batches until it holds L*A + 1 of them (L = lookahead in optimizer steps,
+  A = accumulation steps) and takes the oldest. Feeding launches the batch's side work at once
+  on the executor (the side CUDA stream): the attack, with the weights of step t, and the
+  teachers' soft targets when distilling. With ConAdv L = tau, so the batch trained on at
+  step t carries adversarial examples made at step t - tau, with the weights of step t - tau.
   The first tau steps: no earlier weights exist, so the queue is filled at step 0 and the
   batches of steps 0..tau all carry attacks made with the initial weights (staleness t < tau at
   step t); from step tau on, adv_source_step == step - tau exactly. tau = 0 feeds one batch and
-  takes it back: attack, then train, in the same step.
+  takes it back: attack, then train, in the same step. Distillation without ConAdv uses L = 1:
+  the teachers' outputs do not depend on the student, so they are computed one step ahead,
+  beside the student's step.
 
-Each step's loss is the weighted mean of the per-view cross-entropies over [clean, optional
-augmented, adversarial] (equal weights by default, as published); each view is normalised by
-its own BatchNorm (main / aug / adv routes, see models/multi_bn.py). Attack randomness is seeded
-by the batch's identity (run seed + global batch index), so it does not depend on the rank or
-on the restart.
+Each step's loss is the weighted mean of the per-view losses over [clean, optional augmented,
+adversarial] (equal weights by default, as published); each view is normalised by its own
+BatchNorm (main / aug / adv routes, see models/multi_bn.py). The per-view loss is the trainer's
+objective: cross-entropy to the labels, or, when distilling, to the teachers' soft targets of
+that view (the teachers see the clean and the augmented images; the adversarial view, a
+perturbation of the clean image, is taught the clean image's soft targets). Attack randomness
+is seeded by the batch's identity (run seed + global batch index), so it does not depend on the
+rank or on the restart.
 
 What a checkpoint keeps of the queue is what determines it, not its tensors: an attack is a pure
-function of (weights, batch, batch key), so the engine saves the source step of each queued
-optimizer step and the weights of those source steps (at most tau snapshots, copied when the
-attack reads them). On resume the trainer positions the data stream at the first untrained
-step; the engine then refills its queue from the stream as usual, but attacks the replayed
-batches with the saved weights. No image is stored, and the queue is rebuilt for whatever number
-of ranks and accumulation split the resumed job has.
+function of (weights, batch, batch key) and the teachers' outputs a function of the batch, so
+the engine saves the source step of each queued optimizer step and the weights of those source
+steps (at most tau snapshots, copied when the attack reads them). On resume the trainer
+positions the data stream at the first untrained step; the engine then refills its queue from
+the stream as usual, but attacks the replayed batches with the saved weights (the teachers just
+run again). No image and no teacher output is stored, and the queue is rebuilt for whatever
+number of ranks and accumulation split the resumed job has.
 """
 
 from __future__ import annotations
@@ -73,6 +82,8 @@ class EngineContext:
     autocast: Callable[[], AbstractContextManager] | None = None
     mix: Callable | None = None  # MixUp/CutMix (vanilla only)
     compile: bool = False  # torch.compile the attack's forward
+    # distillation: images -> the teachers' mean softmax (no grad, no collective)
+    teachers: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclass
@@ -85,7 +96,8 @@ class TrainInputs:
     views: list[tuple[str, int, float]]  # (view, rows, loss weight), in batch order
     key: int
     source_step: int | None = None  # step whose weights made the adversarial view
-    attack_seconds: float = 0.0  # host time of the attack that made the adversarial view
+    attack_seconds: float = 0.0  # host time of the side work (attack, teachers) of the batch
+    soft_targets: Tensor | None = None  # distillation: the teachers' probabilities, row by row
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,7 @@ class ViewEngine:
         batch, key = self._pending
         self._pending = None
         moved = batch_to_device(batch, self.device, self.context.channels_last)
-        return self._assemble(moved, key, adv=None)
+        return self._assemble(moved, key, adv=None, soft=None)
 
     def forward_context(self, inputs: TrainInputs) -> AbstractContextManager:
         """Wrap the training forward of `inputs`: routes each view to its BatchNorm."""
@@ -151,16 +163,20 @@ class ViewEngine:
 
     # shared by both engines -----------------------------------------------------------
     def _assemble(self, moved: Batch, key: int, adv: Tensor | None,
-                  source_step: int | None = None) -> TrainInputs:
+                  soft: dict[str, Tensor] | None, source_step: int | None = None) -> TrainInputs:
+        """`soft`: the teachers' probabilities of the clean (and augmented) images."""
         labels = moved["label"]
         images = [moved["image"]]
         views = [("clean", labels.shape[0], self.weights.clean)]
+        soft_views = ["clean"]
         if "aug_image" in moved:
             images.append(moved["aug_image"])
             views.append(("aug", labels.shape[0], self.weights.aug))
+            soft_views.append("aug")
         if adv is not None:
             images.append(adv)
             views.append(("adv", labels.shape[0], self.weights.adv))
+            soft_views.append("clean")  # a perturbed clean image keeps the clean targets
         targets: Tensor = labels
         mix = self.context.mix
         if mix is not None:  # vanilla only: each view mixed on its own
@@ -172,20 +188,25 @@ class ViewEngine:
             targets = torch.cat([t for _, t in mixed])
         else:
             targets = labels.repeat(len(images))
+        soft_targets = torch.cat([soft[v] for v in soft_views]) if soft is not None else None
         return TrainInputs(torch.cat(images) if len(images) > 1 else images[0], targets, labels,
-                           views, key, source_step)
+                           views, key, source_step, soft_targets=soft_targets)
 
-    def loss(self, criterion: nn.Module, logits: Tensor,
+    def loss(self, objective: Callable[[Tensor, Tensor, Tensor | None], Tensor], logits: Tensor,
              inputs: TrainInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weighted mean of per-view losses; per-view losses and the adversarial success rate
-        (misclassified adversarial images) as detached device tensors."""
+        """Weighted mean of per-view losses, `objective(logits, targets, soft_targets)` of each
+        view; per-view losses and the adversarial success rate (misclassified adversarial
+        images) as detached device tensors."""
         logits = logits.float()
         total = logits.new_zeros(())
         weight_sum = 0.0
         stats: dict[str, Tensor] = {}
         start = 0
+        soft = inputs.soft_targets
         for view, rows, weight in inputs.views:
-            part = criterion(logits[start:start + rows], inputs.targets[start:start + rows])
+            rows_of = slice(start, start + rows)
+            part = objective(logits[rows_of], inputs.targets[rows_of],
+                             soft[rows_of] if soft is not None else None)
             stats[f"{view}_loss"] = part.detach()
             if view == "adv":
                 wrong = logits[start:start + rows].argmax(dim=1) != inputs.labels
@@ -198,24 +219,32 @@ class ViewEngine:
 
 @dataclass
 class _Pending:
-    launched: Launched  # the attack: its value is the adversarial images, on the device
+    launched: Launched  # the side work: {"adv": images, "soft": {view: probs}}, on the device
     key: int
     source_step: int
     batch: Batch  # the clean batch as loaded (uint8, pinned on CUDA): on the host until taken
 
 
-class ConAdvEngine(ViewEngine):
-    """Adversarial views made tau optimizer steps ahead, with the weights of that step."""
+class LookaheadEngine(ViewEngine):
+    """Batches fed `lookahead` optimizer steps before they are trained; their side work (the
+    attack with the weights of the feeding step, the teachers' outputs) runs meanwhile.
+    `spec=None`: no attack (distillation alone)."""
 
     def __init__(self, model: nn.Module, context: EngineContext, weights: ViewWeights,
-                 routes: dict[str, str], spec: AttackSpec, tau: int, executor) -> None:
+                 routes: dict[str, str], spec: AttackSpec | None, lookahead: int,
+                 executor) -> None:
         super().__init__(model, context, weights, routes)
         self.spec = spec
-        self.tau = tau
+        self.tau = lookahead if spec is not None else None  # the attack's staleness
+        self.lookahead = lookahead
         self.accumulation = context.accumulation
         self.executor = executor
         self.concurrent = executor.concurrent
-        self.label = f"ConAdv tau={tau}" if tau else "sequential adversarial (tau=0)"
+        if spec is None:
+            self.label = "vanilla"
+        else:
+            self.label = (f"ConAdv tau={lookahead}" if lookahead
+                          else "sequential adversarial (tau=0)")
         self.queue: deque[_Pending] = deque()
         # the attack's forward (compiled: one graph for the adversarial BatchNorm route)
         self._attack_forward = torch.compile(model) if context.compile else model
@@ -228,7 +257,7 @@ class ConAdvEngine(ViewEngine):
         self._replica: tuple[int, nn.Module] | None = None
 
     def wants_batch(self) -> bool:
-        return len(self.queue) < self.tau * self.accumulation + 1
+        return len(self.queue) < self.lookahead * self.accumulation + 1
 
     def feed(self, batch: Batch, key: int, step: int) -> None:
         if self._replay:  # rebuilding the queue of a checkpoint: attack with the saved weights
@@ -243,9 +272,10 @@ class ConAdvEngine(ViewEngine):
 
     def take(self) -> TrainInputs:
         pending = self.queue.popleft()
-        adv = self.executor.consume(pending.launched)
+        made = self.executor.consume(pending.launched)
         moved = batch_to_device(pending.batch, self.device, self.context.channels_last)
-        inputs = self._assemble(moved, pending.key, adv, pending.source_step)
+        inputs = self._assemble(moved, pending.key, made.get("adv"), made.get("soft"),
+                                pending.source_step if self.spec is not None else None)
         inputs.attack_seconds = pending.launched.seconds
         oldest = self.queue[0].source_step if self.queue else None
         for source in [s for s in self._snapshots if oldest is None or s < oldest]:
@@ -279,20 +309,30 @@ class ConAdvEngine(ViewEngine):
             return perturb(forward, images, labels, self.spec, self.context.num_classes,
                            self.attack_generator(key), self.context.autocast)
 
-    def _prepare(self, model: nn.Module, batch: Batch, key: int, source: int) -> Tensor:
+    def _prepare(self, model: nn.Module, batch: Batch, key: int,
+                 source: int) -> dict[str, Any]:
         """Runs on the executor: keep the weights the attack reads (a checkpoint may need them
-        while the batch is queued), copy the batch to the device, attack it. Only the
-        adversarial images stay on the device while queued: the clean (and augmented) views
-        are copied again from host memory when the batch is taken, so a queue of tau x A
-        micro-batches holds one float view per micro-batch on the device, not two or three."""
-        if self.tau and source not in self._snapshots:
-            self._snapshots[source] = {name: value.detach().clone()
-                                       for name, value in model.state_dict().items()}
+        while the batch is queued), copy the batch to the device, attack it, run the teachers.
+        Only the adversarial images (and the teachers' probabilities) stay on the device while
+        queued: the clean (and augmented) views are copied again from host memory when the
+        batch is taken, so a queue of tau x A micro-batches holds one float view per
+        micro-batch on the device, not two or three."""
+        made: dict[str, Any] = {}
         moved = batch_to_device(batch, self.device, self.context.channels_last)
-        adv = self.make_adversarial(model, moved["image"], moved["label"], key)
-        if self.context.channels_last:
-            adv = adv.contiguous(memory_format=torch.channels_last)
-        return adv
+        if self.spec is not None:
+            if self.tau and source not in self._snapshots:
+                self._snapshots[source] = {name: value.detach().clone()
+                                           for name, value in model.state_dict().items()}
+            adv = self.make_adversarial(model, moved["image"], moved["label"], key)
+            if self.context.channels_last:
+                adv = adv.contiguous(memory_format=torch.channels_last)
+            made["adv"] = adv
+        teachers = self.context.teachers
+        if teachers is not None:
+            made["soft"] = {"clean": teachers(moved["image"])}
+            if "aug_image" in moved:
+                made["soft"]["aug"] = teachers(moved["aug_image"])
+        return made
 
     def _replica_at(self, source: int) -> nn.Module:
         """A copy of the model holding the saved weights of step `source`."""
@@ -305,8 +345,11 @@ class ConAdvEngine(ViewEngine):
     # state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Between two optimizer steps the queue holds tau whole optimizer steps; saved are the
-        source step of each and the weights of those source steps (device tensors)."""
+        source step of each and the weights of those source steps (device tensors). Without an
+        attack nothing: the teachers run again on the replayed batches."""
         self.executor.synchronize()
+        if self.spec is None:
+            return {}
         a = self.accumulation
         sources = [self.queue[i * a].source_step for i in range(len(self.queue) // a)]
         return {"tau": self.tau, "sources": sources,
@@ -315,6 +358,8 @@ class ConAdvEngine(ViewEngine):
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """`strict=False` (an allowed config change): a queue made for another tau, or none
         (a vanilla checkpoint), is dropped and refilled with the current weights."""
+        if self.spec is None:
+            return
         if state.get("tau") != self.tau and not strict:
             log.warning("the checkpoint holds no ConAdv queue for adv.tau=%d; the queue is "
                         "refilled with the current weights", self.tau)
@@ -344,8 +389,15 @@ def build_engine(cfg: AdvConfig, model: nn.Module, context: EngineContext) -> Vi
         # running statistics, so it is used whenever adversarial training is on.
         convert_to_multi_bn(model, auxiliary)
     weights = ViewWeights(cfg.clean_weight, cfg.aug_weight, cfg.adv_weight)
-    if not cfg.enabled:
+    if not cfg.enabled and context.teachers is None:
         return ViewEngine(model, context, weights, routes)
-    spec = AttackSpec(cfg.epsilon, cfg.step_size, cfg.steps, cfg.random_start_prob, cfg.targeted)
-    return ConAdvEngine(model, context, weights, routes, spec, cfg.tau,
-                        build_executor(cfg.executor, context.device))
+    executor = build_executor(cfg.executor, context.device)
+    if not cfg.enabled:  # distillation alone: the teachers run one step ahead
+        engine = LookaheadEngine(model, context, weights, routes, None, 1, executor)
+    else:
+        spec = AttackSpec(cfg.epsilon, cfg.step_size, cfg.steps, cfg.random_start_prob,
+                          cfg.targeted)
+        engine = LookaheadEngine(model, context, weights, routes, spec, cfg.tau, executor)
+    if context.teachers is not None:
+        engine.label += " + distillation"
+    return engine

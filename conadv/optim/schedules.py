@@ -1,10 +1,12 @@
-"""Per-step learning rate: linear warm-up, then cosine or polynomial decay; LR scaling rules.
+"""Per-step learning rate: linear warm-up, then cosine, polynomial or step decay; LR scaling
+rules.
 
 The schedule is a multiplier for torch's LambdaLR, so it works with any optimizer and its
 position is saved like any torch scheduler. Conventions (MLPerf's): the LR of optimizer step s
 (0-based) during warm-up is start + (peak - start) * s / W, so step 0 uses `start`; after
 warm-up, progress p = (s - W) / (T - 1 - W) runs from 0 at step W to 1 at the last step T - 1,
-which therefore uses `end_lr`.
+which therefore uses `end_lr`. Step decay multiplies the peak LR by `step_factor` at each
+boundary step (the first step of the epoch named in `step_epochs`), as MEAL V2's recipe does.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class WarmupDecay:
     decay: str = "cosine"
     poly_power: float = 2.0
     end_lr: float = 0.0
+    step_boundaries: tuple[int, ...] = ()  # decay=step: steps where the LR drops
+    step_factor: float = 0.1
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -43,6 +47,9 @@ class WarmupDecay:
                 step / self.warmup_steps)
         if self.decay == "constant":
             return self.peak_lr
+        if self.decay == "step":
+            drops = sum(1 for boundary in self.step_boundaries if step >= boundary)
+            return self.peak_lr * self.step_factor ** drops
         decay_steps = max(1, self.total_steps - 1 - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         if self.decay == "cosine":
@@ -68,8 +75,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, peak_
     """The scheduler positioned at `start_step` (a resumed run): its state is a function of
     the config and the step, so checkpoints store the step, never a pickled schedule."""
     warmup = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+    boundaries = tuple(round(epoch * steps_per_epoch) for epoch in cfg.step_epochs)
     schedule = WarmupDecay(peak_lr, total_steps, warmup, cfg.warmup_start_lr, cfg.decay,
-                           cfg.poly_power, cfg.end_lr)
+                           cfg.poly_power, cfg.end_lr, boundaries, cfg.step_factor)
     for group in optimizer.param_groups:
         group["lr"] = peak_lr
         group["initial_lr"] = peak_lr

@@ -280,3 +280,18 @@ def load_state(path: Path) -> dict[str, Any]:
 def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
     """The model state_dict stored in a checkpoint directory."""
     return load_state(path)["model"]
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a run directory whose newest intact checkpoint is taken."""
+    if (path / STATE).is_file():
+        why = CheckpointManager(path.parent, keep_last=1).problem(path)
+        if why:
+            raise CheckpointError(f"checkpoint {path} cannot be used: {why}")
+        return path
+    manager = CheckpointManager(path / "checkpoints", keep_last=1)
+    for candidate in manager.list_checkpoints():
+        if manager.problem(candidate) is None:
+            return candidate
+    raise CheckpointError(f"no checkpoint found at {path} (give a run or checkpoint "
+                          "directory; damaged checkpoints are skipped)")

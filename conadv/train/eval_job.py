@@ -11,24 +11,12 @@ from conadv.config import RunConfig, plan_batch
 from conadv.data import build_eval_loader
 from conadv.data.loader import build_source
 from conadv.distributed import detect_env, pick_device, process_group
-from conadv.errors import CheckpointError
 from conadv.models import build_model, export_state_dict
 from conadv.models.multi_bn import main_state_dict
 from conadv.telemetry import setup_logging
-from conadv.train.checkpoint import STATE, CheckpointManager, load_model_weights
+from conadv.train.checkpoint import load_model_weights, resolve_checkpoint
 from conadv.train.evaluate import evaluate, robust_attacks
 from conadv.train.runtime import autocast_dtype, autocast_factory
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory, or a run directory whose newest valid checkpoint is taken."""
-    if (path / STATE).is_file():
-        return path
-    manager = CheckpointManager(path / "checkpoints", keep_last=1)
-    for candidate in manager.list_checkpoints():
-        if (candidate / STATE).is_file():
-            return candidate
-    raise CheckpointError(f"no checkpoint found at {path} (give a run or checkpoint directory)")
 
 
 def run_evaluation(cfg: RunConfig, checkpoint: Path, export_to: Path | None = None,

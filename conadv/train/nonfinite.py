@@ -13,7 +13,7 @@ the parameters and optimizer state per step, so it is opt-in.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +51,9 @@ class NonFiniteGuard:
         return bad
 
     def optimizer_step(self, step: Callable[[], None], bad: Tensor,
-                       optimizer: torch.optim.Optimizer) -> None:
-        """Run `step` (the optimizer step); under `skip`, undo it on the device if `bad`."""
+                       optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Run `step` (the step of every optimizer in `optimizers`); under `skip`, undo it on
+        the device if `bad`."""
         bad_long = bad.long()
         self._bad_steps += bad_long
         self._run.mul_(bad_long).add_(bad_long)  # consecutive bad steps, 0 after a good one
@@ -60,9 +61,9 @@ class NonFiniteGuard:
         if self.policy != "skip":
             step()
             return
-        saved = {key: t.detach().clone() for key, t in _optimizer_tensors(optimizer).items()}
+        saved = {key: t.detach().clone() for key, t in _optimizer_tensors(optimizers).items()}
         step()
-        for key, tensor in _optimizer_tensors(optimizer).items():
+        for key, tensor in _optimizer_tensors(optimizers).items():
             # state the step created (first step) goes back to zeros, i.e. "not started"
             kept = saved[key] if key in saved else torch.zeros_like(tensor)
             tensor.copy_(torch.where(bad, kept, tensor))
@@ -76,15 +77,16 @@ class NonFiniteGuard:
         return NonFiniteStatus(int(bad_steps), int(longest), int(skipped))
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[tuple, Tensor]:
-    """Every tensor an optimizer step writes: parameters and their state, keyed stably."""
+def _optimizer_tensors(optimizers: Sequence[torch.optim.Optimizer]) -> dict[tuple, Tensor]:
+    """Every tensor the optimizers' steps write: parameters and their state, keyed stably."""
     tensors: dict[tuple, Tensor] = {}
-    for g, group in enumerate(optimizer.param_groups):
-        for i, param in enumerate(group["params"]):
-            tensors[(g, i, "param")] = param.data
-            for name, value in optimizer.state.get(param, {}).items():
-                if isinstance(value, Tensor):
-                    tensors[(g, i, name)] = value
+    for o, optimizer in enumerate(optimizers):
+        for g, group in enumerate(optimizer.param_groups):
+            for i, param in enumerate(group["params"]):
+                tensors[(o, g, i, "param")] = param.data
+                for name, value in optimizer.state.get(param, {}).items():
+                    if isinstance(value, Tensor):
+                        tensors[(o, g, i, name)] = value
     return tensors
 
 

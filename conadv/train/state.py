@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from conadv.distributed import all_reduce_sum
+from conadv.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,11 @@ class RunState:
         for name, part in self._parts.items():
             if name in skip:
                 continue
+            if name not in state and not strict:
+                log.warning("the checkpoint holds no %s; it starts afresh", name)
+                continue
+            if name not in state:
+                raise CheckpointError(f"the checkpoint holds no {name} state")
             takes_strict = "strict" in inspect.signature(part.load_state_dict).parameters
             if takes_strict:
                 part.load_state_dict(state[name], strict=strict)

@@ -25,6 +25,12 @@ from conadv.config import (
     trajectory_changes,
 )
 from conadv.data import build_eval_loader, build_train_stream
+from conadv.distill import (
+    DiscriminatorTrainer,
+    DistillationLoss,
+    HardLabelLoss,
+    build_teachers,
+)
 from conadv.distributed import (
     DistEnv,
     broadcast_buffers,
@@ -48,6 +54,7 @@ from conadv.train.runtime import (
 )
 from conadv.train.state import OptimizerState, Progress, RunState
 from conadv.train.step_metrics import MetricWindow, StepResult
+from conadv.train.weights import load_into, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +95,25 @@ class Trainer:
             self.train_eval_loader = build_eval_loader(
                 cfg.data, env.world_size, env.rank, self.plan.per_device, pin, split="train",
                 subset=cfg.train.eval_train_images, seed=cfg.train.seed)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints",
+                                             cfg.checkpoint.keep_last, env.is_main)
+        self.checkpoints.remove_leftovers()
+        resume_path = self.checkpoints.find_resume(cfg.checkpoint.resume)
         num_classes = cfg.model.num_classes or self.stream.num_classes
         self.model = build_model(cfg.model, num_classes).to(device)
+        if cfg.model.init_from and resume_path is None:  # before auxiliary BN copies the main
+            load_into(self.model.backbone, read_weights(cfg.model.init_from),
+                      cfg.model.init_strict, "model.init_from")
         amp_dtype = autocast_dtype(cfg.train.precision, device)
         self.autocast = autocast_factory(device, amp_dtype)
+        distill = cfg.distill
+        teachers = (build_teachers(distill, num_classes, device, cfg.model.channels_last,
+                                   self.autocast) if distill.enabled else None)
         # the engine converts the model's BatchNorm, so it comes before optimizer and DDP
         self.engine = build_engine(cfg.adv, self.model, EngineContext(
             device, num_classes, cfg.train.seed, self.plan.accumulation,
             cfg.model.channels_last, cfg.data.second_view, self.autocast,
-            self._build_mix(num_classes), cfg.train.compile))
+            self._build_mix(num_classes), cfg.train.compile, teachers))
         self.ddp: nn.Module = self.model
         if env.is_distributed:
             self.ddp = DistributedDataParallel(
@@ -111,7 +128,14 @@ class Trainer:
                                  cfg.optim.base_batch)
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim, self.peak_lr)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        self.discriminator = (DiscriminatorTrainer(num_classes, distill.discriminator_lr,
+                                                   distill.temperature, device, cfg.train.seed)
+                              if distill.discriminator else None)
+        self.objective = (DistillationLoss(distill, criterion, self.discriminator)
+                          if distill.enabled else HardLabelLoss(criterion))
+        self.optimizers = [self.optimizer] + (
+            [self.discriminator.optimizer] if self.discriminator else [])
         self.final_attacks = final_eval_attacks(cfg.adv)
         # fp16: the GradScaler handles overflowing gradients itself; only the loss counts
         self.guard = NonFiniteGuard(device, cfg.train.on_nonfinite,
@@ -124,10 +148,9 @@ class Trainer:
         self.state.register("scaler", self.scaler)
         self.state.register("engine", self.engine)
         self.state.register("progress", self.progress)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints",
-                                             cfg.checkpoint.keep_last, env.is_main)
-        self.checkpoints.remove_leftovers()
-        self.resumed_from = self._resume()
+        if self.discriminator is not None:
+            self.state.register("discriminator", self.discriminator)
+        self.resumed_from = self._resume(resume_path)
         # derived from the config and the step, never restored
         self.scheduler, self.schedule = build_scheduler(
             self.optimizer, cfg.schedule, self.peak_lr, self.steps_per_epoch, self.total_steps,
@@ -163,8 +186,7 @@ class Trainer:
         return self.ddp.no_sync()
 
     # ------------------------------------------------------------------ state
-    def _resume(self) -> Path | None:
-        path = self.checkpoints.find_resume(self.cfg.checkpoint.resume)
+    def _resume(self, path: Path | None) -> Path | None:
         if path is None:
             return None
         saved = load_state(path)
@@ -223,12 +245,15 @@ class Trainer:
             with self._no_sync(micro == accumulation - 1):
                 with self.engine.forward_context(inputs), self.autocast():
                     logits = self.train_forward(inputs.images)
-                loss, stats = self.engine.loss(self.criterion, logits, inputs)
+                loss, stats = self.engine.loss(self.objective, logits, inputs)
                 self.scaler.scale(loss / accumulation).backward()
+            if self.discriminator is not None:
+                stats.update(self.discriminator.learn(logits, inputs.soft_targets,
+                                                      accumulation))
             result.add(loss.detach(), stats, inputs, accumulation)
         bad = self.guard.step_is_bad(result.loss, self.model.parameters())
         self.engine.before_optimizer_step()  # the attacks that read these weights are done
-        self.guard.optimizer_step(self._optimizer_step, bad, self.optimizer)
+        self.guard.optimizer_step(self._optimizer_step, bad, self.optimizers)
         self.engine.after_optimizer_step()  # later attacks read the new weights
         if timed:
             result.cuda_events["train_end"] = _record_event()
@@ -243,6 +268,8 @@ class Trainer:
     def _optimizer_step(self) -> None:
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.discriminator is not None:
+            self.discriminator.step()
 
     def check_finite(self, window_first_step: int) -> int:
         """At logging and checkpoint steps (a collective): stop the run when training went

@@ -1,0 +1,93 @@
+"""Frozen teachers and their ensemble's soft targets."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from conadv.config import DistillConfig, ModelConfig, TeacherConfig
+from conadv.errors import ConfigError
+from conadv.models import ImageClassifier, build_model
+from conadv.train.weights import Weights, load_into, read_weights
+
+log = logging.getLogger(__name__)
+
+
+def _timm_backbone(name: str, num_classes: int) -> tuple[nn.Module, dict]:
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"teacher arch timm:{name} needs timm (pip install timm)") from None
+    try:
+        backbone = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    except RuntimeError as err:  # timm's "Unknown model"
+        raise ConfigError(f"timm has no model '{name}' ({err})") from None
+    return backbone, dict(getattr(backbone, "pretrained_cfg", {}) or {})
+
+
+def build_teacher(cfg: TeacherConfig, index: int, num_classes: int) -> ImageClassifier:
+    """One teacher on the CPU, weights loaded strictly, frozen, in eval mode. Inputs are in
+    [0, 1] pixel space like the student's: the teacher normalises them itself (ImageNet
+    statistics, or a timm model's own)."""
+    what = f"distill.teachers[{index}]"
+    weights: Weights = read_weights(cfg.weights)
+    if weights.model is not None:  # a conadv checkpoint knows its architecture
+        if cfg.arch and cfg.arch != weights.model.arch:
+            raise ConfigError(f"{what}.arch={cfg.arch} but {weights.source} holds a "
+                              f"{weights.model.arch}; leave arch empty for conadv checkpoints")
+        model_cfg = ModelConfig(arch=weights.model.arch, cifar_width=weights.model.cifar_width,
+                                cifar_blocks=weights.model.cifar_blocks)
+        teacher = build_model(model_cfg, num_classes)
+    elif not cfg.arch:
+        raise ConfigError(f"{what}.arch must name the architecture of the state-dict file "
+                          f"{cfg.weights}")
+    elif cfg.arch.startswith("timm:"):
+        backbone, pretrained = _timm_backbone(cfg.arch.removeprefix("timm:"), num_classes)
+        teacher = ImageClassifier(backbone, *(tuple(pretrained[k]) for k in ("mean", "std"))
+                                  ) if "mean" in pretrained else ImageClassifier(backbone)
+    else:
+        teacher = build_model(ModelConfig(arch=cfg.arch, cifar_width=cfg.cifar_width,
+                                          cifar_blocks=cfg.cifar_blocks), num_classes)
+    load_into(teacher.backbone, weights, strict=True, what=f"{what}: the weights file")
+    return teacher.eval().requires_grad_(False)
+
+
+class TeacherEnsemble:
+    """images -> mean over teachers of softmax(logits / T): the student's soft targets.
+    Teachers are plain modules (never DDP), in eval mode (BatchNorm running statistics), under
+    no_grad: no collective, no .grad, no state change."""
+
+    def __init__(self, teachers: list[nn.Module], temperature: float,
+                 autocast: Callable[[], AbstractContextManager] | None = None) -> None:
+        self.teachers = teachers
+        self.temperature = temperature
+        self.autocast = autocast or nullcontext
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        total: Tensor | None = None
+        for teacher in self.teachers:
+            with self.autocast():
+                logits = teacher(images)
+            probs = F.softmax(logits.float() / self.temperature, dim=1)
+            total = probs if total is None else total + probs
+        return total / len(self.teachers)
+
+
+def build_teachers(cfg: DistillConfig, num_classes: int, device: torch.device,
+                   channels_last: bool,
+                   autocast: Callable[[], AbstractContextManager] | None) -> TeacherEnsemble:
+    teachers = []
+    for index, teacher_cfg in enumerate(cfg.teachers):
+        teacher = build_teacher(teacher_cfg, index, num_classes).to(device)
+        if channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        teachers.append(teacher)
+    log.info("distilling from %d teachers: %s", len(teachers),
+             ", ".join(t.weights for t in cfg.teachers))
+    return TeacherEnsemble(teachers, cfg.temperature, autocast)
