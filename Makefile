@@ -37,9 +37,11 @@ test: install
 bench: install
 	$(PY) -m benchmarks.run_all
 
-# The large-batch study on the digits (~27 minutes on 2 cores) -> docs/results/
+# The large-batch study on the digits, then its distillation recipe (~37 minutes on 2 cores)
+# -> docs/results/
 study: install
 	$(PY) -m benchmarks.large_batch_study --out docs/results
+	$(PY) -m benchmarks.distill_study --out docs/results
 
 lint: install
 	$(PY) -m ruff check conadv benchmarks tests

@@ -7,13 +7,14 @@ epochs of warm-up, polynomial decay), once per method and seed:
 
 - alone: hard labels only (the baseline);
 - distilled: the teachers' mean softmax, hard weight 0 (as published);
+- distilled T=4: the same at temperature 4 (softer targets, Hinton et al.'s setting);
 - distilled+disc: the same plus MEAL V2's output discriminator;
 - distilled+tau1: distillation with ConAdv (tau = 1) on.
 
 Output in --out: distillation.json (every run) and distillation.md (mean +- std test top-1 and
 PGD-10 top-1 per batch and method, the teachers and their ensemble's accuracy).
 
-    python -m benchmarks.distill_study --out docs/results          # ~15 min on 2 cores
+    python -m benchmarks.distill_study --out docs/results          # ~9 min on 2 cores
     python -m benchmarks.distill_study --quick --out /tmp/distill  # a reduced grid
 """
 
@@ -37,6 +38,7 @@ STUDENT = ["model.cifar_width=4"]
 METHODS = {
     "alone": [],
     "distilled": ["distill.enabled=true"],
+    "distilled T=4": ["distill.enabled=true", "distill.temperature=4"],
     "distilled+disc": ["distill.enabled=true", "distill.discriminator=true",
                        "distill.discriminator_lr=1e-3"],
     "distilled+tau1": ["distill.enabled=true", "adv.enabled=true", "adv.tau=1"],

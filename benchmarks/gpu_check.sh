@@ -3,7 +3,8 @@
 #   1. the CUDA tests (stream executor == sequential executor, no host sync in steady state),
 #      the optimizer equivalence tests and the CUDA-path tests on the GPU's torch;
 #   2. the training-step benchmark for ResNet-50, bf16, channels-last, synthetic data, 256 per
-#      GPU: vanilla, tau = 0 and tau = 1 (step time, img/s, overlap, peak memory per mode);
+#      GPU: vanilla, tau = 0 and tau = 1, and both with distillation from 2 ResNet-50 teachers
+#      on the side stream (step time, img/s, overlap, peak memory per mode);
 #   3. the optimizer-step benchmark on the GPU;
 #   4. torch.compile against eager (ResNet-50, tau = 1: steady step time, graphs compiled);
 #   5. the checkpoint stall of ResNet-50 with ConAdv (host copy + background write);
@@ -30,8 +31,8 @@ PY
 status=0
 timeout 150 "$python" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_cuda.py \
   tests/test_optim.py tests/test_gpu_path.py 2>&1 | tee "$out/cuda_tests.log" || status=1
-timeout 240 "$python" -m benchmarks.step_throughput --device cuda --arch resnet50 --batch 256 \
-  --image-size 224 --precision bf16 --channels-last --rounds 3 --steps 8 --warmup 4 \
+timeout 300 "$python" -m benchmarks.step_throughput --device cuda --arch resnet50 --batch 256 \
+  --image-size 224 --precision bf16 --channels-last --rounds 3 --steps 8 --warmup 4 --teachers 2 \
   --out "$out/step_throughput.json" 2>&1 | grep -v " INFO " | tee "$out/step_throughput.txt" \
   || status=1
 timeout 90 "$python" -m benchmarks.optimizer_step --device cuda --rounds 4 --steps 10 \

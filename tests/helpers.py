@@ -76,14 +76,18 @@ def checkpoint_state(run_dir: Path) -> dict:
 
 def assert_same_parameters(a: dict, b: dict, at_least: int = 20) -> None:
     """Two checkpoints' parameters agree within a tolerance that a different batch in one step
-    would break. BatchNorm running statistics are skipped: each layout updates them from its
-    own micro-batches (DDP broadcasts rank 0's)."""
+    would break (the discriminator's too, when distilling). BatchNorm running statistics are
+    skipped: each layout updates them from its own micro-batches (DDP broadcasts rank 0's)."""
+    weights = [(a["model"], b["model"])]
+    if "discriminator" in a:  # distillation's discriminator: its gradients average over ranks
+        weights.append((a["discriminator"]["model"], b["discriminator"]["model"]))
     compared = 0
-    for name, value in a["model"].items():
-        if "running_" in name or "num_batches_tracked" in name:
-            continue
-        torch.testing.assert_close(value, b["model"][name], rtol=1e-5, atol=1e-6, msg=name)
-        compared += 1
+    for mine, theirs in weights:
+        for name, value in mine.items():
+            if "running_" in name or "num_batches_tracked" in name:
+                continue
+            torch.testing.assert_close(value, theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+            compared += 1
     assert compared > at_least
 
 

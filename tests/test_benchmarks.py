@@ -30,15 +30,16 @@ def test_scaling_model_reproduces_the_mlperf_point_within_25_percent():
 @pytest.mark.slow
 def test_step_throughput_reports_every_mode(tmp_path):
     args = step_throughput.parse_args(["--device", "cpu", "--batch", "16", "--rounds", "1",
-                                       "--steps", "1", "--warmup", "1",
+                                       "--steps", "1", "--warmup", "1", "--teachers", "2",
                                        "--out", str(tmp_path / "r.json")])
     report = step_throughput.run(args)
-    assert set(report["modes"]) == {"vanilla", "tau0", "tau1"}
+    assert set(report["modes"]) == {"vanilla", "tau0", "tau1", "vanilla+KD", "tau1+KD"}
     for entry in report["modes"].values():
         assert entry["step_ms"] > 0 and entry["img_per_s"] > 0
     assert report["modes"]["vanilla"]["attack_ms"] == 0
     assert report["modes"]["tau0"]["attack_ms"] > 0
     assert "tau1 / tau0 step time" in report["ratios"]
+    assert report["ratios"]["vanilla+KD / vanilla FLOP expectation"] == pytest.approx(5 / 3)
 
 
 @pytest.mark.slow
