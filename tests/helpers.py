@@ -118,3 +118,17 @@ def run_gloo_ranks(world: int, body, tmp_path: Path, timeout: float = 180) -> di
         proc.join(timeout=60)
         assert proc.exitcode == 0
     return results
+
+
+def teacher_files(directory: Path, count: int = 2, width: int = 8) -> str:
+    """`count` untrained CIFAR-ResNet teachers saved as state-dict files in `directory`; the
+    override that distils from them. Untrained is enough where only equivalence is tested."""
+    from conadv.models.factory import CifarResNet
+
+    entries = []
+    for i in range(count):
+        torch.manual_seed(i)
+        path = directory / f"teacher{i}.pt"
+        torch.save(CifarResNet(10, width=width).state_dict(), path)
+        entries.append(f"{{weights: {path}, arch: cifar_resnet, cifar_width: {width}}}")
+    return f"distill.teachers=[{', '.join(entries)}]"

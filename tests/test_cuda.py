@@ -6,7 +6,7 @@ import torch
 
 from conadv.distributed import DistEnv
 from conadv.train.trainer import Trainer
-from tests.helpers import tiny_config
+from tests.helpers import teacher_files, tiny_config
 
 pytestmark = pytest.mark.cuda
 
@@ -23,19 +23,19 @@ def _trained(run_dir, *overrides) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
 
 
+def _assert_close_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    for key, value in a.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_stream_executor_matches_sequential(tmp_path):
     stream = _trained(tmp_path / "s", "adv.executor=stream")
     sequential = _trained(tmp_path / "q", "adv.executor=sequential")
-    for key, value in stream.items():
-        if value.is_floating_point():
-            torch.testing.assert_close(value, sequential[key], rtol=1e-5, atol=1e-6, msg=key)
+    _assert_close_states(stream, sequential)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_steady_state_steps_make_no_host_synchronisation(tmp_path, precision):
-    trainer = Trainer(tiny_config(tmp_path, *CUDA_RUN, f"train.precision={precision}",
-                                  "train.max_steps=20", "train.deterministic=false"),
-                      SINGLE, torch.device("cuda"))
+def _assert_steps_make_no_host_synchronisation(trainer: Trainer) -> None:
     for _ in range(3):  # warm-up: allocator, cuDNN plans, momentum buffers
         trainer.train_step()
     torch.cuda.synchronize()
@@ -48,42 +48,28 @@ def test_steady_state_steps_make_no_host_synchronisation(tmp_path, precision):
     torch.cuda.synchronize()
 
 
-def _teachers(directory) -> str:
-    from conadv.models.factory import CifarResNet
-
-    paths = []
-    for i in range(2):
-        torch.save(CifarResNet(10, width=8).state_dict(), directory / f"teacher{i}.pt")
-        paths.append(f"{{weights: {directory / f'teacher{i}.pt'}, arch: cifar_resnet, "
-                     "cifar_width: 8}")
-    return f"distill.teachers=[{', '.join(paths)}]"
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_steady_state_steps_make_no_host_synchronisation(tmp_path, precision):
+    trainer = Trainer(tiny_config(tmp_path, *CUDA_RUN, f"train.precision={precision}",
+                                  "train.max_steps=20", "train.deterministic=false"),
+                      SINGLE, torch.device("cuda"))
+    _assert_steps_make_no_host_synchronisation(trainer)
 
 
 @pytest.mark.parametrize("adv", ["true", "false"])
 def test_teachers_on_the_stream_match_sequential(tmp_path, adv):
     """Distillation with the teachers (and the attack) on the side stream gives the weights of
     the sequential run; with ConAdv off the teachers run one step ahead."""
-    distill = ["distill.enabled=true", _teachers(tmp_path), "distill.discriminator=true",
+    distill = ["distill.enabled=true", teacher_files(tmp_path), "distill.discriminator=true",
                f"adv.enabled={adv}"]
     stream = _trained(tmp_path / "s", *distill, "adv.executor=stream")
     sequential = _trained(tmp_path / "q", *distill, "adv.executor=sequential")
-    for key, value in stream.items():
-        if value.is_floating_point():
-            torch.testing.assert_close(value, sequential[key], rtol=1e-5, atol=1e-6, msg=key)
+    _assert_close_states(stream, sequential)
 
 
 def test_distillation_steps_make_no_host_synchronisation(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, *CUDA_RUN, "distill.enabled=true",
-                                  _teachers(tmp_path), "distill.discriminator=true",
+                                  teacher_files(tmp_path), "distill.discriminator=true",
                                   "train.max_steps=20", "train.deterministic=false"),
                       SINGLE, torch.device("cuda"))
-    for _ in range(3):
-        trainer.train_step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(4):
-            trainer.train_step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    _assert_steps_make_no_host_synchronisation(trainer)

@@ -21,6 +21,7 @@ from tests.helpers import (
     newest_checkpoint,
     run_module,
     run_torchrun,
+    teacher_files,
     the_error_line,
     tiny_config,
 )
@@ -135,19 +136,6 @@ def _two_ranks(run_dir, *extra):
     return result
 
 
-def _teacher_files(directory, count: int = 2) -> str:
-    """Untrained teachers as state-dict files: enough for layout equivalence."""
-    from conadv.models.factory import CifarResNet
-
-    paths = []
-    for i in range(count):
-        torch.manual_seed(i)
-        torch.save(CifarResNet(10, width=8).state_dict(), directory / f"teacher{i}.pt")
-        paths.append(f"{{weights: {directory / f'teacher{i}.pt'}, arch: cifar_resnet, "
-                     "cifar_width: 8}")
-    return f"distill.teachers=[{', '.join(paths)}]"
-
-
 METHODS = {
     "vanilla": [],
     "conadv": ["adv.enabled=true", "adv.tau=2"],
@@ -159,7 +147,7 @@ METHODS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_resume_on_another_number_of_ranks_continues_the_trajectory(tmp_path, method):
-    adv = METHODS[method] + ([_teacher_files(tmp_path)] if "distill" in method else [])
+    adv = METHODS[method] + ([teacher_files(tmp_path)] if "distill" in method else [])
     _one_rank(tmp_path / "straight", *adv)
     reference = checkpoint_state(tmp_path / "straight")
 
