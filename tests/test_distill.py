@@ -12,7 +12,7 @@ from conadv.config import TeacherConfig, load_config
 from conadv.distill import DiscriminatorTrainer, TeacherEnsemble
 from conadv.distill.teachers import build_teacher
 from conadv.distributed import DistEnv
-from conadv.errors import ConfigError
+from conadv.errors import CheckpointError, ConfigError
 from conadv.models.factory import CifarResNet, ImageClassifier
 from conadv.train.trainer import Trainer, train
 from tests.helpers import (
@@ -299,3 +299,9 @@ def test_a_teacher_state_dict_without_arch_or_file_is_named(tmp_path):
         build_teacher(TeacherConfig(weights=str(tmp_path / "nope.pth"), arch="resnet18"), 0, 10)
     with pytest.raises(ConfigError, match=r"fc.weight \(10, 64\) vs \(5, 64\)"):
         build_teacher(TeacherConfig(weights=str(tmp_path / "t.pth"), arch="cifar_resnet"), 0, 5)
+    data = (tmp_path / "t.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"distill.teachers\[0\].weights: .*cut.pth cannot "
+                                              "be read as a PyTorch state dict"):
+        build_teacher(TeacherConfig(weights=str(tmp_path / "cut.pth"), arch="cifar_resnet"), 0,
+                      10)

@@ -35,7 +35,7 @@ def build_teacher(cfg: TeacherConfig, index: int, num_classes: int) -> ImageClas
     [0, 1] pixel space like the student's: the teacher normalises them itself (ImageNet
     statistics, or a timm model's own)."""
     what = f"distill.teachers[{index}]"
-    weights: Weights = read_weights(cfg.weights)
+    weights: Weights = read_weights(cfg.weights, f"{what}.weights")
     if weights.model is not None:  # a conadv checkpoint knows its architecture
         if cfg.arch and cfg.arch != weights.model.arch:
             raise ConfigError(f"{what}.arch={cfg.arch} but {weights.source} holds a "

@@ -102,7 +102,7 @@ class Trainer:
         num_classes = cfg.model.num_classes or self.stream.num_classes
         self.model = build_model(cfg.model, num_classes).to(device)
         if cfg.model.init_from and resume_path is None:  # before auxiliary BN copies the main
-            load_into(self.model.backbone, read_weights(cfg.model.init_from),
+            load_into(self.model.backbone, read_weights(cfg.model.init_from, "model.init_from"),
                       cfg.model.init_strict, "model.init_from")
         amp_dtype = autocast_dtype(cfg.train.precision, device)
         self.autocast = autocast_factory(device, amp_dtype)

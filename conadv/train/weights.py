@@ -32,26 +32,28 @@ class Weights:
     model: ModelConfig | None = None  # the architecture, when a conadv checkpoint says it
 
 
-def read_weights(path: str | Path) -> Weights:
+def read_weights(path: str | Path, key: str) -> Weights:
+    """`key`: the config key that named the file, for the error sentences."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"weights file {path} does not exist")
+        raise ConfigError(f"{key}: weights file {path} does not exist")
     if path.is_dir():  # a conadv checkpoint or run directory
         checkpoint = resolve_checkpoint(path)
         saved = load_state(checkpoint)
         state = {k.removeprefix("backbone."): v for k, v in main_state_dict(saved["model"]).items()}
         return Weights(state, str(checkpoint), parse_saved_config(saved["config"]).model)
-    try:
+    try:  # tensors only: a weights file must not run code when it is read
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 (pickle, zip and torch errors alike)
-        raise CheckpointError(f"weights file {path} cannot be read as a PyTorch state dict "
-                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    except Exception:  # noqa: BLE001 (pickle, zip and torch errors alike)
+        raise CheckpointError(f"{key}: {path} cannot be read as a PyTorch state dict (it is "
+                              "not a torch.save file, or it holds Python objects besides "
+                              "tensors: save model.state_dict() alone)") from None
     for key in _WRAPPERS:
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
             break
     if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
-        raise CheckpointError(f"weights file {path} does not hold a state dict (a mapping of "
+        raise CheckpointError(f"{key}: {path} does not hold a state dict (a mapping of "
                               "parameter names to tensors)")
     # nn.DataParallel / DDP saves prefix every key with "module."
     if loaded and all(k.startswith("module.") for k in loaded):
