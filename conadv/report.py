@@ -63,8 +63,22 @@ def label_runs(runs: list[Run]) -> None:
     differing = [key for key in flat[0] if not key.startswith("log.")
                  and len({repr(f.get(key)) for f in flat}) > 1]
     for run, values in zip(runs, flat):
-        parts = [f"{key}={values[key]}" for key in differing]
+        parts = [f"{key}={_short(values[key])}" for key in differing]
         run.label = ", ".join(parts) if parts else run.path.name
+
+
+def _short(value: Any) -> str:
+    """A config value as a label shows it: a list of sections by their non-default keys
+    (distill.teachers=[{weights: runs/t1}])."""
+    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+        items = []
+        for item in value:
+            default = type(item)()
+            keys = [f"{f.name}: {getattr(item, f.name)}" for f in dataclasses.fields(item)
+                    if getattr(item, f.name) != getattr(default, f.name)]
+            items.append("{" + ", ".join(keys) + "}")
+        return "[" + ", ".join(items) + "]"
+    return str(value)
 
 
 def _figure(title: str, ylabel: str):

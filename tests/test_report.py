@@ -1,6 +1,7 @@
 """Run reports (conadv-report) and the training-subset evaluation behind the train-test gap."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,18 @@ def test_report_of_two_runs_writes_figures_and_their_final_accuracies(tmp_path):
         final = summary["final_eval"]
         assert f"| {final['top1']:.2f} |" in row
         assert f"| {final['train_top1']:.2f} | {final['train_test_gap']:.2f} |" in row
+
+
+def test_runs_that_differ_in_their_teachers_are_labelled_by_the_teachers_files():
+    from conadv.report import Run, label_runs
+
+    teachers = ["distill.enabled=true", "distill.teachers=[{weights: runs/t1}, "
+                "{weights: t2.pt, arch: resnet18}]"]
+    runs = [Run(Path("a"), load_config(None, teachers)), Run(Path("b"), load_config(None))]
+    label_runs(runs)
+    assert ("distill.teachers=[{weights: runs/t1}, {weights: t2.pt, arch: resnet18}]"
+            in runs[0].label)
+    assert "distill.teachers=[]" in runs[1].label
 
 
 def test_report_of_a_directory_that_is_not_a_run_is_one_line(tmp_path):
