@@ -19,6 +19,7 @@ from tests.helpers import (
     checkpoint_state,
     run_gloo_ranks,
     run_module,
+    teacher_files,
     the_error_line,
     tiny_config,
 )
@@ -90,8 +91,8 @@ def test_a_timm_state_dict_teacher_gives_timm_s_probabilities(tmp_path):
     torch.manual_seed(0)
     reference = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
     torch.save(reference.state_dict(), tmp_path / "teacher.pth")
-    teacher = build_teacher(TeacherConfig(weights=str(tmp_path / "teacher.pth"),
-                                          arch="timm:resnet18"), 0, num_classes=10)
+    teacher, _ = build_teacher(TeacherConfig(weights=str(tmp_path / "teacher.pth"),
+                                             arch="timm:resnet18"), 0, num_classes=10)
     images = torch.rand(4, 3, 64, 64)
     mean = torch.tensor(reference.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(reference.pretrained_cfg["std"]).view(1, 3, 1, 1)
@@ -222,6 +223,21 @@ def test_stop_and_resume_with_distillation_is_bit_identical(teacher_runs, tmp_pa
     assert straight["final_eval"] == resumed["final_eval"]
     # no teacher output in the checkpoint: the queue is saved as source steps and weights
     assert set(a["engine"]) == ({"tau", "sources", "snapshots"} if method else set())
+
+
+def test_a_resume_with_a_changed_teacher_file_stops_naming_it(tmp_path, caplog):
+    run = ["distill.enabled=true", teacher_files(tmp_path), "train.max_steps=4",
+           "checkpoint.every_steps=100"]
+    train(tiny_config(tmp_path / "run", *run, "train.stop_at_step=2"))
+    torch.manual_seed(9)  # another teacher under the same name
+    torch.save(CifarResNet(10, width=8).state_dict(), tmp_path / "teacher1.pt")
+    with pytest.raises(CheckpointError, match=r"distill.teachers\[1\]'s weights file changed "
+                                              "since the checkpoint was written"):
+        train(tiny_config(tmp_path / "run", *run, "checkpoint.resume=auto"))
+    with caplog.at_level(logging.WARNING):
+        resumed = train(tiny_config(tmp_path / "run", *run, "checkpoint.resume=auto",
+                                    "checkpoint.allow_config_change=true"))
+    assert resumed["finished"] and "continuing with the new teachers" in caplog.text
 
 
 # ------------------------------------------------------------------ model.init_from

@@ -148,6 +148,8 @@ class Trainer:
         self.state.register("scaler", self.scaler)
         self.state.register("engine", self.engine)
         self.state.register("progress", self.progress)
+        if teachers is not None:  # which teachers (file checksums), never their weights
+            self.state.register("teachers", teachers)
         if self.discriminator is not None:
             self.state.register("discriminator", self.discriminator)
         self.resumed_from = self._resume(resume_path)
@@ -204,7 +206,9 @@ class Trainer:
                         "%s; the schedule follows the new config", path, described)
             if any(key == "optim.name" for key, _, _ in changes):
                 skip.add("optimizer")  # another optimizer's moments do not apply
-        self.state.load_state_dict(saved, skip=skip, strict=not changes)
+        # allow_config_change also lets other teacher files pass (a warning, not a stop)
+        self.state.load_state_dict(saved, skip=skip,
+                                   strict=not self.cfg.checkpoint.allow_config_change)
         log.info("resumed from %s at step %d", path, self.step)
         return path
 

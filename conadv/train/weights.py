@@ -4,6 +4,7 @@ students) and to load frozen teachers. Nothing is ever downloaded: the file must
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,9 @@ from torch import Tensor, nn
 
 from conadv.config import ModelConfig, parse_saved_config
 from conadv.errors import CheckpointError, ConfigError
+from conadv.fileio import file_sha256
 from conadv.models.multi_bn import main_state_dict
-from conadv.train.checkpoint import load_state, resolve_checkpoint
+from conadv.train.checkpoint import MANIFEST, STATE, load_state, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ class Weights:
 
     state: dict[str, Tensor]
     source: str  # the path, for messages
+    sha256: str  # of the file the weights came from: tells whether it changed since
     model: ModelConfig | None = None  # the architecture, when a conadv checkpoint says it
 
 
@@ -41,7 +44,9 @@ def read_weights(path: str | Path, key: str) -> Weights:
         checkpoint = resolve_checkpoint(path)
         saved = load_state(checkpoint)
         state = {k.removeprefix("backbone."): v for k, v in main_state_dict(saved["model"]).items()}
-        return Weights(state, str(checkpoint), parse_saved_config(saved["config"]).model)
+        # resolve_checkpoint verified the file against this checksum
+        sha256 = json.loads((checkpoint / MANIFEST).read_text())["files"][STATE]["sha256"]
+        return Weights(state, str(checkpoint), sha256, parse_saved_config(saved["config"]).model)
     try:  # tensors only: a weights file must not run code when it is read
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 (pickle, zip and torch errors alike)
@@ -58,7 +63,7 @@ def read_weights(path: str | Path, key: str) -> Weights:
     # nn.DataParallel / DDP saves prefix every key with "module."
     if loaded and all(k.startswith("module.") for k in loaded):
         loaded = {k.removeprefix("module."): v for k, v in loaded.items()}
-    return Weights(loaded, str(path))
+    return Weights(loaded, str(path), file_sha256(path))
 
 
 def _named(keys: list[str], limit: int = 4) -> str:
