@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine_info
-from benchmarks.large_batch_study import COMMON, OPTIMIZERS
+from benchmarks.large_batch_study import COMMON, OPTIMIZERS, mean_std
 
 TEACHER = ["model.cifar_width=16", "train.global_batch=64"]
 STUDENT = ["model.cifar_width=4"]
@@ -109,10 +108,6 @@ def run_student(method: str, batch: int, seed: int, epochs: float, teachers: lis
             "wall_s": time.perf_counter() - started}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     cells: dict[tuple, list[dict[str, Any]]] = {}
     for run in runs:
@@ -122,7 +117,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                          key=lambda kv: (kv[0][0], list(METHODS).index(kv[0][1]))):
         row = {"batch": batch, "method": method, "seeds": len(group), "steps": group[0]["steps"]}
         for key in ("top1", "gap", "pgd10_top1", "train_s"):
-            row[key] = _mean_std([r[key] for r in group])
+            row[key] = mean_std([r[key] for r in group])
         rows.append(row)
     return rows
 

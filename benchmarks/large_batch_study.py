@@ -72,7 +72,7 @@ def run_cell(optimizer: str, method: str, batch: int, seed: int, epochs: float,
             "train_s": summary["train_time_s"], "wall_s": time.perf_counter() - started}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -86,7 +86,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = {"optimizer": optimizer, "batch": batch, "method": method, "seeds": len(group),
                "steps": group[0]["steps"]}
         for key in ("top1", "gap", "pgd10_top1", "train_s"):
-            row[key] = _mean_std([r[key] for r in group])
+            row[key] = mean_std([r[key] for r in group])
         rows.append(row)
     return rows
 

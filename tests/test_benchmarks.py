@@ -75,6 +75,19 @@ def test_large_batch_study_reduced_grid_writes_its_table_and_figure(tmp_path):
     assert json.loads((tmp_path / "large_batch_study.json").read_text())["wall_s"] > 0
 
 
+@pytest.mark.slow
+def test_distill_study_reduced_grid_trains_teachers_and_students(tmp_path):
+    from benchmarks import distill_study
+
+    report = distill_study.main(["--quick", "--out", str(tmp_path)])
+    assert len(report["teachers"]) == 2 and 0 <= report["ensemble_top1"] <= 100
+    assert [r["method"] for r in report["runs"]] == ["alone", "distilled"]
+    assert report["student_params"] < report["teacher_params"]
+    table = (tmp_path / "distillation.md").read_text()
+    for run in report["runs"]:
+        assert f"| 64 | {run['steps']} | {run['method']} | {run['top1']:.2f} +- 0.00 |" in table
+
+
 def test_index_startup_benchmark_indexes_every_file():
     report = index_startup.run(files=2000, classes=20)
     assert report["files"] == 2000 and report["cached_s"] > 0 and report["first_run_walk_s"] > 0
