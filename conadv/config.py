@@ -63,10 +63,15 @@ class DataConfig:
     synthetic_classes: int = knob(1000, "number of classes of the synthetic dataset", low=2)
 
 
+# torchvision ResNets and conadv's small CIFAR ResNet (see models/factory.py); a teacher may also
+# be any timm model ("timm:<name>")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "cifar_resnet")
+
+
 @dataclass
 class ModelConfig:
     arch: str = knob("resnet50", "model architecture",
-                     choices=("resnet18", "resnet34", "resnet50", "cifar_resnet"))
+                     choices=ARCHS)
     num_classes: int = knob(0, "output classes; 0 takes the dataset's", low=0)
     zero_init_residual: bool = knob(False, "zero-init the last BN gamma of each residual block")
     channels_last: bool = knob(False, "channels-last memory format for model and inputs", free=True)
@@ -191,9 +196,8 @@ class AdvConfig:
 class TeacherConfig:
     weights: str = knob("", "the teacher's weights: a conadv checkpoint or run directory (its "
                         "architecture comes with it), or a torchvision/timm state-dict file")
-    arch: str = knob("", "architecture of a state-dict file: resnet18, resnet34, resnet50, "
-                     "resnet101, resnet152, cifar_resnet, or timm:<name> (needs timm); empty "
-                     "for a conadv checkpoint")
+    arch: str = knob("", "architecture of a state-dict file: one of model.arch's choices or "
+                     "timm:<name> (needs timm); empty for a conadv checkpoint")
     cifar_width: int = knob(16, "cifar_resnet: channels of the first stage", low=1)
     cifar_blocks: int = knob(1, "cifar_resnet: residual blocks per stage", low=1)
 
@@ -403,9 +407,6 @@ def validate(cfg: RunConfig) -> None:
     _validate_distill(cfg)
 
 
-TEACHER_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "cifar_resnet")
-
-
 def _validate_distill(cfg: RunConfig) -> None:
     d = cfg.distill
     if not d.enabled:
@@ -428,9 +429,9 @@ def _validate_distill(cfg: RunConfig) -> None:
         if not teacher.weights:
             raise ConfigError(f"{where}.weights must name the teacher's weights file or "
                               "checkpoint")
-        if teacher.arch and teacher.arch not in TEACHER_ARCHS and not (
+        if teacher.arch and teacher.arch not in ARCHS and not (
                 teacher.arch.startswith("timm:") and len(teacher.arch) > len("timm:")):
-            raise ConfigError(f"{where}.arch must be one of {', '.join(TEACHER_ARCHS)} or "
+            raise ConfigError(f"{where}.arch must be one of {', '.join(ARCHS)} or "
                               f"timm:<name>; got '{teacher.arch}'")
 
 

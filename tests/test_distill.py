@@ -307,6 +307,16 @@ def test_config_mistakes_are_named(overrides, words):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize("arch", ["resnet101", "resnet152"])
+def test_a_deep_torchvision_teacher_loads_its_state_dict(tmp_path, arch):
+    reference = getattr(torchvision.models, arch)(weights=None, num_classes=10)
+    torch.save(reference.state_dict(), tmp_path / "teacher.pth")
+    teacher, _ = build_teacher(TeacherConfig(weights=str(tmp_path / "teacher.pth"), arch=arch),
+                               0, num_classes=10)
+    assert torch.equal(teacher.backbone.layer3[-1].conv2.weight,
+                       reference.layer3[-1].conv2.weight)
+
+
 def test_a_teacher_state_dict_without_arch_or_file_is_named(tmp_path):
     torch.save(ImageClassifier(CifarResNet(10)).backbone.state_dict(), tmp_path / "t.pth")
     with pytest.raises(ConfigError, match=r"distill.teachers\[1\].arch must name"):

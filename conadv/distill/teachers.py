@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from conadv.config import DistillConfig, ModelConfig, TeacherConfig
 from conadv.errors import CheckpointError, ConfigError
 from conadv.models import ImageClassifier, build_model
+from conadv.models.factory import IMAGENET_MEAN, IMAGENET_STD
 from conadv.train.weights import Weights, load_into, read_weights
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,8 @@ def build_teacher(cfg: TeacherConfig, index: int,
                           f"{cfg.weights}")
     elif cfg.arch.startswith("timm:"):
         backbone, pretrained = _timm_backbone(cfg.arch.removeprefix("timm:"), num_classes)
-        teacher = ImageClassifier(backbone, *(tuple(pretrained[k]) for k in ("mean", "std"))
-                                  ) if "mean" in pretrained else ImageClassifier(backbone)
+        teacher = ImageClassifier(backbone, tuple(pretrained.get("mean", IMAGENET_MEAN)),
+                                  tuple(pretrained.get("std", IMAGENET_STD)))
     else:
         teacher = build_model(ModelConfig(arch=cfg.arch, cifar_width=cfg.cifar_width,
                                           cifar_blocks=cfg.cifar_blocks), num_classes)

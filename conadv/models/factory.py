@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models import resnet18, resnet34, resnet50
+from torchvision.models import resnet18, resnet34, resnet50, resnet101, resnet152
 from torchvision.models.resnet import BasicBlock
 
 from conadv.config import ModelConfig
@@ -84,7 +84,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> ImageClassifier:
         backbone: nn.Module = CifarResNet(classes, cfg.cifar_width, cfg.cifar_blocks,
                                           cfg.zero_init_residual)
     else:
-        factory = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}[cfg.arch]
+        factory = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50,
+                   "resnet101": resnet101, "resnet152": resnet152}[cfg.arch]
         backbone = factory(weights=None, num_classes=classes,
                            zero_init_residual=cfg.zero_init_residual)
     model = ImageClassifier(backbone)
