@@ -23,8 +23,8 @@ setup(
         "ninja",  # builds the fused CPU LAMB kernel (conadv/optim/lamb_cpu.cpp) on first use
     ],
     extras_require={
-        "test": ["pytest>=7", "timm>=1.0"],
-        "dev": ["pytest>=7", "timm>=1.0", "ruff>=0.4"],
+        "test": ["pytest>=7", "timm>=1.0", "hypothesis>=6"],
+        "dev": ["pytest>=7", "timm>=1.0", "hypothesis>=6", "ruff>=0.4"],
         # GPU decoding (data.loader=dali); its CPU operators also run without a GPU
         "dali": ["nvidia-dali-cuda130>=2.4"],
     },
@@ -34,6 +34,7 @@ setup(
             "conadv-eval=conadv.cli.evaluate:main",
             "conadv-report=conadv.cli.report:main",
             "conadv-pack=conadv.cli.pack:main",
+            "conadv-launch=conadv.cli.launch:main",
         ]
     },
 )

@@ -17,6 +17,7 @@ from typing import Any
 
 from benchmarks import step_throughput
 from benchmarks.common import benchmark_main, machine_info, timed_call
+from conadv.checkpoints.format import list_checkpoints
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -38,7 +39,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             trainer.checkpoints.wait()
             synchronous.append(timed_call(lambda: (trainer.save_checkpoint(),
                                                    trainer.checkpoints.wait()), device))
-        size = sum(f.stat().st_size for f in trainer.checkpoints.list_checkpoints()[0].iterdir())
+        newest = list_checkpoints(trainer.checkpoints.directory)[0]
+        size = sum(f.stat().st_size for f in newest.iterdir())
     median = statistics.median
     return {"machine": machine_info(), "mode": args.mode, "arch": args.arch,
             "batch": args.batch, "image_size": args.image_size, "rounds": args.rounds,

@@ -49,8 +49,8 @@ COMMON = [
     "data.hflip=false", "data.workers=0", "model.arch=cifar_resnet", "model.cifar_width=8",
     "optim.base_batch=64", "schedule.decay=poly", "schedule.poly_power=2",
     "train.device=cpu", "train.eval_every_epochs=0", "train.eval_train_images=360",
-    "adv.eval_robust=true", "adv.eval_epsilon=0.03137254901960784",
-    "adv.eval_step_size=0.00784313725490196", "log.progress=false", "log.tensorboard=false",
+    "eval.robust=true", "eval.epsilon=0.03137254901960784",
+    "eval.step_size=0.00784313725490196", "log.progress=false", "log.tensorboard=false",
     "checkpoint.resume=none", "checkpoint.keep_last=1", "checkpoint.every_steps=1000000",
 ]
 

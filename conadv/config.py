@@ -173,9 +173,9 @@ class AdvConfig:
                          free=True)
     steps: int = knob(1, "attack steps (1 = FGSM from the random start)", low=1)
     epsilon: float = knob(9 / 255, "L-inf bound in [0, 1] pixel scale (published: 9/255)",
-                          low=0.0)
-    step_size: float = knob(9 / 255, "attack step size (published: 9/255)", low=0.0,
-                            low_open=True)
+                          low=0.0, high=1.0)
+    step_size: float = knob(9 / 255, "attack step size in [0, 1] pixel scale (published: "
+                            "9/255)", low=0.0, low_open=True, high=1.0)
     random_start_prob: float = knob(0.8, "probability of a uniform random start in the eps-ball "
                                     "(published: 0.8)", low=0.0, high=1.0)
     targeted: bool = knob(True, "target a random wrong label (published) instead of "
@@ -185,11 +185,18 @@ class AdvConfig:
     clean_weight: float = knob(1.0, "loss weight of the clean view", low=0.0)
     aug_weight: float = knob(1.0, "loss weight of the augmented view", low=0.0)
     adv_weight: float = knob(1.0, "loss weight of the adversarial view", low=0.0)
-    eval_robust: bool = knob(False, "final evaluation also under FGSM and PGD", free=True)
-    eval_epsilon: float = knob(4 / 255, "L-inf bound of the evaluation attacks", low=0.0, free=True)
-    eval_pgd_steps: int = knob(10, "steps of the PGD evaluation attack", low=1, free=True)
-    eval_step_size: float = knob(1 / 255, "step size of the PGD evaluation attack", low=0.0,
-                                 low_open=True, free=True)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation under attack (the clean evaluation's cadence is train.eval_every_epochs)."""
+
+    robust: bool = knob(False, "final evaluation also under FGSM and PGD", free=True)
+    epsilon: float = knob(4 / 255, "L-inf bound of the evaluation attacks (pixel scale)",
+                          low=0.0, high=1.0, free=True)
+    pgd_steps: int = knob(10, "steps of the PGD evaluation attack", low=1, free=True)
+    step_size: float = knob(1 / 255, "step size of the PGD evaluation attack", low=0.0,
+                            low_open=True, high=1.0, free=True)
 
 
 @dataclass
@@ -243,7 +250,11 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    run_dir: str = knob("runs/default", "directory for config, metrics, checkpoints, events")
+    run_dir: str = knob("runs/default", "directory for config, metrics, checkpoints, events "
+                        "of one run (locked while it trains)")
+    overwrite: bool = knob(False, "when this run starts afresh (checkpoint.resume=none, or "
+                           "auto with nothing to resume), replace the run already in run_dir: "
+                           "its checkpoints, metrics and config are deleted")
     every_steps: int = knob(10, "log metrics every N optimizer steps", low=1)
     tensorboard: bool = knob(True, "write TensorBoard events")
     progress: bool = knob(True, "show a progress bar on rank 0")
@@ -257,6 +268,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     adv: AdvConfig = field(default_factory=AdvConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -266,32 +278,66 @@ class RunConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Schema defaults <- YAML file <- `key=value` overrides, then validation."""
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                base: RunConfig | None = None) -> RunConfig:
+    """Schema defaults (or `base`, e.g. a checkpoint's saved config) <- YAML file <-
+    `key=value` overrides, then validation."""
     layers: list[tuple[str, dict]] = []
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a regular file (a directory or a "
+                              "device); give the path of a YAML file")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
+        except (yaml.YAMLError, ValueError) as err:
             raise ConfigError(f"config file {path} is not valid YAML: {_first_line(err)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         layers.append((str(path), loaded))
     layers.append(("the command line", _parse_overrides(overrides)))
 
-    schema = OmegaConf.structured(RunConfig)
+    schema = OmegaConf.structured(base if base is not None else RunConfig)
     for source, tree in layers:
         _check_keys(tree, RunConfig, prefix="", source=source)
         try:
             schema = OmegaConf.merge(schema, OmegaConf.create(tree))
         except OmegaConfBaseException as err:
             raise ConfigError(_type_error_sentence(err, source)) from None
+        except (TypeError, ValueError):  # OmegaConf: a mapping where a list belongs, or back
+            raise ConfigError(f"a key in {source} has a value of the wrong kind (a section "
+                              f"or list where the schema has the other): "
+                              f"{_shown(tree, 120)}") from None
     cfg: RunConfig = OmegaConf.to_object(schema)
     validate(cfg)
     return cfg
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error: the last value
+    silently winning hides a typo'd edit of a config file."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one section", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value for a message: its repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
@@ -299,19 +345,24 @@ def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override '{item}' must look like section.key=value")
+            raise ConfigError(f"override {_shown(item)} must look like section.key=value")
         try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
+            value = yaml.load(raw, Loader=_StrictLoader) if raw else ""
+        except (yaml.YAMLError, ValueError):  # ValueError: an integer of thousands of digits
             value = raw
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' sets a key below a plain value")
+                raise ConfigError(f"override {_shown(item)} sets a key below a plain value")
         node[parts[-1]] = value
     return tree
+
+
+# keys that moved: a config with the old name stops with one sentence naming the new one
+RENAMED = {"adv.eval_robust": "eval.robust", "adv.eval_epsilon": "eval.epsilon",
+           "adv.eval_pgd_steps": "eval.pgd_steps", "adv.eval_step_size": "eval.step_size"}
 
 
 def _check_keys(tree: dict, schema: type, prefix: str, source: str) -> None:
@@ -319,6 +370,9 @@ def _check_keys(tree: dict, schema: type, prefix: str, source: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key, value in tree.items():
         full = f"{prefix}{key}"
+        if full in RENAMED:
+            raise ConfigError(f"config key '{full}' in {source} was renamed to "
+                              f"'{RENAMED[full]}'")
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else (
@@ -349,18 +403,22 @@ def _type_error_sentence(err: OmegaConfBaseException, source: str) -> str:
     key = getattr(err, "full_key", None) or "?"
     value = getattr(err, "value", None)
     return (f"config key '{key}' in {source} expects a value of type {_field_type(key)}, "
-            f"got {value!r}")
+            f"got {_shown(value)}")
 
 
 def _field_type(full_key: str) -> str:
+    """The declared type of a dotted key; of a list's element for `key[i]`."""
     schema: type | None = RunConfig
     type_name = "another type"
     for part in full_key.split("."):
+        name, bracket, _ = part.partition("[")
         fields = {f.name: f for f in dataclasses.fields(schema)} if schema else {}
-        if part not in fields:
-            break
-        type_name = str(fields[part].type)
-        schema = _dataclass_of(fields[part].type)
+        if name not in fields:
+            return "another type"
+        type_name = str(fields[name].type)
+        if bracket:  # an element: list[float] -> float, list[TeacherConfig] -> TeacherConfig
+            type_name = type_name.removeprefix("list[").removesuffix("]")
+        schema = _dataclass_of(type_name)
     return type_name
 
 
@@ -386,6 +444,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.optim.backend == "apex" and cfg.optim.name != "lamb":
         raise ConfigError("optim.backend=apex provides only FusedLAMB; set optim.name=lamb or "
                           "optim.backend=native")
+    if cfg.optim.backend == "apex" and cfg.train.on_nonfinite == "skip":
+        raise ConfigError("train.on_nonfinite=skip cannot undo a step of apex FusedLAMB, whose "
+                          "step count is a host integer; use optim.backend=native or "
+                          "train.on_nonfinite=stop")
     if cfg.adv.enabled and (cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0):
         raise ConfigError("train.mixup_alpha and train.cutmix_alpha must be 0 with adv.enabled "
                           "(the attack needs hard labels)")
@@ -398,6 +460,10 @@ def validate(cfg: RunConfig) -> None:
                           "data.loader=torchvision)")
     if cfg.data.second_view and cfg.data.augment == "none":
         raise ConfigError("data.second_view needs an augment policy (data.augment is 'none')")
+    if cfg.schedule.warmup_epochs > cfg.train.epochs:
+        raise ConfigError(f"schedule.warmup_epochs={cfg.schedule.warmup_epochs} is longer than "
+                          f"train.epochs={cfg.train.epochs}: the learning rate would never "
+                          "reach its peak; shorten the warm-up")
     if cfg.schedule.decay == "step" and not cfg.schedule.step_epochs:
         raise ConfigError("schedule.decay=step needs schedule.step_epochs, e.g. [30, 60, 80]")
     if list(cfg.schedule.step_epochs) != sorted(set(cfg.schedule.step_epochs)) or any(
@@ -441,7 +507,7 @@ def _check_value(key: str, value: Any, meta: Any) -> None:
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; "
-                          f"got '{value}'")
+                          f"got {_shown(value)}")
     low, high = meta.get("low"), meta.get("high")
     if low is not None and (value < low or (meta.get("low_open") and value == low)):
         bound = f"greater than {low}" if meta.get("low_open") else f"at least {low}"
@@ -513,13 +579,15 @@ def describe_knobs() -> str:
 
 # Sections whose keys never change a trajectory: where and how often to log and checkpoint,
 # how ranks talk to each other.
-FREE_SECTIONS = ("dist", "checkpoint", "log")
+FREE_SECTIONS = ("eval", "dist", "checkpoint", "log")
 
 
 def parse_saved_config(text: str) -> RunConfig:
     """A config saved by `to_yaml` (in a run directory or a checkpoint), leniently: keys this
     version does not know are dropped, keys it added take their defaults."""
     saved = yaml.safe_load(text) or {}
+    if not isinstance(saved, dict):
+        raise ValueError("a saved config is a mapping of sections")
     schema = OmegaConf.structured(RunConfig)
     known = {section: {k: v for k, v in (values or {}).items()
                        if k in {f.name for f in dataclasses.fields(getattr(RunConfig(), section))}}

@@ -3,6 +3,7 @@ and the few collective helpers the trainer needs."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -189,6 +190,11 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max_async(tensor: torch.Tensor) -> Any:
+    """Start a maximum over ranks in place; returns the work to wait for."""
+    return dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's value of a small picklable object, on every rank."""
     if not is_initialized():
@@ -196,6 +202,60 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_state(state: Any, device: torch.device) -> Any:
+    """Rank 0's nested state (dicts, lists, tuples, tensors and plain values) on every rank,
+    its tensors on `device`: the structure travels as one small pickled object and the tensors'
+    bytes as one buffer (not one pickled blob, which NCCL would copy through the host twice).
+    Other ranks pass anything (None)."""
+    if not is_initialized():
+        return state
+    tensors: list[torch.Tensor] = []
+    skeleton = _hollow(state, tensors) if dist.get_rank() == 0 else None
+    layout = [(t.shape, t.dtype) for t in tensors]
+    skeleton, layout = broadcast_object((skeleton, layout))
+    offsets, total = [], 0
+    for shape, dtype in layout:  # 16-byte aligned, so every slice views as its dtype
+        offsets.append(total)
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        total += -(-size // 16) * 16
+    buffer = torch.empty(total, dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0:
+        for tensor, offset in zip(tensors, offsets):
+            raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+            buffer[offset:offset + raw.numel()].copy_(raw)
+    dist.broadcast(buffer, src=0)
+    received = []
+    for (shape, dtype), offset in zip(layout, offsets):
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        received.append(buffer[offset:offset + size].view(dtype).reshape(shape))
+    return _filled(skeleton, iter(received))
+
+
+class _Slot:
+    """Where a tensor was in a state being broadcast."""
+
+
+def _hollow(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return _Slot()
+    if isinstance(obj, dict):
+        return {key: _hollow(value, tensors) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_hollow(value, tensors) for value in obj)
+    return obj
+
+
+def _filled(obj: Any, tensors: Iterator[torch.Tensor]) -> Any:
+    if isinstance(obj, _Slot):
+        return next(tensors)
+    if isinstance(obj, dict):
+        return {key: _filled(value, tensors) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_filled(value, tensors) for value in obj)
+    return obj
 
 
 def all_gather_object(obj: Any) -> list[Any]:

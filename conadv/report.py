@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+from omegaconf.errors import OmegaConfBaseException
+
 from conadv.config import RunConfig, parse_saved_config
 from conadv.errors import DataError
+
+log = logging.getLogger(__name__)
 
 # per-step training curves (metrics.jsonl 'train' records): figure file, title, keys drawn
 TRAIN_FIGURES = {
@@ -40,13 +46,30 @@ def load_run(path: Path) -> Run:
     if not (path / "config.yaml").is_file() or not (path / "metrics.jsonl").is_file():
         raise DataError(f"{path} is not a run directory (config.yaml and metrics.jsonl "
                         "are missing)")
-    run = Run(path, parse_saved_config((path / "config.yaml").read_text()))
-    for line in (path / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
+    try:
+        config = parse_saved_config((path / "config.yaml").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError, OmegaConfBaseException) as err:
+        raise DataError(f"{path / 'config.yaml'} is not a conadv config "
+                        f"({str(err).splitlines()[0][:120]})") from None
+    run = Run(path, config)
+    skipped = 0
+    for line in (path / "metrics.jsonl").read_text(errors="replace").splitlines():
+        try:  # a run killed mid-write leaves a torn last line; skip what is not a record
             record = json.loads(line)
-            (run.train if record.get("kind") == "train" else run.eval).append(record)
-    if (path / "summary.json").is_file():
-        run.summary = json.loads((path / "summary.json").read_text())
+        except ValueError:
+            skipped += bool(line.strip())
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            skipped += 1
+            continue
+        (run.train if record.get("kind") == "train" else run.eval).append(record)
+    if skipped:
+        log.warning("%s: skipped %d metrics lines that are not records", path, skipped)
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+        run.summary = summary if isinstance(summary, dict) else {}
+    except (OSError, ValueError):
+        pass  # unfinished, or torn: the report says what the metrics say
     return run
 
 
@@ -186,7 +209,12 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
     runs = [load_run(Path(p)) for p in run_dirs]
     label_runs(runs)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give a directory for the report")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot create the report directory {out}: {err.strerror}") from None
     figures = plot_runs(runs, out)
     report = out / "report.md"
     write_table([final_row(run) for run in runs], report, figures)

@@ -15,13 +15,26 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged, not the one at set-up (which a
+    host application, or a test capturing output, may have replaced since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(is_main: bool) -> None:
     """conadv's log lines to stderr: INFO on rank 0, warnings only elsewhere. Configures the
     `conadv` logger alone, leaving the root logger to the host application."""
     logger = logging.getLogger("conadv")
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     if not any(getattr(h, "conadv_handler", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.conadv_handler = True
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
@@ -29,9 +42,10 @@ def setup_logging(is_main: bool) -> None:
 
 class Telemetry:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress: bool,
-                 total_steps: int, initial_step: int) -> None:
+                 total_steps: int, initial_step: int, run_id: str | None = None) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
+        self.run_id = run_id  # in every record: whose record it is
         self._metrics = None
         self._writer = None
         self._bar = None
@@ -53,7 +67,8 @@ class Telemetry:
         """One JSON line ({'kind': 'train'|'eval', 'step': ..., **values}) and TB scalars."""
         if not self.enabled:
             return
-        record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        record = {"kind": kind, "step": step, "run": self.run_id, "time": round(time.time(), 3),
+                  **values}
         self._metrics.write(json.dumps(record) + "\n")
         if self._writer is not None:
             for key, value in values.items():

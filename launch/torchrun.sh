@@ -61,4 +61,4 @@ elif [ "$nnodes" -gt 1 ]; then
 else
   args+=(--standalone)
 fi
-exec "${PYTHON:-python3}" -m torch.distributed.run "${args[@]}" -m conadv.cli.train "$@"
+exec "${PYTHON:-python3}" -m conadv.cli.launch "${args[@]}" -m conadv.cli.train "$@"

@@ -74,6 +74,57 @@ def checkpoint_state(run_dir: Path) -> dict:
     return torch.load(newest_checkpoint(run_dir) / "state.pt", weights_only=False)
 
 
+def assert_same_run_state(a: dict, b: dict, exact: bool = True) -> None:
+    """Two checkpoints hold the same run: every part a checkpoint saves (model with its buffers
+    and auxiliary BatchNorm, optimizer moments and counters, grad scaler, ConAdv queue and its
+    weight snapshots, step and data position, teachers' checksums, discriminator) is equal, bit
+    for bit when `exact`. Only the config text is left out (paths may differ)."""
+    compared = _compare(a, b, "", exact)
+    assert compared >= 10, f"only {compared} tensors compared"
+
+
+def _compare(a, b, where: str, exact: bool) -> int:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        if exact:
+            assert a.dtype == b.dtype and torch.equal(a, b), where
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=where)
+        return 1
+    if isinstance(a, dict):
+        keys = set(a) - {"config"} if not where else set(a)
+        assert keys == (set(b) - {"config"} if not where else set(b)), (where, keys ^ set(b))
+        return sum(_compare(a[k], b[k], f"{where}.{k}", exact) for k in sorted(keys, key=str))
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        return sum(_compare(x, y, f"{where}[{i}]", exact) for i, (x, y) in enumerate(zip(a, b)))
+    assert a == b, (where, a, b)
+    return 0
+
+
+def signal_job(root: int, signum: int) -> list[int]:
+    """Send `signum` to a process and all its descendants at once, as Slurm signals every
+    process of a job step (launcher, torchrun's agent, ranks, DataLoader workers); returns the
+    pids signalled."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    job, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        job.extend(frontier)
+    for pid in job:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+    return job
+
+
 def assert_same_parameters(a: dict, b: dict, at_least: int = 20) -> None:
     """Two checkpoints' parameters agree within a tolerance that a different batch in one step
     would break (the discriminator's too, when distilling). BatchNorm running statistics are

@@ -26,7 +26,7 @@ def _count_on_rank(rank: int, world: int) -> tuple[int, int, bool]:
     torch.manual_seed(0)
     model = ImageClassifier(CifarResNet(10, width=4))
     engine = build_engine(AdvConfig(enabled=True, tau=1, steps=3), model,
-                          EngineContext(torch.device("cpu"), num_classes=10, seed=0))
+                          EngineContext(device=torch.device("cpu"), num_classes=10, seed=0))
     ddp = DistributedDataParallel(model)
     gen = torch.Generator().manual_seed(rank)
     x = torch.rand(8, 3, 32, 32, generator=gen)

@@ -18,8 +18,9 @@ from conadv.models.multi_bn import (
     main_state_dict,
 )
 from conadv.optim.param_groups import split_decay_groups
+from conadv.randomness import attack_seed
 from conadv.train.trainer import Trainer, train
-from tests.helpers import checkpoint_state, tiny_config
+from tests.helpers import assert_same_run_state, checkpoint_state, tiny_config
 
 SINGLE = DistEnv("single", 0, 1, 0, "127.0.0.1", 0)
 CPU = torch.device("cpu")
@@ -65,19 +66,29 @@ def test_adversarial_examples_are_made_with_the_weights_of_step_t_minus_tau(tmp_
     assert len(taken) == 6 * accumulation
 
     replica = copy.deepcopy(trainer.model)
+
+    def attack_with(step_weights, inputs):
+        """The published attack (written in this test) with the adversarial BatchNorm's batch
+        statistics, seeded by the batch's global key."""
+        replica.load_state_dict(step_weights)
+        clean = inputs.images[:inputs.labels.shape[0]]
+        with bn_views(replica, [("adv", clean.shape[0])], update_stats=False):
+            adv, _ = published_attack(replica, clean, inputs.labels, 10, torch.Generator()
+                                      .manual_seed(attack_seed(trainer.cfg.train.seed,
+                                                               inputs.key)))
+        return adv
+
     stale_differs = False
     for index, inputs in enumerate(taken):
         step = index // accumulation
         source = max(step - tau, 0)  # steps 0..tau use the initial weights (documented)
         assert inputs.source_step == source
-        clean = inputs.images[:inputs.labels.shape[0]]
-        replica.load_state_dict(weights[source])
-        expected = trainer.engine.make_adversarial(replica, clean, inputs.labels, inputs.key)
-        assert torch.equal(adv_view(inputs), expected), f"step {step}"
+        expected = attack_with(weights[source], inputs)
+        torch.testing.assert_close(adv_view(inputs), expected, rtol=0, atol=1e-6,
+                                   msg=f"step {step}")
         if step >= tau:
-            replica.load_state_dict(weights[step])
-            fresh = trainer.engine.make_adversarial(replica, clean, inputs.labels, inputs.key)
-            stale_differs |= not torch.equal(fresh, expected)
+            fresh = attack_with(weights[step], inputs)
+            stale_differs |= (fresh - expected).abs().max() > 1e-3
     assert stale_differs  # with fresh weights the examples would differ: staleness is real
 
 
@@ -141,24 +152,79 @@ def test_attack_leaves_weights_grads_buffers_and_optimizer_state_untouched(tmp_p
             assert torch.equal(optim_after["state"][pid][field], value)
 
 
-def test_attack_respects_the_budget_and_targets_wrong_labels():
+def published_attack(model, x, y, num_classes, generator, eps=9 / 255, step=9 / 255,
+                     steps=1, start_prob=0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released ConAdv attack written from its description, independently of
+    conadv/adversarial/attacks.py: a target drawn uniformly among the wrong labels,
+    y_t = (y + o) mod C with o in {1, ..., C-1}; a uniform start in [-eps, eps] with
+    probability 0.8 (else the clean image), clipped to [0, 1]; then
+    x_{i+1} = clip_[0,1](clip_{x, eps}(x_i - step * sign(grad_x CE(f(x_i), y_t)))).
+    The random numbers are drawn in the order the project documents (offsets, noise, coins),
+    so the result can be compared exactly. Returns (adversarial images, targets)."""
+    n = x.shape[0]
+    offsets = torch.randint(1, num_classes, (n,), generator=generator)
+    noise = torch.rand(x.shape, generator=generator)
+    coins = torch.rand((n, 1, 1, 1), generator=generator)
+    targets = (y + offsets) % num_classes
+    start = torch.where(coins < start_prob, (2 * noise - 1) * eps, torch.zeros_like(x))
+    adv = (x + start).clamp(0, 1)
+    for _ in range(steps):
+        adv = adv.detach().requires_grad_(True)
+        loss = nn.functional.cross_entropy(model(adv), targets)  # the mean: same sign
+        (grad,) = torch.autograd.grad(loss, adv)
+        adv = adv.detach() - step * grad.sign()
+        adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1)
+    return adv, targets
+
+
+def test_the_training_attack_is_the_published_one():
     torch.manual_seed(0)
     model = build_model(tiny_config("x").model, 10).eval()
-    x = torch.rand(16, 3, 32, 32)
-    y = torch.randint(0, 10, (16,))
+    x, y = torch.rand(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    for steps in (1, 3):
+        spec = AttackSpec(epsilon=9 / 255, step_size=9 / 255 if steps == 1 else 3 / 255,
+                          steps=steps, random_start_prob=0.8)
+        ours = perturb(model, x, y, spec, 10, torch.Generator().manual_seed(5))
+        theirs, targets = published_attack(model, x, y, 10, torch.Generator().manual_seed(5),
+                                           step=spec.step_size, steps=steps)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+        assert (ours - x).abs().max() <= 9 / 255 + 1e-6 and ours.min() >= 0 and ours.max() <= 1
+    assert (targets != y).all()
+    # the step moves toward the target: its loss falls for most images
+    before = nn.functional.cross_entropy(model(x), targets, reduction="none")
+    after = nn.functional.cross_entropy(model(theirs), targets, reduction="none")
+    assert (after < before).float().mean() > 0.9
+    # about 20% start from the clean image: the starts differ from x exactly there
+    starts = perturb(model, x, y, AttackSpec(steps=1, step_size=1e-12), 10,
+                     torch.Generator().manual_seed(5))
+    clean = ((starts - x).abs().flatten(1).max(dim=1).values < 1e-9).float().mean()
+    assert 0.05 < clean < 0.4
+
+
+def test_the_target_draw_covers_every_wrong_label_and_never_the_true_one():
+    from conadv.adversarial.attacks import draw
+
+    draws = draw(torch.Size((20000, 1, 1, 1)), 10, torch.Generator().manual_seed(0),
+                 torch.device("cpu"))
+    counts = torch.bincount(draws.offsets, minlength=10)
+    assert counts[0] == 0 and (counts[1:] > 20000 / 9 * 0.9).all()  # uniform over 1..9
+
+
+def test_a_pure_function_of_weights_images_labels_and_seed():
+    torch.manual_seed(0)
+    model = build_model(tiny_config("x").model, 10).eval()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
     spec = AttackSpec(epsilon=8 / 255, step_size=2 / 255, steps=5, random_start_prob=1.0)
     adv = perturb(model, x, y, spec, 10, torch.Generator().manual_seed(3))
-    assert (adv - x).abs().max() <= 8 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
-    again = perturb(model, x, y, spec, 10, torch.Generator().manual_seed(3))
-    assert torch.equal(adv, again)  # a pure function of weights, images, labels and seed
+    assert torch.equal(adv, perturb(model, x, y, spec, 10, torch.Generator().manual_seed(3)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = perturb(model, x, y, spec, 10, torch.Generator().manual_seed(3))
     assert low.dtype == torch.float32
 
 
-def test_untargeted_pgd_lowers_accuracy_more_than_fgsm(tmp_path):
-    summary = train(tiny_config(tmp_path, "train.epochs=2", "adv.eval_robust=true",
-                                "adv.eval_epsilon=0.03", "adv.eval_step_size=0.01",
+def test_untargeted_attacks_lower_accuracy_and_pgd_at_least_as_much_as_fgsm(tmp_path):
+    summary = train(tiny_config(tmp_path, "train.epochs=2", "eval.robust=true",
+                                "eval.epsilon=0.03", "eval.step_size=0.01",
                                 "train.deterministic=false"))
     final = summary["final_eval"]
     assert final["pgd10_top1"] <= final["fgsm_top1"] < final["top1"]
@@ -219,9 +285,8 @@ def test_stop_and_resume_mid_epoch_with_tau_two_is_bit_identical(tmp_path, stop_
     train(tiny_config(tmp_path / "split", *run, f"train.stop_at_step={stop_at}"))
     resumed = train(tiny_config(tmp_path / "split", *run, "checkpoint.resume=auto"))
     assert resumed["resumed_from"].endswith(f"step-{stop_at:08d}")
-    a, b = checkpoint_state(tmp_path / "straight"), checkpoint_state(tmp_path / "split")
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
+    assert_same_run_state(checkpoint_state(tmp_path / "straight"),
+                          checkpoint_state(tmp_path / "split"))
     assert straight["final_eval"] == resumed["final_eval"]
 
 
@@ -247,5 +312,4 @@ def test_three_views_with_their_own_batchnorm_train_and_resume(tmp_path):
     resumed = train(tiny_config(tmp_path / "b", "adv.enabled=true", *run,
                                 "checkpoint.resume=auto"))
     assert straight["final_eval"] == resumed["final_eval"]
-    a, b = checkpoint_state(tmp_path / "a"), checkpoint_state(tmp_path / "b")
-    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert_same_run_state(checkpoint_state(tmp_path / "a"), checkpoint_state(tmp_path / "b"))

@@ -4,7 +4,7 @@ import pytest
 
 from conadv.config import RunConfig, TrainConfig, load_config, plan_batch, to_yaml
 from conadv.errors import ConfigError
-from tests.helpers import REPO, run_module
+from tests.helpers import REPO, TINY, run_module
 
 
 def test_defaults_yaml_and_overrides_merge(tmp_path):
@@ -101,3 +101,17 @@ def test_cli_reports_one_line_and_exits_non_zero(args, message, tmp_path):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("conadv-train: error: ") and message in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_dali_settings_are_checked_in_one_sentence_whether_or_not_dali_is_installed():
+    with pytest.raises(ConfigError, match="RandomResizedCrop \\+ flip only"):
+        load_config(None, [*TINY, "data.loader=dali", "data.name=imagefolder",
+                           "data.root=/x", "data.augment=autoaugment"])
+    with pytest.raises(ConfigError, match="decodes image files"):
+        load_config(None, [*TINY, "data.loader=dali"])
+
+
+def test_a_renamed_key_names_its_new_name():
+    with pytest.raises(ConfigError, match="'adv.eval_robust' in the command line was renamed "
+                                          "to 'eval.robust'"):
+        load_config(None, ["adv.eval_robust=true"])

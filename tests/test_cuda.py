@@ -6,7 +6,7 @@ import torch
 
 from conadv.distributed import DistEnv
 from conadv.train.trainer import Trainer
-from tests.helpers import teacher_files, tiny_config
+from tests.helpers import checkpoint_state, teacher_files, tiny_config
 
 pytestmark = pytest.mark.cuda
 
@@ -29,10 +29,45 @@ def _assert_close_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
             torch.testing.assert_close(value, b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_stream_executor_matches_sequential(tmp_path):
+@pytest.fixture
+def slow_side_jobs(monkeypatch):
+    """Every side job (attack, teachers) starts with ~50 ms of GPU sleep on its stream, so it
+    finishes long after the main stream would need its result: a missing wait reads
+    unfinished adversarial images, or lets the optimizer overwrite weights an attack reads,
+    every time instead of by chance (the tiny model's attack is otherwise done first)."""
+    from conadv.adversarial.engine import LookaheadEngine
+
+    original = LookaheadEngine._prepare
+
+    def slow(self, *args, **kwargs):
+        torch.cuda._sleep(100_000_000)  # cycles: ~50 ms at 2 GHz
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LookaheadEngine, "_prepare", slow)
+
+
+def test_stream_executor_matches_sequential(tmp_path, slow_side_jobs):
     stream = _trained(tmp_path / "s", "adv.executor=stream")
     sequential = _trained(tmp_path / "q", "adv.executor=sequential")
     _assert_close_states(stream, sequential)
+
+
+@pytest.mark.parametrize("tau", [1, 2])
+def test_a_cuda_checkpoint_resumes_the_stream_run(tmp_path, slow_side_jobs, tau):
+    """Stop at step 3 with the side stream busy (the host copy of the model and of the
+    queue's weight snapshots happens while attacks run), resume, and end where the sequential
+    run ends."""
+    from conadv.train.trainer import train
+
+    run = [*CUDA_RUN, f"adv.tau={tau}", "checkpoint.every_steps=100"]
+    train(tiny_config(tmp_path / "q", *run, "adv.executor=sequential"))
+    train(tiny_config(tmp_path / "s", *run, "adv.executor=stream", "train.stop_at_step=3"))
+    resumed = train(tiny_config(tmp_path / "s", *run, "adv.executor=stream",
+                                "checkpoint.resume=auto"))
+    assert resumed["resumed_from"].endswith("step-00000003")
+    a, b = checkpoint_state(tmp_path / "q"), checkpoint_state(tmp_path / "s")
+    _assert_close_states(a["model"], b["model"])
+    assert sorted(a["engine"]["sources"]) == sorted(b["engine"]["sources"])
 
 
 def _assert_steps_make_no_host_synchronisation(trainer: Trainer) -> None:
@@ -57,7 +92,7 @@ def test_steady_state_steps_make_no_host_synchronisation(tmp_path, precision):
 
 
 @pytest.mark.parametrize("adv", ["true", "false"])
-def test_teachers_on_the_stream_match_sequential(tmp_path, adv):
+def test_teachers_on_the_stream_match_sequential(tmp_path, adv, slow_side_jobs):
     """Distillation with the teachers (and the attack) on the side stream gives the weights of
     the sequential run; with ConAdv off the teachers run one step ahead."""
     distill = ["distill.enabled=true", teacher_files(tmp_path), "distill.discriminator=true",

@@ -10,13 +10,14 @@ import torch
 from torchvision.io import encode_jpeg
 from torchvision.transforms import v2
 
-from conadv.config import DataConfig, load_config
+from conadv.config import DataConfig
 from conadv.data.loader import build_train_stream
 from conadv.errors import ConfigError
 from conadv.train.trainer import train
 from tests.helpers import (
     TINY,
     assert_same_parameters,
+    assert_same_run_state,
     checkpoint_state,
     run_module,
     run_torchrun,
@@ -25,6 +26,7 @@ from tests.helpers import (
 
 dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
 from conadv.data.dali import crop_and_flip, require_dali  # noqa: E402
+from conadv.randomness import sample_seed  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -81,32 +83,67 @@ def test_crop_boxes_and_flips_are_the_torchvision_paths(monkeypatch):
 
 
 def test_dali_batches_equal_the_torchvision_path_up_to_decoder_rounding(tmp_path):
+    """Per pixel: DALI's crops are within rounding of torchvision's (mean 0.13-0.20 of 255,
+    99th percentile 1 level, measured), and a crop one pixel off would not be (mean 2.6-3.4,
+    99th percentile 5-10): the bounds can catch an offset."""
     root = photo_folder(tmp_path)
     streams = {loader: build_train_stream(_cfg(root, loader), 1, 0, 6, 1, 7, CPU)
                for loader in ("torchvision", "dali")}
-    differences = []
+    crop = v2.RandomResizedCrop(48, scale=(0.25, 1.0), antialias=True)
+    source = streams["dali"].loader.source
+    shifted_errors = []
     for _ in range(2 * streams["dali"].batches_per_epoch + 1):  # across an epoch boundary
         (a, key_a), (b, key_b) = streams["torchvision"].next(), streams["dali"].next()
+        epoch = streams["dali"].epoch  # of the batch just drawn
         assert key_a == key_b
         assert torch.equal(a["label"], b["label"]) and torch.equal(a["index"], b["index"])
         assert a["image"].shape == b["image"].shape and b["image"].dtype == torch.uint8
-        differences.append((a["image"].float() - b["image"].float()).abs().mean().item())
-    assert max(differences) <= 2.0  # mean absolute difference <= 2/255 of the range
-    assert min(differences) > 0  # two decoders and resamplers: the comparison is not vacuous
+        for ours, theirs, index in zip(b["image"], a["image"], b["index"].tolist()):
+            error = (ours.float() - theirs.float()).abs()
+            assert 0 < error.mean() <= 0.5 and error.quantile(0.99) <= 2, index
+            image = source.load(index)
+            box, flip = crop_and_flip(sample_seed(7, epoch, index), *image.shape[1:], crop,
+                                      True)
+            if box["left"] + box["width"] < image.shape[2]:  # the guard: one pixel right
+                off = v2.functional.resized_crop(image, box["top"], box["left"] + 1,
+                                                 box["height"], box["width"], [48, 48],
+                                                 antialias=True)
+                off = v2.functional.horizontal_flip(off) if flip else off
+                shifted_errors.append((ours.float() - off.float()).abs().mean())
+    assert len(shifted_errors) > 10 and min(shifted_errors) > 1.0
+
+
+def test_exif_rotated_jpegs_are_read_as_stored_as_torchvision_reads_them(tmp_path):
+    """torchvision's decoder ignores the EXIF orientation and the crop box is drawn from the
+    stored size; DALI's decoder would rotate (its default), cropping another region or
+    outside the image."""
+    from PIL import Image
+
+    root = photo_folder(tmp_path, classes=2, per_class=4)
+    for path in (root / "train").rglob("*.jpg"):
+        image = Image.open(path)
+        exif = Image.Exif()
+        exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+        image.save(path, quality=92, exif=exif.tobytes())
+    streams = {loader: build_train_stream(_cfg(root, loader), 1, 0, 4, 1, 7, CPU)
+               for loader in ("torchvision", "dali")}
+    for _ in range(4):
+        (a, _), (b, _) = streams["torchvision"].next(), streams["dali"].next()
+        assert (a["image"].float() - b["image"].float()).abs().mean() <= 2.0
 
 
 def test_dali_training_resumes_exactly(tmp_path):
     photo_folder(tmp_path / "data")
     run = ["data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.loader=dali",
            "data.image_size=32", "data.eval_resize=36", "train.global_batch=6",
-           "train.max_steps=6", "checkpoint.every_steps=100"]
+           "train.max_steps=8", "checkpoint.every_steps=100"]
     straight = train(tiny_config(tmp_path / "a", *run))
-    train(tiny_config(tmp_path / "b", *run, "train.stop_at_step=4"))  # mid-epoch 2
+    # 4 steps per epoch (24 images, batch 6): step 6 is in the middle of the second epoch
+    train(tiny_config(tmp_path / "b", *run, "train.stop_at_step=6"))
     resumed = train(tiny_config(tmp_path / "b", *run, "checkpoint.resume=auto"))
-    assert resumed["resumed_from"].endswith("step-00000004")
+    assert resumed["resumed_from"].endswith("step-00000006")
     assert straight["final_eval"] == resumed["final_eval"]
-    a, b = checkpoint_state(tmp_path / "a"), checkpoint_state(tmp_path / "b")
-    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert_same_run_state(checkpoint_state(tmp_path / "a"), checkpoint_state(tmp_path / "b"))
 
 
 @pytest.mark.slow
@@ -123,12 +160,7 @@ def test_dali_on_two_ranks_equals_one_rank_with_accumulation(tmp_path):
     assert_same_parameters(checkpoint_state(tmp_path / "two"), checkpoint_state(tmp_path / "one"))
 
 
-def test_dali_settings_are_checked_in_one_sentence(tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="RandomResizedCrop \\+ flip only"):
-        load_config(None, [*TINY, "data.loader=dali", "data.name=imagefolder",
-                           "data.root=/x", "data.augment=autoaugment"])
-    with pytest.raises(ConfigError, match="decodes image files"):
-        load_config(None, [*TINY, "data.loader=dali"])
+def test_a_missing_dali_is_one_sentence(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if it were not installed
     with pytest.raises(ConfigError, match=r"pip install '\.\[dali\]'"):
         require_dali()

@@ -1,8 +1,13 @@
 """Data-parallel training through a real torchrun rendezvous (gloo on CPU)."""
 
+import functools
+from pathlib import Path
+
 import pytest
+import torch
 
 from conadv.distributed import detect_env, expand_nodelist
+from conadv.train.trainer import train
 from tests.helpers import (
     TINY,
     assert_same_parameters,
@@ -60,3 +65,28 @@ def test_conadv_two_ranks_equal_one_rank_with_accumulation(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = checkpoint_state(tmp_path / "two"), checkpoint_state(tmp_path / "one")
     assert_same_parameters(a, b, at_least=40)  # main and auxiliary BatchNorm parameters
+
+
+def _read_on_rank_zero(rank: int, world: int, path: str) -> dict:
+    from conadv.checkpoints.format import load_state_everywhere
+
+    state = load_state_everywhere(Path(path) if rank == 0 else None, torch.device("cpu"))
+    return {"step": state["step"], "config": state["config"],
+            "model": {k: (str(v.dtype), v.numpy().copy()) for k, v in state["model"].items()}}
+
+
+def test_a_checkpoint_is_read_by_rank_zero_and_received_by_the_others(tmp_path):
+    """Rank 1 is not given the path: what it holds came over the wire, dtypes included."""
+    from tests.helpers import newest_checkpoint, run_gloo_ranks, tiny_config
+
+    train(tiny_config(tmp_path / "run", "train.max_steps=2", "adv.enabled=true"))
+    checkpoint = newest_checkpoint(tmp_path / "run")
+    ranks = run_gloo_ranks(2, functools.partial(_read_on_rank_zero, path=str(checkpoint)),
+                           tmp_path)
+    saved = torch.load(checkpoint / "state.pt", weights_only=True)
+    assert ranks[1]["step"] == saved["step"] and ranks[1]["config"] == saved["config"]
+    assert {dtype for dtype, _ in ranks[1]["model"].values()} == {"torch.float32",
+                                                                  "torch.int64"}
+    for name, value in saved["model"].items():
+        dtype, received = ranks[1]["model"][name]
+        assert dtype == str(value.dtype) and (received == value.numpy()).all(), name

@@ -4,7 +4,7 @@ under attack."""
 import pytest
 import torch
 
-from conadv.config import AdvConfig
+from conadv.config import EvalConfig
 from conadv.data.dataset import ViewDataset
 from conadv.data.sampler import ExactShardSampler
 from conadv.data.sources import SyntheticSource
@@ -12,8 +12,7 @@ from conadv.models.factory import CifarResNet, ImageClassifier
 from conadv.train.evaluate import evaluate, robust_attacks
 from tests.helpers import run_gloo_ranks
 
-ATTACKS = robust_attacks(AdvConfig(eval_epsilon=8 / 255, eval_pgd_steps=3,
-                                   eval_step_size=2 / 255))
+ATTACKS = robust_attacks(EvalConfig(epsilon=8 / 255, pgd_steps=3, step_size=2 / 255))
 
 
 class ModelLabels(SyntheticSource):

@@ -2,7 +2,9 @@
 signals, and a failing rank under torchrun."""
 
 import errno
+import functools
 import json
+import math
 import os
 import re
 import signal
@@ -18,14 +20,17 @@ from conadv.distributed import DistEnv
 from conadv.errors import CheckpointWriteError, TrainingDiverged
 from conadv.train import checkpoint as checkpoint_module
 from conadv.train.nonfinite import first_non_finite
+from conadv.train.preemption import REPEAT_WINDOW_S
 from conadv.train.trainer import Trainer, train
 from tests.helpers import (
     REPO,
     TINY,
+    assert_same_run_state,
     checkpoint_state,
     free_port,
     newest_checkpoint,
     run_module,
+    signal_job,
     subprocess_env,
     the_error_line,
     tiny_config,
@@ -66,7 +71,7 @@ def test_a_diverging_demo_run_stops_within_a_logging_window_and_resumes(tmp_path
     resume with the sane config from the newest finite checkpoint."""
     run = [f"--config={REPO / 'configs/demo.yaml'}", f"log.run_dir={tmp_path}",
            "checkpoint.every_steps=20", "log.progress=false", "log.tensorboard=false",
-           "train.max_steps=30", "adv.eval_robust=false", "train.eval_every_epochs=0"]
+           "train.max_steps=30", "eval.robust=false", "train.eval_every_epochs=0"]
     good = run_module("conadv.cli.train", *run, "train.stop_at_step=10")
     assert good.returncode == 0, good.stderr[-2000:]
 
@@ -117,6 +122,42 @@ def test_skip_policy_undoes_a_poisoned_step_on_the_device(tmp_path, monkeypatch,
     assert not torch.equal(moved["param.backbone.fc.weight"], after["param.backbone.fc.weight"])
 
 
+def _poison_images_at(monkeypatch, calls: set[int]) -> None:
+    """Make the training images infinite at the given (0-based) micro-step calls: the forward
+    writes inf/NaN into every BatchNorm's running statistics, as an overflow does."""
+    original = ViewEngine._assemble
+    counter = {"n": 0}
+
+    def assemble(self, *args, **kwargs):
+        inputs = original(self, *args, **kwargs)
+        if counter["n"] in calls:
+            inputs.images = inputs.images * float("inf")
+        counter["n"] += 1
+        return inputs
+
+    monkeypatch.setattr(ViewEngine, "_assemble", assemble)
+
+
+def test_skip_policy_restores_the_batchnorm_statistics_of_a_skipped_step(tmp_path,
+                                                                          monkeypatch):
+    _poison_images_at(monkeypatch, {2})
+    trainer = Trainer(tiny_config(tmp_path, "train.on_nonfinite=skip", "train.max_steps=4",
+                                  "adv.enabled=true", "checkpoint.every_steps=1"), SINGLE,
+                      torch.device("cpu"))
+    trainer.train_step()
+    trainer.train_step()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert any(".aux.adv.running_var" in k for k in before)  # the auxiliary BN is covered
+    trainer.train_step()  # the poisoned one
+    after = trainer.model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    summary = trainer.fit()
+    assert summary["finished"] and summary["skipped_steps"] == 1
+    assert math.isfinite(summary["final_eval"]["loss"])
+    assert first_non_finite(checkpoint_state(tmp_path)) is None
+
+
 def test_skip_policy_finishes_and_reports_the_skipped_step(tmp_path, monkeypatch):
     _poison_loss_at(monkeypatch, {2})
     summary = train(tiny_config(tmp_path, "train.on_nonfinite=skip", "train.max_steps=5",
@@ -132,6 +173,71 @@ def test_skip_policy_stops_after_too_many_skipped_steps_in_a_row(tmp_path, monke
     with pytest.raises(TrainingDiverged, match="3 optimizer steps in a row were skipped"):
         train(tiny_config(tmp_path, "train.on_nonfinite=skip", "train.max_skipped_steps=2",
                           "train.max_steps=6"))
+
+
+def _one_rank_goes_non_finite(rank: int, world: int, run_dir: str, overrides: tuple) -> dict:
+    """A gloo rank of a job whose loss is non-finite on rank 1 alone at step 3; the gradients
+    stay finite (as under fp16, or a distillation target of probability 0), so only the flag
+    tells the ranks. Returns what this rank ended with."""
+    from conadv.errors import TrainingDiverged
+
+    original = ViewEngine.loss
+
+    def loss(self, objective, logits, inputs):
+        value, stats = original(self, objective, logits, inputs)
+        if rank == 1 and trainer.step == 2:
+            value = value + value.detach() * float("inf")
+        return value, stats
+
+    ViewEngine.loss = loss
+    env = DistEnv("torchrun", rank, world, rank, "127.0.0.1", 0)
+    trainer = Trainer(tiny_config(run_dir, "train.max_steps=5", "log.every_steps=10",
+                                  "train.deterministic=false", *overrides), env,
+                      torch.device("cpu"))
+    try:
+        summary = trainer.fit()
+        error = None
+    except TrainingDiverged as err:
+        summary, error = None, str(err)
+    # numpy arrays: tensors would travel as shared memory that dies with this process
+    state = {k: v.numpy().copy() for k, v in trainer.model.state_dict().items()}
+    for i, part in enumerate(trainer.optimizers):
+        for n, values in enumerate(part.state_dict()["state"].values()):
+            state.update({f"optimizer{i}.{n}.{k}": v.numpy().copy() for k, v in values.items()
+                          if isinstance(v, torch.Tensor)})
+    return {"state": state, "step": trainer.step, "error": error,
+            "skipped": summary["skipped_steps"] if summary else None}
+
+
+SKIP_CASES = {"fp32": ["train.on_nonfinite=skip"],
+              "distillation": ["train.on_nonfinite=skip", "distill.enabled=true",
+                               "distill.discriminator=true"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(SKIP_CASES))
+def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path, case):
+    from tests.helpers import run_gloo_ranks, teacher_files
+
+    overrides = tuple(SKIP_CASES[case]) + (
+        (teacher_files(tmp_path),) if "distill" in case else ())
+    ranks = run_gloo_ranks(2, functools.partial(_one_rank_goes_non_finite,
+                                                run_dir=str(tmp_path / "run"),
+                                                overrides=overrides), tmp_path)
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == 1
+    for key, value in ranks[0]["state"].items():  # the replicas are still one model
+        assert (value == ranks[1]["state"][key]).all(), key
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_one_sentence(tmp_path):
+    from tests.helpers import run_gloo_ranks
+
+    ranks = run_gloo_ranks(2, functools.partial(_one_rank_goes_non_finite,
+                                                run_dir=str(tmp_path / "run"), overrides=()),
+                           tmp_path)
+    assert ranks[0]["error"] == ranks[1]["error"] and "non-finite" in ranks[0]["error"]
+    assert ranks[0]["step"] == ranks[1]["step"]
 
 
 # ------------------------------------------------------------------ failed checkpoint writes
@@ -195,7 +301,13 @@ def test_a_full_tmpfs_stops_the_cli_with_one_line(tmp_path):
 
 # ------------------------------------------------------------------ termination signals
 
-SIGNAL_RUN = [*TINY, "train.max_steps=40", "checkpoint.every_steps=1000", "log.every_steps=1"]
+SIGNAL_RUN = [*TINY, "train.max_steps=40", "checkpoint.every_steps=1000", "log.every_steps=1",
+              "data.workers=2"]
+
+
+def _train_record_count(run_dir) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.read_text().count('"kind": "train"') if metrics.exists() else 0
 
 
 def _wait_for_train_records(run_dir, count: int, process, timeout: float = 120) -> None:
@@ -210,40 +322,45 @@ def _wait_for_train_records(run_dir, count: int, process, timeout: float = 120) 
 
 
 def _start(args: list[str], torchrun: int = 0) -> subprocess.Popen:
+    """The CLI, or launch/torchrun.sh with `torchrun` ranks, in a session of its own."""
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={torchrun}",
-               "--nnodes=1", f"--master-port={free_port()}", "-m", "conadv.cli.train", *args]
+        cmd = [str(REPO / "launch/torchrun.sh"), "--nproc-per-node", str(torchrun), "--", *args]
     else:
         cmd = [sys.executable, "-m", "conadv.cli.train", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(PYTHON=sys.executable), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", [0, 2], ids=["single", "torchrun2"])
-def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_bit_identical(tmp_path, ranks):
+@pytest.mark.parametrize("ranks, signum", [(0, signal.SIGTERM), (2, signal.SIGTERM),
+                                           (2, signal.SIGUSR1)],
+                         ids=["single-term", "torchrun2-term", "torchrun2-usr1"])
+def test_a_signal_to_every_process_checkpoints_and_resumes_bit_identical(tmp_path, ranks,
+                                                                          signum):
+    """As Slurm delivers it: to the launcher, torchrun's agent (which passes SIGTERM on once
+    more), the ranks and their DataLoader workers (data.workers=2), all at once."""
     straight = _start([*SIGNAL_RUN, f"log.run_dir={tmp_path / 'straight'}"], ranks)
     assert straight.wait(timeout=300) == 0, straight.communicate()[1][-3000:]
 
     run_dir = tmp_path / "split"
     process = _start([*SIGNAL_RUN, f"log.run_dir={run_dir}"], ranks)
     _wait_for_train_records(run_dir, 5, process)
-    process.send_signal(signal.SIGTERM)  # torchrun's agent passes it on to its workers
+    signalled = signal_job(process.pid, signum)
+    assert len(signalled) >= (1 + 2 * 3 if ranks else 3)  # DataLoader workers included
     _, err = process.communicate(timeout=120)
-    if not ranks:
-        assert process.returncode == 75, err[-3000:]
+    terminated = signum == signal.SIGTERM
+    assert process.returncode == (75 if terminated else 0), err[-3000:]
+    assert "exited unexpectedly" not in err
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["terminated"] and not summary["finished"], summary
+    assert summary["terminated"] == terminated and not summary["finished"], summary
     stopped_at = summary["steps"]
     assert 5 <= stopped_at < 40
     assert newest_checkpoint(run_dir).name == f"step-{stopped_at:08d}"
 
     resumed = _start([*SIGNAL_RUN, f"log.run_dir={run_dir}", "checkpoint.resume=auto"], ranks)
     assert resumed.wait(timeout=300) == 0, resumed.communicate()[1][-3000:]
-    a, b = checkpoint_state(tmp_path / "straight"), checkpoint_state(run_dir)
-    assert a["step"] == b["step"] == 40
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
+    assert_same_run_state(checkpoint_state(tmp_path / "straight"), checkpoint_state(run_dir))
 
 
 @pytest.mark.slow
@@ -252,7 +369,10 @@ def test_a_second_sigterm_ends_the_process_at_once(tmp_path):
     process = _start([*SIGNAL_RUN, *slow_steps, f"log.run_dir={tmp_path}"])
     _wait_for_train_records(tmp_path, 1, process)
     process.send_signal(signal.SIGTERM)
-    time.sleep(0.2)  # two signals before the handler runs would count as one
+    time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)  # within the window: the same request, delivered twice
+    time.sleep(REPEAT_WINDOW_S + 0.5)
+    assert process.poll() is None
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGTERM
@@ -310,13 +430,17 @@ def test_kill_9_at_random_times_never_breaks_resume_or_the_result(tmp_path):
     chooser = random.Random(1234)
     kills = 0
     while kills < 10:
-        records = (run_dir / "metrics.jsonl").read_text().count('"kind": "train"') if (
-            run_dir / "metrics.jsonl").exists() else 0
+        records = _train_record_count(run_dir)
         process = _start([*run, f"log.run_dir={run_dir}", "checkpoint.resume=auto"])
-        try:
-            _wait_for_train_records(run_dir, records + 1, process)
-        except AssertionError:
-            break  # it finished before we could kill it
+        deadline = time.time() + 120
+        while _train_record_count(run_dir) <= records and process.poll() is None:
+            assert time.time() < deadline, "the restarted run made no progress"
+            time.sleep(0.02)
+        if process.poll() is not None:  # it ended before we could kill it: finished, or not?
+            _, err = process.communicate()
+            assert process.returncode == 0, f"a restart crashed:\n{err[-3000:]}"
+            assert json.loads((run_dir / "summary.json").read_text())["finished"]
+            break
         time.sleep(chooser.uniform(0.0, 0.15))
         process.kill()
         process.communicate(timeout=60)
@@ -324,11 +448,6 @@ def test_kill_9_at_random_times_never_breaks_resume_or_the_result(tmp_path):
     assert kills >= 8
     final = _start([*run, f"log.run_dir={run_dir}", "checkpoint.resume=auto"])
     assert final.wait(timeout=300) == 0, final.communicate()[1][-3000:]
-    a, b = checkpoint_state(tmp_path / "straight"), checkpoint_state(run_dir)
-    assert a["step"] == b["step"] == 40
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    for pid, state in a["optimizer"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(value, b["optimizer"]["state"][pid][name]), (pid, name)
+    assert_same_run_state(checkpoint_state(tmp_path / "straight"), checkpoint_state(run_dir))
+    assert checkpoint_state(run_dir)["step"] == 40
     assert not list((run_dir / "checkpoints").glob("*.partial"))

@@ -1,15 +1,14 @@
 """The CUDA path, tested where no GPU is at hand: meta-device optimizer state, fp16 attacks on
-a CPU autocast, the attack stream's ordering with stand-in CUDA objects, evaluation over two
-gloo ranks, a GPU job that finds CUDA unusable, device-timed attacks, and the queue's memory."""
+a CPU autocast, evaluation over two gloo ranks, a GPU job that finds CUDA unusable,
+device-timed attacks, and the queue's memory. (The side stream's ordering is checked by
+tests/test_stream_order.py.)"""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conadv.adversarial import streams
 from conadv.adversarial.attacks import input_gradient
 from conadv.distributed import DistEnv, gpus_given, pick_device
 from conadv.errors import ConfigError
@@ -45,8 +44,10 @@ def test_lamb_state_follows_its_parameters_after_a_load():
 def test_fp16_attack_gradients_do_not_underflow():
     """The attack takes the sign of d(loss)/d(input). With a mean over 256 images, fp16
     gradients underflow to 0 (measured: 0.32% of entries on this model); with the sum the
-    attack uses, the zeros left are the CPU fp16 convolution's exact cancellations (it
-    accumulates in fp16), a fraction of a per mille, and none at all in fp32 or bf16."""
+    attack uses, the zeros left are exact cancellations of the CPU's low-precision
+    convolutions, a fraction of a per mille (fp16 accumulates in fp16; bf16 kernels on CPUs
+    with native bf16 round to its 8-bit mantissa: 0.06% measured on an AMD EPYC), and none
+    in fp32."""
     torch.manual_seed(0)
     model = ImageClassifier(CifarResNet(10, width=16))
     x, goal = torch.rand(256, 3, 32, 32), torch.randint(0, 10, (256,))
@@ -63,64 +64,9 @@ def test_fp16_attack_gradients_do_not_underflow():
         return (grad == 0).float().mean().item()
 
     fp32, fp16, fp16_mean = zeros(None), zeros(torch.float16), zeros(torch.float16, "mean")
-    assert fp32 == 0 and zeros(torch.bfloat16) == 0
+    assert fp32 == 0 and zeros(torch.bfloat16) < 1e-3
     assert fp16_mean > 1e-3  # the underflow the sum removes: the comparison below can fail
     assert fp16 <= fp32 + 2e-4 and fp16 <= fp16_mean / 20
-
-
-class _FakeStream:
-    def __init__(self, name, log):
-        self.name, self.log = name, log
-
-    def wait_event(self, event):
-        self.log.append((self.name, "wait_event", event.name))
-
-    def wait_stream(self, other):
-        self.log.append((self.name, "wait_stream", other.name))
-
-    def synchronize(self):
-        pass
-
-
-class _FakeEvent:
-    count = 0
-
-    def __init__(self, enable_timing=False):
-        _FakeEvent.count += 1
-        self.name = f"event{_FakeEvent.count}"
-
-    def record(self, stream=None):
-        pass
-
-
-def test_the_attack_stream_waits_for_the_main_stream_until_weights_are_ready(monkeypatch):
-    """Before any optimizer step (a new run, a resume) the weights may still be written by a
-    queued load_state_dict copy or DDP's broadcast on the main stream."""
-    log: list = []
-    main, attack = _FakeStream("main", log), _FakeStream("attack", log)
-    current = [main]
-
-    class _StreamContext:
-        def __init__(self, stream):
-            self.stream = stream
-
-        def __enter__(self):
-            current.append(self.stream)
-
-        def __exit__(self, *exc):
-            current.pop()
-
-    fake_cuda = SimpleNamespace(Stream=lambda device: attack, Event=_FakeEvent,
-                                stream=_StreamContext, current_stream=lambda device: current[-1])
-    monkeypatch.setattr(streams.torch, "cuda", fake_cuda)
-    executor = streams.CudaStreamExecutor(torch.device("cuda", 0), timing=False)
-    executor.launch(lambda: None)
-    assert log == [("attack", "wait_stream", "main")]
-    log.clear()
-    executor.after_optimizer_step()  # records the weights-ready event on the main stream
-    ready = executor._weights_ready.name
-    executor.launch(lambda: None)
-    assert log == [("attack", "wait_event", ready)]
 
 
 @pytest.mark.slow

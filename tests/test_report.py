@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.io import decode_png, read_file
 
 from conadv.config import load_config
 from conadv.data.loader import build_eval_loader
@@ -24,16 +25,26 @@ def test_report_of_two_runs_writes_figures_and_their_final_accuracies(tmp_path):
                         str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"report: {tmp_path / 'report' / 'report.md'}" in result.stdout
-    for figure in ("loss.png", "lr.png", "accuracy.png", "throughput.png"):
-        data = (tmp_path / "report" / figure).read_bytes()
-        assert data.startswith(b"\x89PNG") and len(data) > 5000, figure
-    table = (tmp_path / "report" / "report.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| adv.enabled=")]
-    assert len(rows) == 2  # labelled by what differs: adv.enabled
+    blue, orange = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's C0 and C1
+    for figure, colours in (("loss.png", [blue, orange]), ("accuracy.png", [blue, orange]),
+                            ("lr.png", [orange]), ("throughput.png", [orange])):
+        # each run's curve in its own colour (the two runs' LR schedules coincide: the second
+        # is drawn over the first)
+        image = decode_png(read_file(str(tmp_path / "report" / figure)))[:3]
+        for colour in colours:
+            close = (image.int() - torch.tensor(colour)[:, None, None]).abs().amax(dim=0) < 40
+            assert close.sum() > 100, (figure, colour)
+    lines = (tmp_path / "report" / "report.md").read_text().splitlines()
+    header = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    rows = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|"))))
+            for line in lines[4:] if line.startswith("| ")]
+    assert [row["run"] for row in rows] == ["adv.enabled=False", "adv.enabled=True"]
     for (_, summary), row in zip(runs, rows):
         final = summary["final_eval"]
-        assert f"| {final['top1']:.2f} |" in row
-        assert f"| {final['train_top1']:.2f} | {final['train_test_gap']:.2f} |" in row
+        assert row["test top-1 %"] == f"{final['top1']:.2f}"
+        assert row["train top-1 %"] == f"{final['train_top1']:.2f}"
+        assert row["train-test gap"] == f"{final['train_test_gap']:.2f}"
+        assert row["steps"] == str(summary["steps"]) and row["finished"] == "True"
 
 
 def test_runs_that_differ_in_their_teachers_are_labelled_by_the_teachers_files():

@@ -10,9 +10,10 @@ import re
 import pytest
 import torch
 
+from conadv.distributed import DistEnv
 from conadv.errors import ConfigError
 from conadv.optim.schedules import WarmupDecay
-from conadv.train.trainer import train
+from conadv.train.trainer import Trainer, train
 from tests.helpers import (
     REPO,
     TINY,
@@ -106,15 +107,26 @@ def test_allowed_config_change_continues_on_the_new_schedule(tmp_path, caplog):
         assert math.isclose(logged[step], schedule(step), rel_tol=1e-9, abs_tol=1e-12), step
 
 
-def test_allowed_switch_from_vanilla_to_conadv_warm_starts(tmp_path):
-    train(tiny_config(tmp_path, "train.max_steps=4", "train.stop_at_step=2",
+def test_allowed_switch_from_vanilla_to_conadv_starts_the_auxiliary_bn_as_the_trained_main(
+        tmp_path):
+    """The auxiliary BatchNorm of the adversarial view is a copy of the checkpoint's main
+    BatchNorm, as when a model is converted, not the untrained initial values."""
+    train(tiny_config(tmp_path, "train.max_steps=6", "train.stop_at_step=4",
                       "checkpoint.every_steps=100"))
     vanilla = checkpoint_state(tmp_path)["model"]
-    resumed = train(tiny_config(tmp_path, "train.max_steps=4", "adv.enabled=true",
-                                "checkpoint.every_steps=100", "checkpoint.resume=auto",
-                                "checkpoint.allow_config_change=true", "train.stop_at_step=3"))
-    assert resumed["training"] == "ConAdv tau=1" and resumed["steps"] == 3
-    assert "backbone.fc.weight" in vanilla
+    switched = Trainer(tiny_config(tmp_path, "train.max_steps=6", "adv.enabled=true",
+                                   "checkpoint.every_steps=100", "checkpoint.resume=auto",
+                                   "checkpoint.allow_config_change=true"),
+                       DistEnv("single", 0, 1, 0, "127.0.0.1", 0), torch.device("cpu"))
+    state = switched.model.state_dict()
+    auxiliary = [key for key in state if ".aux.adv." in key]
+    assert len(auxiliary) >= 5 * 4  # weight, bias, running mean/var, count of every BN
+    for key in auxiliary:
+        assert torch.equal(state[key], vanilla[key.replace("aux.adv.", "")]), key
+    trained = [key for key in vanilla if key.endswith("running_mean")]
+    assert all(vanilla[key].abs().sum() > 0 for key in trained)  # not the initial zeros
+    summary = switched.fit()
+    assert summary["training"] == "ConAdv tau=1" and summary["finished"]
 
 
 # ------------------------------------------------------------------ another layout
@@ -202,7 +214,7 @@ def _imports(path) -> set[str]:
 def test_conadv_lives_behind_one_door():
     trainer = REPO / "conadv" / "train" / "trainer.py"
     imported = _imports(trainer)
-    assert not imported & {"conadv.models.multi_bn", "conadv.adversarial.streams",
+    assert not imported & {"conadv.models.multi_bn", "conadv.adversarial.executors",
                            "conadv.adversarial.engine"}
     assert not re.search(r"cfg\.adv\.\w+", trainer.read_text())
     assert "conadv.train.trainer" not in _imports(REPO / "conadv" / "train" / "eval_job.py")

@@ -58,6 +58,26 @@ def test_a_corrupt_or_missing_shard_is_one_sentence(tmp_path):
         ShardSource(tmp_path / "nowhere", "train")
 
 
+def test_a_flipped_byte_inside_a_shard_is_an_unreadable_image_not_garbage(tmp_path):
+    """The shard keeps its size, so only the sample's CRC-32 can tell; with bad_images=skip the
+    sample is replaced and counted like any unreadable file."""
+    _, shards = _packed(tmp_path)
+    source = ShardSource(shards, "train")
+    shard, offset, size = source.samples[5][:3]
+    path = shards / source.shards[shard]["name"]
+    data = bytearray(path.read_bytes())
+    data[offset + size // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="sample 5 does not match its checksum"):
+        ShardSource(shards, "train").read_bytes(5)
+    assert ShardSource(shards, "train").read_bytes(4)  # its neighbours are fine
+    summary = train(tiny_config(tmp_path / "run", "data.name=shards", f"data.root={shards}",
+                                "data.image_size=24", "data.eval_resize=28",
+                                "train.global_batch=7", "data.bad_images=skip",
+                                "train.max_steps=3"))
+    assert summary["bad_images"] == 1
+
+
 def test_pack_refuses_an_image_that_does_not_decode_and_can_run_again(tmp_path):
     bad = make_imagefolder(tmp_path / "folder")
     result = run_module("conadv.cli.pack", str(tmp_path / "folder"), str(tmp_path / "shards"))

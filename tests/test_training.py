@@ -7,22 +7,14 @@ import pytest
 import torch
 import torchvision
 
+from conadv.checkpoints.format import problem
 from conadv.models import build_model, export_state_dict
 from conadv.train.checkpoint import CheckpointManager
 from conadv.train.trainer import train
-from tests.helpers import checkpoint_state, newest_checkpoint, tiny_config
+from tests.helpers import assert_same_run_state, checkpoint_state, newest_checkpoint, tiny_config
 
 # mid-epoch (44 batches of 32 per epoch), with augmentation and mixup so RNG state matters
 RESUME_RUN = ["train.max_steps=8", "train.mixup_alpha=0.4", "checkpoint.every_steps=100"]
-
-
-def _assert_same_state(a: dict, b: dict) -> None:
-    assert a["step"] == b["step"]
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    for pid, state in a["optimizer"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(value, b["optimizer"]["state"][pid][name]), (pid, name)
 
 
 def test_stop_and_resume_is_bit_identical(tmp_path):
@@ -34,17 +26,42 @@ def test_stop_and_resume_is_bit_identical(tmp_path):
     second = train(tiny_config(tmp_path / "split", *RESUME_RUN, "checkpoint.resume=auto"))
     assert second["resumed_from"].endswith("step-00000003") and second["finished"]
 
-    _assert_same_state(checkpoint_state(tmp_path / "straight"),
-                       checkpoint_state(tmp_path / "split"))
+    assert_same_run_state(checkpoint_state(tmp_path / "straight"),
+                          checkpoint_state(tmp_path / "split"))
     assert straight["final_eval"] == second["final_eval"]
 
 
-def test_resume_changes_nothing_when_the_state_differs(tmp_path):
-    """Guard for the test above: a different seed does give different weights."""
-    train(tiny_config(tmp_path / "a", "train.max_steps=2"))
-    train(tiny_config(tmp_path / "b", "train.max_steps=2", "train.seed=1"))
-    a, b = checkpoint_state(tmp_path / "a"), checkpoint_state(tmp_path / "b")
-    assert not torch.equal(a["model"]["backbone.fc.weight"], b["model"]["backbone.fc.weight"])
+def test_the_resume_comparison_fails_when_a_resume_is_one_batch_off(tmp_path, monkeypatch):
+    """Guard for the test above: a resume that repeats one step's batches is caught."""
+    from conadv.data.loader import BatchStream
+
+    train(tiny_config(tmp_path / "straight", *RESUME_RUN))
+    train(tiny_config(tmp_path / "split", *RESUME_RUN, "train.stop_at_step=3"))
+    seek = BatchStream.seek
+    monkeypatch.setattr(BatchStream, "seek", lambda self, step: seek(self, max(step - 1, 0)))
+    train(tiny_config(tmp_path / "split", *RESUME_RUN, "checkpoint.resume=auto"))
+    with pytest.raises(AssertionError):
+        assert_same_run_state(checkpoint_state(tmp_path / "straight"),
+                              checkpoint_state(tmp_path / "split"))
+
+
+@pytest.mark.parametrize("case", ["fp16", "epoch-2"])
+def test_stop_and_resume_of_fp16_and_in_a_later_epoch_is_bit_identical(tmp_path, case):
+    """fp16 saves the GradScaler's scale and growth tracker; a stop in the middle of epoch 2 of
+    the torchvision path resumes the second epoch's permutation at the right place."""
+    run = {"fp16": ["train.precision=fp16", "adv.enabled=true", "train.max_steps=6"],
+           "epoch-2": ["train.global_batch=256", "train.max_steps=9"]}[case]  # 5 steps/epoch
+    run += ["checkpoint.every_steps=100", "train.mixup_alpha=0.4" if case == "epoch-2" else
+            "data.hflip=true"]
+    straight = train(tiny_config(tmp_path / "straight", *run))
+    train(tiny_config(tmp_path / "split", *run, "train.stop_at_step=7" if case == "epoch-2"
+                      else "train.stop_at_step=3"))
+    resumed = train(tiny_config(tmp_path / "split", *run, "checkpoint.resume=auto"))
+    assert resumed["finished"] and straight["final_eval"] == resumed["final_eval"]
+    a, b = checkpoint_state(tmp_path / "straight"), checkpoint_state(tmp_path / "split")
+    if case == "fp16":
+        assert a["scaler"]["scale"] > 0 and "_growth_tracker" in a["scaler"]
+    assert_same_run_state(a, b)
 
 
 def test_truncated_newest_checkpoint_is_skipped(tmp_path, caplog):
@@ -70,8 +87,8 @@ def test_corrupt_checkpoint_with_the_same_size_is_detected(tmp_path):
     data[len(data) // 2] ^= 0xFF
     (newest / "state.pt").write_bytes(bytes(data))
     manager = CheckpointManager(run / "checkpoints", keep_last=3)
-    assert "checksum" in manager.problem(newest)
-    assert manager.find_resume("auto").name == "step-00000001"
+    assert "checksum" in problem(newest)
+    assert manager.choose_resume("auto").name == "step-00000001"
 
 
 def test_keep_last_prunes_old_checkpoints_and_leaves_no_partial(tmp_path):

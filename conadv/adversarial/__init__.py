@@ -1,7 +1,7 @@
 """Adversarial examples and the ConAdv engine: the only package that knows ConAdv. Knows
 nothing about DDP or data loaders: it is handed a module, batches and a small context."""
 
-from conadv.adversarial.attacks import AttackSpec, perturb
+from conadv.adversarial.attacks import AttackSpec, draw_per_sample, perturb
 from conadv.adversarial.engine import (
     EngineContext,
     LookaheadEngine,
@@ -15,6 +15,7 @@ __all__ = [
     "LookaheadEngine",
     "EngineContext",
     "TrainInputs",
+    "draw_per_sample",
     "ViewEngine",
     "build_engine",
     "perturb",

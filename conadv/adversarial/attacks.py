@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from conadv.randomness import evaluation_attack_seed
+
 
 @dataclass(frozen=True)
 class AttackSpec:
@@ -50,12 +52,13 @@ def draw(shape: torch.Size, num_classes: int, generator: torch.Generator | None,
 
 
 def draw_per_sample(shape: torch.Size, num_classes: int, indices: Tensor, seed: int,
-                    device: torch.device) -> AttackDraws:
+                    attack: int, device: torch.device) -> AttackDraws:
     """Draws seeded by each sample's dataset index: the same image gets the same random start
     however the data is sharded (used by evaluation, where results must not depend on the
     world size)."""
     per_sample = [draw(torch.Size((1, *shape[1:])), num_classes,
-                       torch.Generator().manual_seed(seed * 1_000_003 + int(i)),
+                       torch.Generator().manual_seed(evaluation_attack_seed(seed, attack,
+                                                                            int(i))),
                        torch.device("cpu")) for i in indices.tolist()]
     return AttackDraws(*(torch.cat([getattr(d, f) for d in per_sample]).to(device)
                          for f in ("offsets", "noise", "starts")))

@@ -57,11 +57,12 @@ import torch
 from torch import Tensor, nn
 
 from conadv.adversarial.attacks import AttackSpec, perturb
-from conadv.adversarial.streams import Launched, build_executor
+from conadv.adversarial.executors import Launched, build_executor
 from conadv.config import AdvConfig
 from conadv.data.device import batch_to_device
 from conadv.errors import CheckpointError
 from conadv.models.multi_bn import MAIN, bn_views, convert_to_multi_bn
+from conadv.randomness import MIXING, attack_seed, batch_seed, seeded
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,9 @@ Batch = dict[str, Tensor]
 Weights = dict[str, Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineContext:
-    """What an engine needs to know about the run, besides its `adv` config."""
+    """What an engine needs to know about the run, besides its `adv` config (by keyword)."""
 
     device: torch.device
     num_classes: int
@@ -107,16 +108,10 @@ class ViewWeights:
     adv: float = 1.0
 
 
-def _keyed_seed(seed: int, key: int, stream: int) -> int:
-    """A seed for one batch's randomness of one kind (`stream`), independent of rank/restart."""
-    return ((seed * 1_000_003 + stream) * 10_000_019 + key) % (2**63)
-
-
 class ViewEngine:
     """Vanilla training: clean view (+ augmented view). No attack, no queue."""
 
     label = "vanilla"
-    concurrent = False  # attacks run beside the training step (CUDA stream)
 
     def __init__(self, model: nn.Module, context: EngineContext, weights: ViewWeights,
                  routes: dict[str, str]) -> None:
@@ -181,8 +176,7 @@ class ViewEngine:
         mix = self.context.mix
         if mix is not None:  # vanilla only: each view mixed on its own
             # seeded by the batch key, so mixing does not depend on the rank or a restart
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_keyed_seed(self.context.seed, key, stream=1))
+            with seeded(batch_seed(self.context.seed, key, MIXING)):
                 mixed = [mix(x, labels) for x in images]
             images = [x for x, _ in mixed]
             targets = torch.cat([t for _, t in mixed])
@@ -239,7 +233,6 @@ class LookaheadEngine(ViewEngine):
         self.lookahead = lookahead
         self.accumulation = context.accumulation
         self.executor = executor
-        self.concurrent = executor.concurrent
         if spec is None:
             self.label = "vanilla"
         else:
@@ -263,10 +256,17 @@ class LookaheadEngine(ViewEngine):
         if self._replay:  # rebuilding the queue of a checkpoint: attack with the saved weights
             source = self._replay.popleft()
             self._snapshots[source] = self._restored[source]
-            model = self._replica_at(source)
+
+            def model() -> nn.Module:
+                # loaded on the executor's stream, so after the attacks launched before,
+                # which may still read the replica's previous weights
+                return self._replica_at(source)
         else:
-            source, model = step, self.model
-        launched = self.executor.launch(lambda: self._prepare(model, batch, key, source))
+            source = step
+
+            def model() -> nn.Module:
+                return self.model
+        launched = self.executor.launch(lambda: self._prepare(model(), batch, key, source))
         self._last_events = launched.events
         self.queue.append(_Pending(launched, key, source, batch))
 
@@ -297,7 +297,7 @@ class LookaheadEngine(ViewEngine):
     # the attack --------------------------------------------------------------------------
     def attack_generator(self, key: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(
-            (self.context.seed * 1_000_003 + key) % (2**63))
+            attack_seed(self.context.seed, key))
 
     def make_adversarial(self, model: nn.Module, images: Tensor, labels: Tensor,
                          key: int) -> Tensor:
@@ -321,8 +321,10 @@ class LookaheadEngine(ViewEngine):
         moved = batch_to_device(batch, self.device, self.context.channels_last)
         if self.spec is not None:
             if self.tau and source not in self._snapshots:
+                # the parameters only: the attack normalises with batch statistics, and the
+                # main stream's forward updates the running statistics meanwhile
                 self._snapshots[source] = {name: value.detach().clone()
-                                           for name, value in model.state_dict().items()}
+                                           for name, value in model.named_parameters()}
             adv = self.make_adversarial(model, moved["image"], moved["label"], key)
             if self.context.channels_last:
                 adv = adv.contiguous(memory_format=torch.channels_last)
@@ -335,10 +337,11 @@ class LookaheadEngine(ViewEngine):
         return made
 
     def _replica_at(self, source: int) -> nn.Module:
-        """A copy of the model holding the saved weights of step `source`."""
+        """A copy of the model holding the saved weights of step `source`. Runs on the
+        executor (the side stream), whose earlier jobs may still read the previous ones."""
         if self._replica is None or self._replica[0] != source:
             replica = self._replica[1] if self._replica else copy.deepcopy(self.model)
-            replica.load_state_dict(self._restored[source])
+            replica.load_state_dict(self._restored[source], strict=False)
             self._replica = (source, replica)
         return self._replica[1]
 
@@ -370,7 +373,8 @@ class LookaheadEngine(ViewEngine):
         self.queue.clear()
         self._snapshots.clear()
         self._replay = deque(s for s in state["sources"] for _ in range(self.accumulation))
-        self._restored = {s: {k: v.to(self.device) for k, v in weights.items()}
+        # copies: the loaded state may be views into one buffer that should not outlive it
+        self._restored = {s: {k: v.to(self.device, copy=True) for k, v in weights.items()}
                           for s, weights in state["snapshots"].items()}
 
 

@@ -31,12 +31,26 @@ def record_for_torchrun(err: BaseException) -> None:
     ErrorHandler().record_exception(err)
 
 
+# Set by conadv-launch: each worker writes its exit status there, so the launcher can tell a
+# clean stop (75 on every worker) from a failure, which torchrun reports alike.
+STATUS_DIR_VARIABLE = "CONADV_LAUNCH_STATUS_DIR"
+
+
+def report_exit_status(code: int) -> None:
+    directory = os.environ.get(STATUS_DIR_VARIABLE)
+    if directory and os.path.isdir(directory):
+        with open(os.path.join(directory, f"local-rank-{os.environ.get('LOCAL_RANK', '0')}"),
+                  "w") as handle:
+            handle.write(str(code))
+
+
 def run_cli(program: str, body: Callable[[], int | None]) -> None:
     try:
         code = body()
     except UserError as err:
         print(f"{program}: error: {one_sentence(err)}", file=sys.stderr)
         record_for_torchrun(err)
+        report_exit_status(2)
         sys.exit(2)
     except Exception as err:
         record_for_torchrun(err)
@@ -44,4 +58,5 @@ def run_cli(program: str, body: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print(f"{program}: interrupted", file=sys.stderr)
         sys.exit(130)
+    report_exit_status(code or 0)
     sys.exit(code or 0)

@@ -1,5 +1,5 @@
-"""conadv-eval --config FILE --checkpoint RUN_OR_CHECKPOINT_DIR [--robust] [--export OUT.pth]
-[overrides]"""
+"""conadv-eval --checkpoint RUN_OR_CHECKPOINT_DIR [--config FILE] [--robust]
+[--export OUT.pth [--force]] [overrides]"""
 
 from __future__ import annotations
 
@@ -8,19 +8,21 @@ import json
 from pathlib import Path
 
 from conadv.cli.common import run_cli
-from conadv.config import load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="conadv-eval", description=__doc__)
-    parser.add_argument("--config", help="YAML run configuration (the run's config.yaml works)")
+    parser.add_argument("--config", type=Path, help="YAML run configuration; default: the "
+                        "one the checkpoint was trained with")
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="a checkpoint directory, or a run directory (newest checkpoint)")
     parser.add_argument("--export", type=Path,
                         help="also write the plain torchvision state_dict of the model here")
+    parser.add_argument("--force", action="store_true",
+                        help="let --export replace an existing file")
     parser.add_argument("--robust", action="store_true",
-                        help="also report top-1 under FGSM and PGD (adv.eval_epsilon, "
-                             "adv.eval_pgd_steps, adv.eval_step_size)")
+                        help="also report top-1 under FGSM and PGD (eval.epsilon, "
+                             "eval.pgd_steps, eval.step_size)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.workers=2")
     return parser.parse_args(argv)
 
@@ -29,10 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
     def body() -> int:
-        from conadv.train.eval_job import run_evaluation
+        from conadv.train.eval_job import check_export, evaluation_config, run_evaluation
 
-        result = run_evaluation(load_config(args.config, args.overrides), args.checkpoint,
-                                args.export, args.robust)
+        check_export(args.export, args.force)
+        cfg = evaluation_config(args.config, args.overrides, args.checkpoint)
+        result = run_evaluation(cfg, args.checkpoint, args.export, args.robust)
         print(json.dumps(result))
         return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ from conadv.config import DataConfig
 from conadv.data.sampler import ResumableShardSampler
 from conadv.data.sources import ImageSource
 from conadv.errors import ConfigError, DataError
+from conadv.randomness import seeded
+from conadv.streams import streams_for
 
 
 def require_dali():
@@ -43,8 +46,7 @@ def crop_and_flip(seed: int, height: int, width: int, crop: v2.RandomResizedCrop
                   hflip: bool) -> tuple[dict, bool]:
     """The RandomResizedCrop box and the flip that the torchvision path draws for this sample
     (the same transform objects, the same order of draws, under the sample's seed)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         box = crop.make_params([torch.empty((3, height, width), dtype=torch.uint8)])
         flip = hflip and bool(torch.rand(1) < 0.5)  # RandomHorizontalFlip(p=0.5)'s coin
     return box, flip
@@ -67,6 +69,12 @@ class DaliTrainLoader:
         mixed = device.type == "cuda"
         self.pipe = self._pipeline(dali, cfg.image_size, max(1, cfg.workers),
                                    device.index if mixed else None, "mixed" if mixed else "cpu")
+        # Where the device has streams, the batch is copied out of DALI's buffers on a stream of
+        # its own and carries the event that marks it written (batch["ready"]): its consumers
+        # (the main stream, the attack's side stream) wait for that event, not for each other.
+        self.streams = streams_for(device)
+        self.copy_stream = self.streams.new_stream() if self.streams is not None else None
+        self._copied = None  # the event of the last copy: DALI reuses its buffers next run
 
     def _pipeline(self, dali, size: int, threads: int, device_id: int | None, decode: str):
         fn, types = dali.fn, dali.types
@@ -78,9 +86,11 @@ class DaliTrainLoader:
             anchors = fn.external_source(name="anchors", dtype=types.FLOAT)
             shapes = fn.external_source(name="shapes", dtype=types.FLOAT)
             flips = fn.external_source(name="flips", dtype=types.INT32)
+            # adjust_orientation=False: torchvision's decoder ignores EXIF orientation, and the
+            # crop box is drawn from the stored (unrotated) size
             images = fn.decoders.image_slice(jpegs, anchors, shapes, device=decode,
                                              output_type=types.RGB, normalized_anchor=False,
-                                             normalized_shape=False)
+                                             normalized_shape=False, adjust_orientation=False)
             images = fn.resize(images, resize_x=size, resize_y=size, antialias=True,
                                interp_type=types.INTERP_LINEAR)
             return fn.transpose(fn.flip(images, horizontal=flips), perm=[2, 0, 1])
@@ -92,7 +102,7 @@ class DaliTrainLoader:
     def __len__(self) -> int:
         return len(self.sampler) // self.batch
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         pending: list[tuple[int, int]] = []
         for item in self.sampler:
             pending.append(item)
@@ -100,7 +110,7 @@ class DaliTrainLoader:
                 yield self._run(pending)
                 pending = []
 
-    def _run(self, samples: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    def _run(self, samples: list[tuple[int, int]]) -> dict[str, Any]:
         encoded, anchors, shapes, flips = [], [], [], []
         for index, seed in samples:
             data = self.source.read_bytes(index)
@@ -118,10 +128,20 @@ class DaliTrainLoader:
         for name, values in (("jpegs", encoded), ("anchors", anchors), ("shapes", shapes),
                              ("flips", flips)):
             self.pipe.feed_input(name, values)
-        (images,) = self.pipe.run()
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous copy has read DALI's buffers
+        (images,) = self.pipe.run()  # returns once the batch is ready
         indices = [index for index, _ in samples]
-        # a copy: DALI reuses its output buffers on the next run
-        return {"image": torch.from_dlpack(images.as_tensor()).clone(),
-                "label": torch.tensor([self.source.label(i) for i in indices]),
-                "n_bad": torch.zeros(len(indices), dtype=torch.long),
-                "index": torch.tensor(indices)}
+        batch = {"label": torch.tensor([self.source.label(i) for i in indices]),
+                 "n_bad": torch.zeros(len(indices), dtype=torch.long),
+                 "index": torch.tensor(indices)}
+        decoded = torch.from_dlpack(images.as_tensor())
+        if self.streams is None:  # a copy: DALI reuses its output buffers on the next run
+            batch["image"] = decoded.clone()
+            return batch
+        with self.streams.use(self.copy_stream):
+            batch["image"] = decoded.clone()
+            self._copied = self.streams.new_event()
+            self._copied.record(self.copy_stream)
+        batch["ready"] = self._copied
+        return batch

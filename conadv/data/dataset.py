@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from conadv.data.sources import ImageSource
 from conadv.data.transforms import Transform
 from conadv.errors import DataError
+from conadv.randomness import seeded
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,7 @@ class ViewDataset(Dataset):
         if seed is None:
             views = self._views(image)
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with seeded(seed):
                 views = self._views(image)
         item: dict[str, torch.Tensor | int] = {"image": views[0],
                                                "label": self.source.label(index),

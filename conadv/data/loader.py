@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,26 @@ def build_source(cfg: DataConfig, split: str) -> ImageSource:
     return ImageFolderSource(Path(cfg.root) / "val", classes, cfg.val_labels or None)
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader worker's start: schedulers (Slurm, Kubernetes) and torchrun signal every
+    process of a job, and a worker that died of SIGTERM would crash its parent before the
+    parent can write its checkpoint. Workers leave stopping to the parent: they ignore SIGINT
+    and SIGUSR1, and a SIGTERM ends one only when its parent sent it (the parent's way of
+    ending workers at exit; they also end themselves when it dies). A thread reads each
+    SIGTERM with its sender (sigwaitinfo), which a signal handler cannot see."""
+    for signum in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # for every thread from here
+
+    def wait_for_the_parent() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_the_parent, name="conadv-sigterm", daemon=True).start()
+
+
 def _loader(dataset: Dataset, sampler, batch_size: int, cfg: DataConfig, pin: bool,
             drop_last: bool) -> DataLoader:
     # A private generator: creating an iterator would otherwise draw from the global RNG and
@@ -47,7 +70,8 @@ def _loader(dataset: Dataset, sampler, batch_size: int, cfg: DataConfig, pin: bo
     # Augmentation randomness comes from per-sample seeds, not from worker seeds.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.workers,
                       pin_memory=pin, drop_last=drop_last, persistent_workers=cfg.workers > 0,
-                      generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator().manual_seed(0),
+                      worker_init_fn=ignore_stop_signals if cfg.workers > 0 else None)
 
 
 def build_train_stream(cfg: DataConfig, world_size: int, rank: int, per_device_batch: int,

@@ -7,13 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-_MIX_A, _MIX_B = 1_000_003, 10_000_019
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Seed of one sample's augmentation: depends on what is drawn, not on which rank, worker or
-    restart draws it, so augmentation is reproducible across world sizes and resumes."""
-    return ((seed * _MIX_A + epoch) * _MIX_B + index) % (2**63)
+from conadv.randomness import epoch_seed, sample_seed
 
 
 class ResumableShardSampler(Sampler[tuple[int, int]]):
@@ -48,7 +42,7 @@ class ResumableShardSampler(Sampler[tuple[int, int]]):
 
     def rank_indices(self, epoch: int) -> list[int]:
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * _MIX_A + epoch)
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             order = torch.randperm(self.dataset_size, generator=gen).tolist()
         else:
             order = list(range(self.dataset_size))

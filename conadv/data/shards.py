@@ -5,9 +5,12 @@ Format (chosen over MosaicML's MDS and litdata because it needs no extra package
 reads it): plain POSIX tar files, `<split>-00000.tar`, ..., holding the encoded images as they
 were (`<key>.<ext>`, webdataset's naming), and `<split>.index.json` with the class names, the
 shards (name, size, SHA-256) and, per sample in the image folder's order, (shard, byte offset
-of the member's data, size, label). The sampler's indices therefore address the same images as
-the folder's: random access is one `pread`, and training on shards equals training on the
-folder (bit for bit on the CPU: the same bytes reach the same decoder).
+of the member's data, size, label, CRC-32 of the data). The sampler's indices therefore
+address the same images as the folder's: random access is one `pread`, and training on shards
+equals training on the folder (bit for bit on the CPU: the same bytes reach the same decoder).
+Every read checks its sample's CRC-32 (microseconds per image, where hashing whole shards in
+every process would not scale), so a corrupt sample is an unreadable image under
+data.bad_images, never silently decoded garbage.
 
 Packing verifies that every image decodes, writes every file under a temporary name and renames
 it when complete, so an interrupted `conadv-pack` can simply be run again.
@@ -20,6 +23,7 @@ import json
 import logging
 import os
 import tarfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -31,7 +35,7 @@ from conadv.fileio import file_sha256
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 1: no per-sample CRC-32 (still read, unchecked)
 
 
 def index_path(root: Path, split: str) -> Path:
@@ -76,7 +80,8 @@ def pack_split(source: ImageFolderSource, out: Path, split: str,
         handle.addfile(member, io.BytesIO(data))
         padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
         data_offset = handle.offset - padded  # the member's data follows its header
-        samples.append([len(shards), data_offset, len(data), source.label(index)])
+        samples.append([len(shards), data_offset, len(data), source.label(index),
+                        zlib.crc32(data)])
     close_shard()
     index = {"format": INDEX_FORMAT, "split": split, "classes": source.classes,
              "shards": shards, "samples": samples}
@@ -90,11 +95,18 @@ def pack_image_folder(root: Path, out: Path, shard_bytes: int = 1 << 30,
                       val_labels: str | None = None) -> dict[str, dict]:
     """`conadv-pack`: root/train and root/val (class folders, or a flat val with a labels file)
     into shards under `out`."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise DataError(f"the output {out} is a file; give a directory for the shards")
+    for split in ("train", "val"):  # both checked before anything is written
+        if not (Path(root) / split).is_dir():
+            raise DataError(f"{root} has no {split}/ folder; conadv-pack packs an image folder "
+                            "with train/ and val/")
     classes = class_folders(Path(root) / "train")
+    sources = {split: ImageFolderSource(Path(root) / split, classes,
+                                        val_labels if split == "val" else None)
+               for split in ("train", "val")}
     packed = {}
-    for split in ("train", "val"):
-        source = ImageFolderSource(Path(root) / split, classes,
-                                   val_labels if split == "val" else None)
+    for split, source in sources.items():
         packed[split] = pack_split(source, Path(out), split, shard_bytes)
         log.info("packed %s: %d images in %d shards", split, len(source),
                  len(packed[split]["shards"]))
@@ -140,11 +152,14 @@ class ShardSource(ImageSource):
         return self._files[shard]
 
     def read_bytes(self, index: int) -> bytes:
-        shard, offset, size, _ = self.samples[index]
+        shard, offset, size, _, *crc = self.samples[index]
         data = os.pread(self._descriptor(shard), size, offset)
         if len(data) != size:
             raise DataError(f"shard {self.root / self.shards[shard]['name']} is corrupt: "
                             f"sample {index} is cut short")
+        if crc and zlib.crc32(data) != crc[0]:
+            raise DataError(f"shard {self.root / self.shards[shard]['name']} is corrupt: "
+                            f"sample {index} does not match its checksum")
         return data
 
     def load(self, index: int) -> torch.Tensor:

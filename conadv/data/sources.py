@@ -94,6 +94,11 @@ def _visible(name: str) -> bool:
 
 def class_folders(root: Path) -> list[str]:
     """The class folder names of an image-folder root, sorted (hidden folders are not classes)."""
+    if not Path(root).is_dir():
+        split = Path(root).name
+        raise DataError(f"dataset directory {root} does not exist (data.root must hold "
+                        f"{split}/<class>/<image>)" if split in ("train", "val") else
+                        f"dataset directory {root} does not exist")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and _visible(e.name))
     if not classes:
         raise DataError(f"dataset directory {root} has no class folders (expected "

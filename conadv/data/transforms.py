@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
-from conadv.config import DataConfig
+from conadv.config import DataConfig, TrainConfig
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -42,3 +42,15 @@ def build_train_transforms(cfg: DataConfig) -> tuple[Transform, Transform | None
 
 def build_eval_transform(cfg: DataConfig) -> Transform:
     return v2.Compose([v2.Resize(cfg.eval_resize, antialias=True), v2.CenterCrop(cfg.image_size)])
+
+
+def build_batch_mix(cfg: TrainConfig, num_classes: int) -> v2.Transform | None:
+    """MixUp and/or CutMix of a batch (one of them per batch when both are on), or None."""
+    options = []
+    if cfg.mixup_alpha > 0:
+        options.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
+    if cfg.cutmix_alpha > 0:
+        options.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    if not options:
+        return None
+    return options[0] if len(options) == 1 else v2.RandomChoice(options)

@@ -4,13 +4,12 @@ optional discriminator on the final outputs. The engine computes the teachers' o
 on its side stream; the trainer adds the losses."""
 
 from conadv.distill.discriminator import DiscriminatorTrainer, OutputDiscriminator
-from conadv.distill.losses import DistillationLoss, HardLabelLoss, soft_cross_entropy
+from conadv.distill.losses import DistillationLoss, soft_cross_entropy
 from conadv.distill.teachers import TeacherEnsemble, build_teachers
 
 __all__ = [
     "DiscriminatorTrainer",
     "DistillationLoss",
-    "HardLabelLoss",
     "OutputDiscriminator",
     "TeacherEnsemble",
     "build_teachers",

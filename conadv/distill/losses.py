@@ -1,4 +1,5 @@
-"""The student's per-view objective: cross-entropy to the labels, or MEAL V2's losses."""
+"""MEAL V2's per-view loss: soft cross-entropy to the teachers' mean, the optional hard-label
+term and the discriminator's adversarial term."""
 
 from __future__ import annotations
 
@@ -14,16 +15,6 @@ def soft_cross_entropy(logits: Tensor, target_probs: Tensor, temperature: float 
     the gradient's scale when T changes). Equals KL(p || q) up to p's entropy, a constant."""
     log_probs = F.log_softmax(logits.float() / temperature, dim=1)
     return -(target_probs * log_probs).sum(dim=1).mean() * temperature ** 2
-
-
-class HardLabelLoss:
-    """Training without teachers: the criterion on the (possibly mixed) label targets."""
-
-    def __init__(self, criterion: nn.Module) -> None:
-        self.criterion = criterion
-
-    def __call__(self, logits: Tensor, targets: Tensor, soft: Tensor | None) -> Tensor:
-        return self.criterion(logits, targets)
 
 
 class DistillationLoss:

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from conadv.checkpoints.weights import Weights, load_into, read_weights
 from conadv.config import DistillConfig, ModelConfig, TeacherConfig
 from conadv.errors import CheckpointError, ConfigError
 from conadv.models import ImageClassifier, build_model
 from conadv.models.factory import IMAGENET_MEAN, IMAGENET_STD
-from conadv.train.weights import Weights, load_into, read_weights
 
 log = logging.getLogger(__name__)
 

@@ -43,6 +43,18 @@ class MultiBatchNorm2d(nn.BatchNorm2d):
         multi.aux = nn.ModuleDict({route: copy.deepcopy(bn) for route in aux_routes})
         return multi
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A state without this layer's auxiliary sets (a vanilla checkpoint resumed with
+        ConAdv on) starts them as copies of the main set it loads, as a fresh conversion
+        does, not as the untrained initial values. The auxiliary sets load after this call,
+        from the same (copied) state_dict."""
+        for route in self.aux:
+            for name in self.aux[route].state_dict():
+                key, main = f"{prefix}aux.{route}.{name}", f"{prefix}{name}"
+                if key not in state_dict and main in state_dict:
+                    state_dict[key] = state_dict[main]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _stats_owner(self, route: str) -> nn.BatchNorm2d:
         return self if route == MAIN else self.aux[route]
 

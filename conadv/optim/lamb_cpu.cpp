@@ -89,13 +89,23 @@ void lamb_tensor(T* w, const T* g, T* m, T* v, int64_t n, const Coefficients& k,
   });
 }
 
+// A one-element CPU tensor's value, read in place: item() would go through the dispatcher as a
+// "device read", which the tests' host-read proxy (rightly, on a GPU) reports.
+static double cpu_scalar(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.numel() == 1 && t.is_contiguous(),
+              "conadv lamb_step: expected a one-element CPU tensor");
+  if (t.scalar_type() == at::kDouble) return *t.data_ptr<double>();
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "conadv lamb_step: expected float32 or float64");
+  return *t.data_ptr<float>();
+}
+
 void lamb_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                const std::vector<at::Tensor>& exp_avgs,
                const std::vector<at::Tensor>& exp_avg_sqs, const at::Tensor& step, double lr,
                double beta1, double beta2, double eps, double weight_decay, bool decoupled,
                bool grad_averaging, bool adapt, bool trust_clip,
                const c10::optional<at::Tensor>& grad_divisor) {
-  const double t = step.item<double>();
+  const double t = cpu_scalar(step);
   Coefficients k;
   k.beta1 = beta1;
   k.beta2 = beta2;
@@ -105,7 +115,7 @@ void lamb_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   k.eps = eps;
   k.l2 = decoupled ? 0.0 : weight_decay;
   k.decay = decoupled ? 1 - lr * weight_decay : 1.0;
-  k.grad_divisor = grad_divisor.has_value() ? grad_divisor->item<double>() : 1.0;
+  k.grad_divisor = grad_divisor.has_value() ? cpu_scalar(*grad_divisor) : 1.0;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& w = params[i];
     // elementwise over the storage: any dense layout works if all four share it

@@ -1,10 +1,9 @@
-"""Atomic, verifiable checkpoints written in the background, and resume that skips broken ones.
+"""Writing checkpoints: atomic, verifiable, in the background; and choosing the one to resume.
+The format itself (layout, manifest, checks, reading) is conadv/checkpoints/format.py.
 
-Layout: <dir>/step-00000100/ holds state.pt (the whole run state, written by rank 0: every
-part of a run's state is global, so no rank writes a file of its own) and manifest.json (size
-and SHA-256 of every file). A checkpoint is written into step-N.partial/ and renamed only once
-every file and the manifest are on disk (fsync'd), so a crash mid-write never leaves something
-that looks complete; the manifest lets resume detect truncated or corrupt files and fall back.
+A checkpoint is written into step-N.partial/ and renamed only once every file and the manifest
+are on disk (fsync'd), so a crash mid-write never leaves something that looks complete; the
+manifest lets resume detect truncated or corrupt files and fall back.
 
 Saving does not stall training: the caller hands over a host copy of the state (`host_copy`),
 and a background thread serialises, checksums, writes and renames it. A new save, the end of the
@@ -16,25 +15,31 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from conadv.checkpoints.format import (
+    FORMAT,
+    MANIFEST,
+    STATE,
+    list_checkpoints,
+    other_format,
+    problem,
+    run_of,
+)
 from conadv.distributed import broadcast_object
 from conadv.errors import CheckpointError, CheckpointWriteError
 from conadv.fileio import file_sha256
+from conadv.streams import streams_for
 from conadv.train.nonfinite import first_non_finite
 
 log = logging.getLogger(__name__)
 
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
-MANIFEST = "manifest.json"
-STATE = "state.pt"
-FORMAT = 2  # 1: per-rank files with image queues (conadv 0.1), not resumable
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,21 +70,25 @@ def _save_file(path: Path, obj: Any) -> None:
 def host_copy(obj: Any) -> Any:
     """A copy of a nested state (dicts, lists, tuples, tensors) with every tensor in host memory,
     so training may go on changing the originals while the copy is written."""
-    copied = _copy_to_host(obj)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+    devices: set[torch.device] = set()
+    copied = _copy_to_host(obj, devices)
+    for device in devices:  # the non-blocking device-to-host copies have landed
+        streams = streams_for(device)
+        if streams is not None:
+            streams.synchronize()
     return copied
 
 
-def _copy_to_host(obj: Any) -> Any:
+def _copy_to_host(obj: Any, devices: set[torch.device]) -> Any:
     if isinstance(obj, torch.Tensor):
+        devices.add(obj.device)
         if obj.device.type == "cpu":
             return obj.detach().clone()
         return obj.detach().to("cpu", non_blocking=True)
     if isinstance(obj, dict):
-        return {key: _copy_to_host(value) for key, value in obj.items()}
+        return {key: _copy_to_host(value, devices) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_copy_to_host(value) for value in obj)
+        return type(obj)(_copy_to_host(value, devices) for value in obj)
     return obj
 
 
@@ -98,12 +107,15 @@ def _os_error_in(err: BaseException) -> OSError | None:
 class CheckpointManager:
     """Saves (rank 0, in the background) and finds checkpoints under one directory."""
 
-    def __init__(self, directory: Path, keep_last: int, is_main: bool = True) -> None:
+    def __init__(self, directory: Path, keep_last: int, is_main: bool = True,
+                 run_id: str | None = None) -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.is_main = is_main
+        self.run_id = run_id  # written into every manifest; only this run's are pruned
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.last_write_seconds: float | None = None  # serialise, checksum, write, rename
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, state: dict[str, Any]) -> Path:
@@ -141,8 +153,10 @@ class CheckpointManager:
 
     def _write_in_background(self, final: Path, state: dict[str, Any]) -> None:
         partial = final.with_name(final.name + ".partial")
+        started = time.perf_counter()
         try:
             self._write(final, partial, state)
+            self.last_write_seconds = time.perf_counter() - started
         except BaseException as err:  # re-raised in the training thread by wait()
             shutil.rmtree(partial, ignore_errors=True)
             os_error = _os_error_in(err)
@@ -157,7 +171,7 @@ class CheckpointManager:
             free = f"{shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free there"
         except OSError:
             free = "free space unknown"
-        intact = self.list_checkpoints()
+        intact = list_checkpoints(self.directory)
         newest = (f"the newest intact checkpoint is {intact[0]}" if intact
                   else "no intact checkpoint exists yet")
         return (f"cannot write checkpoint {final}: {err.strerror or err} ({free}); {newest}; "
@@ -184,11 +198,14 @@ class CheckpointManager:
         partial.mkdir()
         _save_file(partial / STATE, state)
         size = (partial / STATE).stat().st_size
-        manifest = {"format": FORMAT, "step": state["step"],
+        manifest = {"format": FORMAT, "step": state["step"], "run_id": self.run_id,
                     "files": {STATE: {"bytes": size, "sha256": file_sha256(partial / STATE)}}}
         _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
         _fsync_dir(partial)
         if final.exists():  # the same step saved again (e.g. end of a resumed run)
+            if run_of(final) != self.run_id:
+                raise CheckpointError(f"{final} belongs to another run; it is left as it is "
+                                      "and this run's checkpoint was not written")
             shutil.rmtree(final)
         os.replace(partial, final)
         _fsync_dir(self.directory)
@@ -196,102 +213,42 @@ class CheckpointManager:
         log.info("saved checkpoint %s", final)
 
     def _prune(self) -> None:
-        for old in self.list_checkpoints()[self.keep_last:]:
+        """Keep this run's newest `keep_last` checkpoints; never touch another run's."""
+        mine = [p for p in list_checkpoints(self.directory) if run_of(p) == self.run_id]
+        for old in mine[self.keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
 
-    # ------------------------------------------------------------------ finding
-    def list_checkpoints(self) -> list[Path]:
-        """Complete-looking checkpoint directories, newest first."""
-        if not self.directory.is_dir():
-            return []
-        found = [p for p in self.directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-        return sorted(found, key=lambda p: p.name, reverse=True)
-
-    @staticmethod
-    def other_format(path: Path) -> str | None:
-        """Why a checkpoint written by another conadv version cannot be read, or None."""
-        try:
-            found = json.loads((path / MANIFEST).read_text()).get("format", 1)
-        except (OSError, ValueError):
-            return None  # not a format question: `problem` reports it
-        if found == FORMAT:
-            return None
-        return (f"it has checkpoint format {found}, written by another conadv version; this "
-                f"version reads format {FORMAT}")
-
-    def problem(self, path: Path) -> str | None:
-        """Why this checkpoint cannot be used, or None when every file matches its manifest."""
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except (OSError, ValueError) as err:
-            return f"its manifest is missing or unreadable ({err})"
-        other = self.other_format(path)
-        if other:
-            return other
-        for name, meta in manifest["files"].items():
-            file = path / name
-            if not file.is_file() or file.stat().st_size != meta["bytes"]:
-                return f"{name} is missing or truncated"
-            if file_sha256(file) != meta["sha256"]:
-                return f"{name} is corrupt (checksum mismatch)"
-        return None
-
-    def find_resume(self, resume: str) -> Path | None:
-        """The checkpoint to resume from: `none`, an explicit path, or `auto` (newest valid,
-        falling back to older ones with a log line). Rank 0 decides for everyone."""
+    def choose_resume(self, resume: str) -> Path | None:
+        """The checkpoint to resume from: `none`, an explicit path, or `auto` (the newest
+        valid one, falling back to older ones with a log line; when every checkpoint is
+        damaged the run stops rather than silently start over). Rank 0's decision: see
+        `conadv.train.run_directory.claim`, which tells the other ranks."""
         if resume == "none":
             return None
-        chosen: str | None = None
-        error: str | None = None
-        if self.is_main:
-            if resume == "auto":
-                for candidate in self.list_checkpoints():
-                    other = self.other_format(candidate)
-                    if other:  # another version's run: never start it over silently
-                        error = (f"checkpoint {candidate} cannot be used: {other}; resume it "
-                                 "with that version, or start afresh with a new log.run_dir "
-                                 "or checkpoint.resume=none")
-                        break
-                    why = self.problem(candidate)
-                    if why is None:
-                        chosen = str(candidate)
-                        break
-                    log.warning("skipping checkpoint %s: %s; trying the previous one",
-                                candidate, why)
-            else:
-                why = self.problem(Path(resume))
-                if why is None:
-                    chosen = resume
-                else:
-                    error = f"checkpoint {resume} cannot be used: {why}"
-        chosen, error = broadcast_object((chosen, error))
-        if error:
-            raise CheckpointError(error)
-        return Path(chosen) if chosen else None
+        if resume != "auto":
+            why = problem(Path(resume))
+            if why:
+                raise CheckpointError(f"checkpoint {resume} cannot be used: {why}")
+            return Path(resume)
+        damaged = []
+        for candidate in list_checkpoints(self.directory):
+            other = other_format(candidate)
+            if other:  # another version's run: never start it over silently
+                raise CheckpointError(f"checkpoint {candidate} cannot be used: {other}; resume "
+                                      "it with that version, or start afresh with a new "
+                                      "log.run_dir (or checkpoint.resume=none "
+                                      "log.overwrite=true to replace it)")
+            why = problem(candidate)
+            if why is None:
+                return candidate
+            log.warning("skipping checkpoint %s: %s; trying the previous one", candidate, why)
+            damaged.append(f"{candidate.name}: {why}")
+        if damaged:
+            raise CheckpointError(
+                f"every checkpoint in {self.directory} is damaged ({'; '.join(damaged[:3])}); "
+                "nothing was overwritten: repair one and resume it with "
+                "checkpoint.resume=PATH, or start afresh with checkpoint.resume=none "
+                "log.overwrite=true")
+        return None
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    """The run state stored in a checkpoint directory, on the CPU."""
-    if not (path / STATE).is_file():
-        raise CheckpointError(f"{path} is not a checkpoint directory (no {STATE})")
-    return torch.load(path / STATE, map_location="cpu", weights_only=False)
-
-
-def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The model state_dict stored in a checkpoint directory."""
-    return load_state(path)["model"]
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory, or a run directory whose newest intact checkpoint is taken."""
-    if (path / STATE).is_file():
-        why = CheckpointManager(path.parent, keep_last=1).problem(path)
-        if why:
-            raise CheckpointError(f"checkpoint {path} cannot be used: {why}")
-        return path
-    manager = CheckpointManager(path / "checkpoints", keep_last=1)
-    for candidate in manager.list_checkpoints():
-        if manager.problem(candidate) is None:
-            return candidate
-    raise CheckpointError(f"no checkpoint found at {path} (give a run or checkpoint "
-                          "directory; damaged checkpoints are skipped)")

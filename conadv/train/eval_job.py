@@ -7,40 +7,71 @@ from typing import Any
 
 import torch
 
-from conadv.config import RunConfig, plan_batch
+from conadv.checkpoints.format import (
+    load_state,
+    load_state_everywhere,
+    resolve_checkpoint,
+    resolve_checkpoint_everywhere,
+)
+from conadv.config import RunConfig, load_config, parse_saved_config, plan_batch
 from conadv.data import build_eval_loader
 from conadv.data.loader import build_source
 from conadv.distributed import detect_env, pick_device, process_group
+from conadv.errors import ConfigError
 from conadv.models import build_model, export_state_dict
 from conadv.models.multi_bn import main_state_dict
 from conadv.telemetry import setup_logging
-from conadv.train.checkpoint import load_model_weights, resolve_checkpoint
 from conadv.train.evaluate import evaluate, robust_attacks
 from conadv.train.runtime import autocast_dtype, autocast_factory
+
+
+def evaluation_config(config: Path | None, overrides: list[str], checkpoint: Path) -> RunConfig:
+    """The given config file, or else the config the checkpoint was trained with (its run
+    directory's config.yaml, or the copy inside the checkpoint), with `overrides` on top."""
+    if config is not None:
+        return load_config(config, overrides)
+    resolved = resolve_checkpoint(checkpoint)
+    beside = resolved.parent.parent / "config.yaml"
+    text = beside.read_text() if beside.is_file() else load_state(resolved)["config"]
+    return load_config(None, overrides, base=parse_saved_config(text))
+
+
+def check_export(path: Path | None, force: bool) -> None:
+    """Refuse an export path that cannot be written, or would replace a file, before any
+    work."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"--export {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise ConfigError(f"the directory of --export {path} does not exist")
+    if path.exists() and not force:
+        raise ConfigError(f"--export {path} exists; add --force to replace it")
 
 
 def run_evaluation(cfg: RunConfig, checkpoint: Path, export_to: Path | None = None,
                    robust: bool = False) -> dict[str, Any]:
     """Clean top-1/top-5 of a checkpoint (exact across ranks) and, with `robust`, top-1 under
-    FGSM and PGD-k at adv.eval_epsilon."""
+    FGSM and PGD-k at eval.epsilon."""
     env = detect_env()
     setup_logging(env.is_main)
     device = pick_device(cfg.train.device, env, cfg.dist.backend)
     with process_group(env, device, cfg.dist.backend, cfg.dist.timeout_s):
-        path = resolve_checkpoint(checkpoint)
+        path = resolve_checkpoint_everywhere(checkpoint)
         # a run directory's config.yaml pins the training split of its world size; evaluation
         # only borrows the per-device batch, on any number of ranks
         per_device = (cfg.train.per_device_batch
                       or plan_batch(cfg.train, env.world_size).per_device)
         num_classes = cfg.model.num_classes or build_source(cfg.data, "val").num_classes
         model = build_model(cfg.model, num_classes).to(device)
-        model.load_state_dict(main_state_dict(load_model_weights(path)))  # main BN only
+        state = load_state_everywhere(path, device)["model"]
+        model.load_state_dict(main_state_dict(state))  # main BN only
         if export_to is not None and env.is_main:
             torch.save(export_state_dict(model), export_to)
         loader = build_eval_loader(cfg.data, env.world_size, env.rank, per_device,
                                    device.type == "cuda")
         autocast = autocast_factory(device, autocast_dtype(cfg.train.precision, device))
-        attacks = robust_attacks(cfg.adv) if robust else None
+        attacks = robust_attacks(cfg.eval) if robust else None
         result = evaluate(model, loader, device, cfg.model.channels_last, autocast, attacks,
                           cfg.train.seed)
     return {"checkpoint": str(path), **result}

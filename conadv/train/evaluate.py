@@ -10,23 +10,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conadv.adversarial.attacks import AttackSpec, draw_per_sample, perturb
-from conadv.config import AdvConfig
+from conadv.adversarial import AttackSpec, draw_per_sample, perturb
+from conadv.config import EvalConfig
 from conadv.data.device import images_to_device
 from conadv.distributed import all_reduce_sum
 
 
-def robust_attacks(adv: AdvConfig) -> dict[str, AttackSpec]:
-    """The standard untargeted evaluation attacks at adv.eval_epsilon: FGSM from the clean
+def robust_attacks(cfg: EvalConfig) -> dict[str, AttackSpec]:
+    """The standard untargeted evaluation attacks at eval.epsilon: FGSM from the clean
     image, PGD-k from a random start."""
-    eps, steps = adv.eval_epsilon, adv.eval_pgd_steps
+    eps, steps = cfg.epsilon, cfg.pgd_steps
     return {"fgsm": AttackSpec(eps, eps, 1, 0.0, targeted=False),
-            f"pgd{steps}": AttackSpec(eps, adv.eval_step_size, steps, 1.0, targeted=False)}
+            f"pgd{steps}": AttackSpec(eps, cfg.step_size, steps, 1.0, targeted=False)}
 
 
-def final_eval_attacks(adv: AdvConfig) -> dict[str, AttackSpec] | None:
-    """The attacks of a run's final evaluation: the robust ones when adv.eval_robust is set."""
-    return robust_attacks(adv) if adv.eval_robust else None
+def final_eval_attacks(cfg: EvalConfig) -> dict[str, AttackSpec] | None:
+    """The attacks of a run's final evaluation: the robust ones when eval.robust is set."""
+    return robust_attacks(cfg) if cfg.robust else None
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False,
@@ -61,7 +61,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
                (1 - valid).sum()]
         for a, spec in enumerate(attacks.values()):
             # seeded per image, so robust accuracy does not depend on how ranks shard the data
-            draws = draw_per_sample(x.shape, logits.shape[1], batch["index"], seed * 31 + a,
+            draws = draw_per_sample(x.shape, logits.shape[1], batch["index"], seed, a,
                                     device)
             adv = perturb(forward, x, y, spec, logits.shape[1], draws=draws)
             with torch.no_grad():

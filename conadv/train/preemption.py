@@ -3,10 +3,17 @@
 A request is a termination signal (SIGTERM, which Slurm, Kubernetes and most schedulers send
 before killing; SIGINT on an interactive run), SIGUSR1 (Slurm's warning before the time limit),
 or a file named STOP in the run directory (what launch/slurm.sbatch creates when warned; it
-works through torchrun and across nodes on a shared filesystem). The current step finishes,
-the ranks agree (one tiny all-reduce, at logging steps in a multi-rank job and after every step
-in a single process), a checkpoint is written and the run ends. A second termination signal
-ends the process at once.
+works through torchrun and across nodes on a shared filesystem; rank 0 looks for it at most
+once a second).
+
+Schedulers signal every process of a job, and torchrun passes the signal it gets on to its
+workers as well, so one request may arrive twice within moments: termination signals within
+`REPEAT_WINDOW_S` of the first are the same request. One after that ends the process at once.
+
+The ranks agree after every optimizer step, without a host synchronisation: each rank's level
+is all-reduced (max) without blocking, and the result is read one step later, through a pinned
+host copy and an event on a GPU. So every rank stops after the same step, about one step after
+the request; a single process needs no agreement and acts after the step it saw the request in.
 """
 
 from __future__ import annotations
@@ -16,17 +23,23 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from conadv.distributed import all_reduce_max
+from conadv.distributed import all_reduce_max_async
+from conadv.streams import streams_for
 
 log = logging.getLogger(__name__)
 
 STOP_FILE = "STOP"
 # how a run that stopped on a termination signal exits: "not finished, resume me" (EX_TEMPFAIL)
 TERMINATED_EXIT_STATUS = 75
+# a termination signal this soon after the first is the same request, delivered twice
+REPEAT_WINDOW_S = 3.0
+_FILE_CHECK_INTERVAL_S = 1.0
 
 _NONE, _WARNED, TERMINATED = 0, 1, 2
 REASONS = {_WARNED: "stop requested (SIGUSR1 or a STOP file in the run directory)",
@@ -34,14 +47,20 @@ REASONS = {_WARNED: "stop requested (SIGUSR1 or a STOP file in the run directory
 
 
 class StopRequest:
-    def __init__(self, run_dir: Path, is_main: bool) -> None:
+    def __init__(self, run_dir: Path, is_main: bool, device: torch.device,
+                 distributed: bool) -> None:
         self.path = Path(run_dir) / STOP_FILE
+        self.is_main = is_main
         self.level = _NONE
+        self.requested_at: float | None = None  # time.monotonic() of the first signal
+        self._terminated_at = 0.0
+        self._file_checked_at = -_FILE_CHECK_INTERVAL_S
         if is_main and self.path.exists():
             # Launchers remove it before starting; one left by hand stops this run too.
-            log.warning("%s exists: the run will checkpoint and stop at its first logging step "
+            log.warning("%s exists: the run will checkpoint and stop after its first step "
                         "(delete the file to let it run)", self.path)
-        self._previous: dict[int, object] = {}
+        self._agreement = _Agreement(device) if distributed else None
+        self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             wanted = [signal.SIGUSR1, signal.SIGTERM]
             if sys.stdin is not None and sys.stdin.isatty():
@@ -50,28 +69,85 @@ class StopRequest:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
+        if self.requested_at is None:
+            self.requested_at = time.monotonic()
         if signum == signal.SIGUSR1:
             self.level = max(self.level, _WARNED)
             return
-        if self.level == TERMINATED:  # the second one: end now, as the signal would
-            self.close()
+        now = time.monotonic()
+        if self.level == TERMINATED:
+            if signum == signal.SIGTERM and now - self._terminated_at < REPEAT_WINDOW_S:
+                return  # the same request, from the scheduler and from the launcher
+            self.close(wait=False)  # a second request: end now, as the signal would
             os.kill(os.getpid(), signum)
             return
         self.level = TERMINATED
+        self._terminated_at = now
         log.warning("%s received: finishing this step, writing a checkpoint, then stopping "
                     "(send it again to end at once)", signal.Signals(signum).name)
 
     def requested_here(self) -> int:
-        if self.level == _NONE and self.path.exists():
-            return _WARNED
+        """This rank's level: its signals, and on rank 0 the STOP file."""
+        if self.level == _NONE and self.is_main:
+            now = time.monotonic()
+            if now - self._file_checked_at >= _FILE_CHECK_INTERVAL_S:
+                self._file_checked_at = now
+                if self.path.exists():
+                    self.level = _WARNED
         return self.level
 
-    def agreed(self, device: torch.device) -> int:
-        """The strongest request any rank saw (a collective): 0 none, else a key of REASONS."""
-        flag = torch.tensor(float(self.requested_here()), device=device)
-        return int(all_reduce_max(flag).item())
+    def poll(self) -> int:
+        """Call after every optimizer step on every rank: the level the ranks agreed on, 0 to
+        go on, else a key of REASONS. Never synchronises the host with the device."""
+        level = self.requested_here()
+        if self._agreement is None:
+            return level
+        return self._agreement.exchange(level)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Restore the signal handlers; `wait` for the last exchange (every rank posted it)."""
+        if self._agreement is not None:
+            self._agreement.finish(wait)
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
+
+
+class _Agreement:
+    """A max over ranks of one small integer per step, read one step after it was posted."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.streams = streams_for(device)
+        self.flag = torch.zeros(1, dtype=torch.int32, device=device)
+        self.host = torch.zeros(1, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.work: Any = None
+        self.ready: Any = None
+
+    def exchange(self, level: int) -> int:
+        """Post `level`; return the max the ranks posted at the previous call (0 at first)."""
+        agreed = self._collect()
+        self.flag.fill_(level)
+        self.work = all_reduce_max_async(self.flag)
+        if self.streams is not None:  # a GPU: the stream waits, the host does not
+            self.work.wait()
+            self.host.copy_(self.flag, non_blocking=True)
+            self.ready = self.streams.new_event()
+            self.ready.record(self.streams.current())
+        return agreed
+
+    def _collect(self) -> int:
+        if self.work is None:
+            return _NONE
+        if self.streams is None:
+            self.work.wait()
+            value = int(self.flag[0])
+        else:
+            self.ready.synchronize()  # recorded a step ago: the host rarely waits here
+            value = int(self.host[0])
+        self.work = None
+        return value
+
+    def finish(self, wait: bool) -> None:
+        if wait:
+            self._collect()
+        self.work = None

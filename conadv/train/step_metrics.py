@@ -3,6 +3,7 @@ values are summed as tensors and read on the host only when a line is logged."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ class MetricWindow:
         self.reset()
 
     def reset(self) -> None:
+        self.started = time.perf_counter()
         self.steps = 0
         self.loss = torch.zeros((), device=self.device)
         self.stats: dict[str, Tensor] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import weakref
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.transforms import v2
 
 from conadv.adversarial import EngineContext, build_engine
+from conadv.checkpoints.format import list_checkpoints, load_state_everywhere
+from conadv.checkpoints.weights import load_into, read_weights
 from conadv.config import (
     BatchPlan,
     RunConfig,
@@ -25,27 +27,27 @@ from conadv.config import (
     trajectory_changes,
 )
 from conadv.data import build_eval_loader, build_train_stream
-from conadv.distill import (
-    DiscriminatorTrainer,
-    DistillationLoss,
-    HardLabelLoss,
-    build_teachers,
-)
+from conadv.data.transforms import build_batch_mix
+from conadv.distill import build_teachers
 from conadv.distributed import (
     DistEnv,
     broadcast_buffers,
+    broadcast_object,
     detect_env,
     pick_device,
     process_group,
 )
-from conadv.errors import ConfigError, TrainingDiverged
+from conadv.errors import ConfigError
 from conadv.models import build_model
 from conadv.optim import build_optimizer, build_scheduler, scaled_lr
 from conadv.telemetry import Telemetry, setup_logging
-from conadv.train.checkpoint import CheckpointManager, host_copy, load_state
+from conadv.train.cadence import Cadence
+from conadv.train.checkpoint import CheckpointManager, host_copy
 from conadv.train.evaluate import evaluate, final_eval_attacks
 from conadv.train.nonfinite import NonFiniteGuard
-from conadv.train.preemption import REASONS, TERMINATED, StopRequest
+from conadv.train.objectives import build_objective
+from conadv.train.preemption import StopRequest
+from conadv.train.run_directory import claim_on_rank_zero, drop_records_after
 from conadv.train.runtime import (
     autocast_dtype,
     autocast_factory,
@@ -54,7 +56,6 @@ from conadv.train.runtime import (
 )
 from conadv.train.state import OptimizerState, Progress, RunState
 from conadv.train.step_metrics import MetricWindow, StepResult
-from conadv.train.weights import load_into, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,15 @@ class Trainer:
         self.run_dir = Path(cfg.log.run_dir)
         configure_determinism(cfg.train.deterministic)
         seed_everything(cfg.train.seed)  # identical model init on every rank
+        # the run directory is checked, locked and identified before anything is written
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints",
+                                             cfg.checkpoint.keep_last, env.is_main)
+        self._lock, self.run_id, resume_path = claim_on_rank_zero(
+            env.is_main, self.run_dir, self.checkpoints, cfg)
+        if self._lock is not None:
+            weakref.finalize(self, self._lock.release)
+        self.checkpoints.run_id = self.run_id
+        self.checkpoints.remove_leftovers()
 
         pin = device.type == "cuda"
         self.stream = build_train_stream(cfg.data, env.world_size, env.rank,
@@ -95,10 +105,6 @@ class Trainer:
             self.train_eval_loader = build_eval_loader(
                 cfg.data, env.world_size, env.rank, self.plan.per_device, pin, split="train",
                 subset=cfg.train.eval_train_images, seed=cfg.train.seed)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints",
-                                             cfg.checkpoint.keep_last, env.is_main)
-        self.checkpoints.remove_leftovers()
-        resume_path = self.checkpoints.find_resume(cfg.checkpoint.resume)
         num_classes = cfg.model.num_classes or self.stream.num_classes
         self.model = build_model(cfg.model, num_classes).to(device)
         if cfg.model.init_from and resume_path is None:  # before auxiliary BN copies the main
@@ -111,9 +117,11 @@ class Trainer:
                                    self.autocast) if distill.enabled else None)
         # the engine converts the model's BatchNorm, so it comes before optimizer and DDP
         self.engine = build_engine(cfg.adv, self.model, EngineContext(
-            device, num_classes, cfg.train.seed, self.plan.accumulation,
-            cfg.model.channels_last, cfg.data.second_view, self.autocast,
-            self._build_mix(num_classes), cfg.train.compile, teachers))
+            device=device, num_classes=num_classes, seed=cfg.train.seed,
+            accumulation=self.plan.accumulation, channels_last=cfg.model.channels_last,
+            second_view=cfg.data.second_view, autocast=self.autocast,
+            mix=build_batch_mix(cfg.train, num_classes), compile=cfg.train.compile,
+            teachers=teachers))
         self.ddp: nn.Module = self.model
         if env.is_distributed:
             self.ddp = DistributedDataParallel(
@@ -128,18 +136,14 @@ class Trainer:
                                  cfg.optim.base_batch)
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim, self.peak_lr)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-        self.discriminator = (DiscriminatorTrainer(num_classes, distill.discriminator_lr,
-                                                   distill.temperature, device, cfg.train.seed)
-                              if distill.discriminator else None)
-        self.objective = (DistillationLoss(distill, criterion, self.discriminator)
-                          if distill.enabled else HardLabelLoss(criterion))
-        self.optimizers = [self.optimizer] + (
-            [self.discriminator.optimizer] if self.discriminator else [])
-        self.final_attacks = final_eval_attacks(cfg.adv)
+        self.objective = build_objective(cfg, num_classes, device)
+        self.optimizers = [self.optimizer, *self.objective.optimizers]
+        self.final_attacks = final_eval_attacks(cfg.eval)
         # fp16: the GradScaler handles overflowing gradients itself; only the loss counts
         self.guard = NonFiniteGuard(device, cfg.train.on_nonfinite,
-                                    check_gradients=not self.scaler.is_enabled())
+                                    check_gradients=not self.scaler.is_enabled(),
+                                    buffers=list(self.model.buffers()),
+                                    max_skipped_steps=cfg.train.max_skipped_steps)
 
         self.progress = Progress(device, env.is_main)
         self.state = RunState()  # everything a checkpoint saves and restores, in one place
@@ -150,8 +154,8 @@ class Trainer:
         self.state.register("progress", self.progress)
         if teachers is not None:  # which teachers (file checksums), never their weights
             self.state.register("teachers", teachers)
-        if self.discriminator is not None:
-            self.state.register("discriminator", self.discriminator)
+        for name, part in self.objective.checkpointed().items():
+            self.state.register(name, part)
         self.resumed_from = self._resume(resume_path)
         # derived from the config and the step, never restored
         self.scheduler, self.schedule = build_scheduler(
@@ -170,17 +174,6 @@ class Trainer:
         return self.step / self.steps_per_epoch
 
     # ------------------------------------------------------------------ building blocks
-    def _build_mix(self, num_classes: int) -> v2.Transform | None:
-        t = self.cfg.train
-        options = []
-        if t.mixup_alpha > 0:
-            options.append(v2.MixUp(alpha=t.mixup_alpha, num_classes=num_classes))
-        if t.cutmix_alpha > 0:
-            options.append(v2.CutMix(alpha=t.cutmix_alpha, num_classes=num_classes))
-        if not options:
-            return None
-        return options[0] if len(options) == 1 else v2.RandomChoice(options)
-
     def _no_sync(self, last_micro_step: bool) -> AbstractContextManager:
         """Gradient all-reduce only on the last micro-step of an accumulation."""
         if last_micro_step or not isinstance(self.ddp, DistributedDataParallel):
@@ -188,10 +181,23 @@ class Trainer:
         return self.ddp.no_sync()
 
     # ------------------------------------------------------------------ state
+    def release_run_directory(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
     def _resume(self, path: Path | None) -> Path | None:
         if path is None:
             return None
-        saved = load_state(path)
+        saved = load_state_everywhere(path, self.device)
+        own = self.model.state_dict()
+        resized = [k for k, v in saved["model"].items() if k in own and v.shape != own[k].shape]
+        if resized:
+            k = resized[0]
+            raise ConfigError(
+                f"checkpoint {path} holds a model of another shape ({len(resized)} tensors "
+                f"differ, e.g. {k}: {tuple(saved['model'][k].shape)} there, "
+                f"{tuple(own[k].shape)} here); a changed architecture cannot continue a run: "
+                f"start a new log.run_dir with model.init_from={path} model.init_strict=false")
         changes = trajectory_changes(parse_saved_config(saved["config"]), self.cfg)
         described = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
         if changes and not self.cfg.checkpoint.allow_config_change:
@@ -210,6 +216,8 @@ class Trainer:
         self.state.load_state_dict(saved, skip=skip,
                                    strict=not self.cfg.checkpoint.allow_config_change)
         log.info("resumed from %s at step %d", path, self.step)
+        if self.env.is_main:
+            drop_records_after(self.run_dir / "metrics.jsonl", self.step)
         return path
 
     def save_checkpoint(self) -> Path:
@@ -237,6 +245,7 @@ class Trainer:
         timed = self.device.type == "cuda"
         if timed:
             result.cuda_events["train_begin"] = _record_event()
+        self.guard.begin_step()  # the forwards below write BatchNorm statistics
         for micro in range(accumulation):
             while self.engine.wants_batch():  # ConAdv: fills the queue of future batches
                 start = time.perf_counter()
@@ -249,11 +258,9 @@ class Trainer:
             with self._no_sync(micro == accumulation - 1):
                 with self.engine.forward_context(inputs), self.autocast():
                     logits = self.train_forward(inputs.images)
-                loss, stats = self.engine.loss(self.objective, logits, inputs)
+                loss, stats = self.engine.loss(self.objective.view_loss, logits, inputs)
                 self.scaler.scale(loss / accumulation).backward()
-            if self.discriminator is not None:
-                stats.update(self.discriminator.learn(logits, inputs.soft_targets,
-                                                      accumulation))
+            stats.update(self.objective.learn(logits, inputs, accumulation))
             result.add(loss.detach(), stats, inputs, accumulation)
         bad = self.guard.step_is_bad(result.loss, self.model.parameters())
         self.engine.before_optimizer_step()  # the attacks that read these weights are done
@@ -272,30 +279,13 @@ class Trainer:
     def _optimizer_step(self) -> None:
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.discriminator is not None:
-            self.discriminator.step()
+        self.objective.step()
 
-    def check_finite(self, window_first_step: int) -> int:
-        """At logging and checkpoint steps (a collective): stop the run when training went
-        non-finite (policy stop) or skipped too many steps in a row (policy skip). Returns
-        the number of skipped steps so far."""
-        status = self.guard.poll()
-        limit = self.cfg.train.max_skipped_steps
-        skip = self.cfg.train.on_nonfinite == "skip"
-        if (status.bad_steps and not skip) or (skip and status.longest_run > limit):
-            self.checkpoints.agreed_wait()
-            intact = self.checkpoints.list_checkpoints()
-            where = (f"the newest finite checkpoint is {intact[0]}; resume it with "
-                     "checkpoint.resume=auto and checkpoint.allow_config_change=true"
-                     if intact else "no checkpoint was written yet; start again")
-            steps = (f"at step {self.step}" if window_first_step == self.step
-                     else f"between steps {window_first_step} and {self.step}")
-            what = (f"{status.longest_run} optimizer steps in a row were skipped "
-                    f"(train.max_skipped_steps={limit})" if skip else
-                    f"the loss or gradient norm became non-finite {steps}")
-            raise TrainingDiverged(f"training diverged: {what}; {where}, with a lower optim.lr "
-                                   "or a longer schedule.warmup_epochs")
-        return status.skipped_total
+    def newest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint, as rank 0 sees it (a collective)."""
+        self.checkpoints.agreed_wait()
+        found = list_checkpoints(self.checkpoints.directory) if self.env.is_main else []
+        return broadcast_object(found[0] if found else None)
 
     def run_eval(self, final: bool = False) -> dict[str, float]:
         """Exact over ranks, with rank 0's BatchNorm statistics on every rank (the ones its
@@ -313,77 +303,58 @@ class Trainer:
         return result
 
     def fit(self) -> dict[str, Any]:
+        """Train to the end (or a stop); returns the run summary."""
         cfg, env = self.cfg, self.env
         telemetry = Telemetry(self.run_dir, env.is_main, cfg.log.tensorboard, cfg.log.progress,
-                              self.total_steps, self.step)
+                              self.total_steps, self.step, self.run_id)
         if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.resolved_config()))
             log.info("training %s on %s: %d steps, global batch %d = %d per device x %d ranks "
                      "x %d accumulation, %s", cfg.model.arch, cfg.data.name, self.total_steps,
                      self.plan.global_batch, self.plan.per_device, env.world_size,
                      self.plan.accumulation, self.device)
-        eval_every = round(cfg.train.eval_every_epochs * self.steps_per_epoch)
-        log_every = cfg.log.every_steps
-        last_saved_epoch = int(self.epoch_progress)
-        result: dict[str, float] = {}
+        stop_request = StopRequest(self.run_dir, env.is_main, self.device, env.is_distributed)
+        cadence = Cadence(cfg, self.steps_per_epoch, self.total_steps, self.step, stop_request)
         window = MetricWindow(self.device)
-        window_start = time.perf_counter()
+        result: dict[str, float] = {}
+        after = None
+        skipped, unchecked_from = 0, self.step + 1  # steps since the last finiteness check
         train_start, start_step = time.perf_counter(), self.step
-        stop_request = StopRequest(self.run_dir, env.is_main)
-        stop_reason, stop_level, skipped = None, 0, 0
-        window_first_step = self.step + 1  # the first step since the last non-finite check
+        finished_cleanly = False
         try:
             while self.step < self.total_steps:
                 window.add(self.train_step())
                 telemetry.advance()
-                done = self.step == self.total_steps
-                logging_step = self.step % log_every == 0 or done
-                # ranks agree on stop requests at logging steps (a single process: every step)
-                if not done and (logging_step or not env.is_distributed):
-                    stop_level = stop_request.agreed(self.device)
-                    stop_reason = REASONS.get(stop_level)
-                if self.step == cfg.train.stop_at_step and not done:
-                    stop_reason = "train.stop_at_step reached"
-                epoch_done = int(self.epoch_progress) > last_saved_epoch
-                every = cfg.checkpoint.every_steps
-                checkpoint_step = bool(done or stop_reason or (every and self.step % every == 0)
-                                       or (not every and epoch_done))
-                if logging_step or checkpoint_step:
-                    skipped = self.check_finite(window_first_step)
-                    window_first_step = self.step + 1  # the steps since this check were fine
-                if logging_step:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    elapsed = time.perf_counter() - window_start
-                    telemetry.log("train", self.step, {
-                        "epoch": round(self.epoch_progress, 4),
-                        "lr": self.scheduler.get_last_lr()[0], **window.record(env.world_size),
-                        "img_per_s": window.steps * self.plan.global_batch / elapsed,
-                        "step_time": elapsed / window.steps,
-                        "bad_images": self.progress.bad_images, "skipped_steps": skipped})
-                    window.reset()
-                    window_start = time.perf_counter()
-                if done or (eval_every and self.step % eval_every == 0):
-                    result = self.run_eval(final=done)
-                    telemetry.log("eval", self.step, {
-                        "epoch": round(self.epoch_progress, 4), **result})
-                if checkpoint_step:
+                after = cadence.after(self.step)
+                if after.check_finite:
+                    skipped = self.guard.verdict(unchecked_from, self.step,
+                                                 self.newest_checkpoint)
+                    unchecked_from = self.step + 1
+                if after.log:
+                    telemetry.log("train", self.step, self.window_record(window, skipped))
+                if after.evaluate:
+                    result = self.run_eval(final=after.done)
+                    telemetry.log("eval", self.step, {"epoch": round(self.epoch_progress, 4),
+                                                      **result})
+                if after.checkpoint:
                     self.save_checkpoint()
-                    last_saved_epoch = int(self.epoch_progress)
-                if stop_reason:
+                    cadence.checkpointed(self.step)
+                if after.stop_reason:
                     log.info("stopping after step %d with a checkpoint: %s; resume with "
-                             "checkpoint.resume=auto", self.step, stop_reason)
+                             "checkpoint.resume=auto", self.step, after.stop_reason)
                     break
             if not result and self.step == self.total_steps:
                 # resumed a finished run: nothing was trained, still report its accuracy
                 result = self.run_eval(final=True)
             self.checkpoints.agreed_wait()  # the last checkpoint is on disk before the report
+            finished_cleanly = True
         finally:
-            stop_request.close()
+            stop_request.close(wait=finished_cleanly)
             telemetry.close()
+            self.release_run_directory()
+        stop_reason = after.stop_reason if after else None
         train_time = time.perf_counter() - train_start
-        summary = {"training": self.engine.label, "steps": self.step,
+        summary = {"run_id": self.run_id, "training": self.engine.label, "steps": self.step,
                    "epochs": round(self.epoch_progress, 4),
                    "global_batch": self.plan.global_batch, "world_size": env.world_size,
                    "train_time_s": round(train_time, 2),
@@ -392,7 +363,25 @@ class Trainer:
                    "bad_images": self.progress.total_bad_images(),
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                    "finished": self.step == self.total_steps, "stop_reason": stop_reason,
-                   "terminated": stop_level == TERMINATED, "skipped_steps": skipped,
+                   "terminated": bool(after and after.terminated), "skipped_steps": skipped,
+                   # seconds from the stop signal to here (its checkpoint on disk)
+                   "stop_latency_s": (round(time.monotonic() - stop_request.requested_at, 3)
+                                      if stop_reason and stop_request.requested_at else None),
+                   "checkpoint_write_s": self.checkpoints.last_write_seconds,
                    "final_eval": result}
         telemetry.write_summary(summary)
         return summary
+
+    def window_record(self, window: MetricWindow, skipped: int) -> dict[str, Any]:
+        """The `train` record of the steps since the last one (a collective), and a new
+        window."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - window.started
+        record = {"epoch": round(self.epoch_progress, 4), "lr": self.scheduler.get_last_lr()[0],
+                  **window.record(self.env.world_size),
+                  "img_per_s": window.steps * self.plan.global_batch / elapsed,
+                  "step_time": elapsed / window.steps,
+                  "bad_images": self.progress.bad_images, "skipped_steps": skipped}
+        window.reset()
+        return record

@@ -4,7 +4,6 @@ students) and to load frozen teachers. Nothing is ever downloaded: the file must
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +11,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from conadv.checkpoints.format import load_state, resolve_checkpoint, state_sha256
 from conadv.config import ModelConfig, parse_saved_config
 from conadv.errors import CheckpointError, ConfigError
 from conadv.fileio import file_sha256
 from conadv.models.multi_bn import main_state_dict
-from conadv.train.checkpoint import MANIFEST, STATE, load_state, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +39,14 @@ def read_weights(path: str | Path, key: str) -> Weights:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{key}: weights file {path} does not exist")
+    if not (path.is_file() or path.is_dir()):  # a FIFO would block, a device never end
+        raise ConfigError(f"{key}: {path} is not a regular file or a checkpoint directory")
     if path.is_dir():  # a conadv checkpoint or run directory
         checkpoint = resolve_checkpoint(path)
         saved = load_state(checkpoint)
         state = {k.removeprefix("backbone."): v for k, v in main_state_dict(saved["model"]).items()}
         # resolve_checkpoint verified the file against this checksum
-        sha256 = json.loads((checkpoint / MANIFEST).read_text())["files"][STATE]["sha256"]
+        sha256 = state_sha256(checkpoint)
         return Weights(state, str(checkpoint), sha256, parse_saved_config(saved["config"]).model)
     try:  # tensors only: a weights file must not run code when it is read
         loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -53,9 +54,9 @@ def read_weights(path: str | Path, key: str) -> Weights:
         raise CheckpointError(f"{key}: {path} cannot be read as a PyTorch state dict (it is "
                               "not a torch.save file, or it holds Python objects besides "
                               "tensors: save model.state_dict() alone)") from None
-    for key in _WRAPPERS:
-        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
-            loaded = loaded[key]
+    for wrapper in _WRAPPERS:
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
             break
     if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
         raise CheckpointError(f"{key}: {path} does not hold a state dict (a mapping of "

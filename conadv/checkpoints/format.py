@@ -1,0 +1,160 @@
+"""What a checkpoint is, and reading it: the layout of a checkpoint directory, its manifest,
+the checks that tell a complete checkpoint from a truncated, corrupt or foreign one, and
+loading its state, once, for every rank. Below both the trainer (which writes checkpoints,
+conadv/train/checkpoint.py) and whoever reads weights from one (conadv/checkpoints/weights.py:
+`model.init_from`, distillation teachers, `conadv-eval`).
+
+Layout: <dir>/step-00000100/ holds state.pt (the whole run state, written by rank 0: every
+part of a run's state is global, so no rank writes a file of its own) and manifest.json
+(format, step, the id of the run that wrote it, and the size and SHA-256 of every file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conadv.distributed import broadcast_object, broadcast_state, rank
+from conadv.errors import CheckpointError
+from conadv.fileio import file_sha256
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+MANIFEST = "manifest.json"
+STATE = "state.pt"
+FORMAT = 2  # 1: per-rank files with image queues (conadv 0.1), not resumable
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete-looking checkpoint directories under `directory`, newest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def _manifest(path: Path) -> Any:
+    return json.loads((path / MANIFEST).read_text())
+
+
+def run_of(path: Path) -> str | None:
+    """The id of the run that wrote a checkpoint (None if unknown)."""
+    try:
+        manifest = _manifest(path)
+    except (OSError, ValueError):
+        return None
+    return manifest.get("run_id") if isinstance(manifest, dict) else None
+
+
+def other_format(path: Path) -> str | None:
+    """Why a checkpoint written by another conadv version cannot be read, or None."""
+    try:
+        manifest = _manifest(path)
+    except (OSError, ValueError):
+        return None  # not a format question: `problem` reports it
+    if not isinstance(manifest, dict):
+        return None
+    found = manifest.get("format", 1)
+    if found == FORMAT:
+        return None
+    return (f"it has checkpoint format {found}, written by another conadv version; this "
+            f"version reads format {FORMAT}")
+
+
+def problem(path: Path) -> str | None:
+    """Why this checkpoint cannot be used, or None when every file matches its manifest."""
+    try:
+        manifest = _manifest(path)
+    except (OSError, ValueError) as err:
+        return f"its manifest is missing or unreadable ({err})"
+    other = other_format(path)
+    if other:
+        return other
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(files, dict) or STATE not in files or not all(
+            isinstance(meta, dict) and {"bytes", "sha256"} <= meta.keys()
+            and Path(name).name == name for name, meta in files.items())):
+        return f"its manifest is malformed (no size and checksum of {STATE})"
+    for name, meta in files.items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != meta["bytes"]:
+            return f"{name} is missing or truncated"
+        if file_sha256(file) != meta["sha256"]:
+            return f"{name} is corrupt (checksum mismatch)"
+    return None
+
+
+def state_sha256(path: Path) -> str:
+    """The SHA-256 of a verified checkpoint's state file (from its manifest)."""
+    return _manifest(path)["files"][STATE]["sha256"]
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The run state stored in a checkpoint directory, on the CPU. Loaded with
+    `weights_only=True`: tensors, numbers, strings and containers, which is all a run state
+    holds; a file that needs anything else (a pickled class, a function call) is refused
+    before any of it runs, whatever its manifest says."""
+    if not (path / STATE).is_file():
+        raise CheckpointError(f"{path} is not a checkpoint directory (no {STATE})")
+    try:
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"a Python object of type {found.group(1)}" if found else "a Python object"
+        raise CheckpointError(f"{path / STATE} holds {what}, which a conadv checkpoint never "
+                              "does; it was not loaded (loading it could run code)") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path / STATE} cannot be read as a checkpoint "
+                              f"({_first_line(err)})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path / STATE} does not hold a conadv run state")
+    return state
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def load_state_everywhere(path: Path | None, device: torch.device) -> dict[str, Any]:
+    """The run state of a checkpoint on every rank, read once: rank 0 reads state.pt and the
+    others receive it (at 1,024 ranks, 1,024 reads of one large file on a shared filesystem
+    would be the slowest part of a restart). Other ranks may pass None."""
+    return broadcast_state(load_state(path) if rank() == 0 else None, device)
+
+
+def resolve_checkpoint_everywhere(path: Path) -> Path:
+    """`resolve_checkpoint` decided by rank 0 for every rank: ranks resolving "the newest
+    checkpoint" each on its own could pick different ones while training writes another."""
+    chosen, error = None, None
+    if rank() == 0:
+        try:
+            chosen = str(resolve_checkpoint(path))
+        except CheckpointError as err:
+            error = str(err)
+    chosen, error = broadcast_object((chosen, error))
+    if error:
+        raise CheckpointError(error)
+    return Path(chosen)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a run directory whose newest intact checkpoint is taken."""
+    if (path / STATE).is_file():
+        why = problem(path)
+        if why:
+            raise CheckpointError(f"checkpoint {path} cannot be used: {why}")
+        return path
+    for candidate in list_checkpoints(path / "checkpoints"):
+        if problem(candidate) is None:
+            return candidate
+    raise CheckpointError(f"no checkpoint found at {path} (give a run or checkpoint "
+                          "directory; damaged checkpoints are skipped)")

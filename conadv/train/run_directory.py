@@ -1,0 +1,341 @@
+"""A run directory belongs to one run.
+
+On shared clusters run directories get copied, pointed at by mistake and requeued into while
+another job still writes them. Rank 0 claims `log.run_dir` before anything is written there:
+
+- **Usable**: it is (or can be made) a writable directory; otherwise one sentence.
+- **Locked**: `LOCK` is created exclusively (O_EXCL, which shared filesystems honour) with the
+  holder's host, pid, process start time and job identity, and held with flock where the
+  filesystem supports it. A second run finds it and stops, naming the holder. A lock is taken
+  over only when its holder is provably gone: the same host and a pid that is not running (or
+  runs another program), the same process (an earlier run in it that did not end cleanly),
+  or an earlier attempt of the same Slurm job (a requeue) or torchrun job (an elastic
+  restart). Anything else needs the user to say so by deleting the file.
+- **One identity**: `run.json` holds the run's id; checkpoints (in their manifest) and every
+  metrics record carry it. A fresh start in a directory that holds another run's checkpoints
+  or metrics stops with one sentence, unless the user asks to replace it
+  (`checkpoint.resume=none log.overwrite=true`); `resume=auto` finding only damaged
+  checkpoints stops instead of starting over; a resume continues the identity of the
+  checkpoint it resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conadv.checkpoints.format import list_checkpoints, run_of
+from conadv.config import RunConfig, parse_saved_config, trajectory_changes
+from conadv.distributed import broadcast_object
+from conadv.errors import CheckpointError, ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "LOCK"
+RUN_FILE = "run.json"
+# what a run writes at the top of its directory (checkpoints/ is judged by its contents)
+RUN_FILES = (RUN_FILE, "config.yaml", "metrics.jsonl", "summary.json", "tensorboard")
+
+
+class RunDirectoryError(ConfigError):
+    """The run directory cannot be used by this run (one sentence)."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process (clock ticks since boot), which tells a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _job_identity() -> dict[str, Any]:
+    return {"slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+            "torchrun_job": os.environ.get("TORCHELASTIC_RUN_ID"),
+            "torchrun_restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)}
+
+
+@dataclass
+class Holder:
+    host: str
+    pid: int
+    start: str | None
+    since: float
+    job: dict[str, Any]
+
+    @classmethod
+    def me(cls) -> Holder:
+        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()), time.time(),
+                   _job_identity())
+
+    def gone_for(self, me: Holder) -> str | None:
+        """Why this holder has provably ended, as seen from `me`; None if it may be running."""
+        if self.host == me.host:
+            if self.pid == me.pid and self.start == me.start:
+                return "an earlier run in this process"
+            if _process_start(self.pid) is None:
+                return f"process {self.pid} is not running"
+            if self.start is not None and _process_start(self.pid) != self.start:
+                return f"pid {self.pid} now belongs to another program"
+        for job, restart in (("slurm_job", "slurm_restart"), ("torchrun_job", "torchrun_restart")):
+            if (self.job.get(job) and self.job.get(job) == me.job.get(job)
+                    and (self.job.get(restart) or 0) < (me.job.get(restart) or 0)):
+                return f"it was an earlier attempt of this job ({self.job[job]})"
+        return None
+
+    def describe(self) -> str:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
+        return f"pid {self.pid} on {self.host}, since {started}"
+
+
+class RunLock:
+    """The exclusive claim of a run directory (see the module doc)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / LOCK_FILE
+        self.me = Holder.me()
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        record = json.dumps(self.me.__dict__).encode()
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            fd = self._take_over(record)
+        else:
+            os.write(fd, record)
+            os.fsync(fd)
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirectoryError(f"log.run_dir {self.path.parent} is in use by another run "
+                                    f"(its lock {self.path} is held); wait for it to end or use "
+                                    "another log.run_dir") from None
+        except (ImportError, OSError):  # no flock here (some network filesystems): O_EXCL only
+            pass
+        self._fd = fd
+
+    def _take_over(self, record: bytes) -> int:
+        try:
+            holder = Holder(**json.loads(self.path.read_text()))
+        except (OSError, ValueError, TypeError):
+            raise RunDirectoryError(
+                f"log.run_dir {self.path.parent} has a lock file {self.path} that cannot be "
+                "read; if no run uses that directory, delete the file and start again") from None
+        why = holder.gone_for(self.me)
+        if why is None:
+            raise RunDirectoryError(
+                f"log.run_dir {self.path.parent} is in use by another run ({holder.describe()});"
+                f" wait for it to end or use another log.run_dir, or delete {self.path} if "
+                "that run is gone (e.g. its node died)")
+        log.warning("taking over the lock of %s: %s", self.path.parent, why)
+        tmp = self.path.with_name(f"{LOCK_FILE}.{self.me.host}.{self.me.pid}.tmp")
+        tmp.write_bytes(record)
+        os.replace(tmp, self.path)
+        fd = os.open(self.path, os.O_RDWR)
+        if os.read(fd, len(record) + 1) != record:  # another run took it over at the same time
+            os.close(fd)
+            raise RunDirectoryError(f"log.run_dir {self.path.parent} was claimed by another run "
+                                    "starting at the same time; use another log.run_dir")
+        return fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):  # unlink it only while it is still ours
+            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+
+def ensure_usable(directory: Path) -> None:
+    """`directory` exists (made if missing) and this process can write in it, or one
+    sentence says why not."""
+    problem = None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError:
+        problem = "it is a file, not a directory"
+    except OSError as err:
+        problem = err.strerror or str(err)
+    if problem:
+        raise RunDirectoryError(f"log.run_dir {directory} cannot be used: {problem}; choose a "
+                                "writable directory")
+
+
+def read_run_id(directory: Path) -> str | None:
+    try:
+        value = json.loads((directory / RUN_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def write_run_file(directory: Path, run_id: str) -> None:
+    tmp = directory / f"{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps({"run_id": run_id, "created": round(time.time(), 3),
+                               "host": socket.gethostname()}) + "\n")
+    os.replace(tmp, directory / RUN_FILE)
+
+
+def prior_run_files(directory: Path) -> list[str]:
+    """What an earlier run left at the top of `directory` (not checkpoints)."""
+    return [name for name in RUN_FILES if (directory / name).exists()]
+
+
+def remove_prior_run(directory: Path) -> None:
+    """log.overwrite=true: the earlier run's files go, so nothing of it mixes with this one."""
+    for name in (*RUN_FILES, "STOP"):
+        path = directory / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    checkpoints = directory / "checkpoints"
+    if checkpoints.is_dir():
+        shutil.rmtree(checkpoints)
+    log.warning("log.overwrite=true: removed the earlier run's files from %s", directory)
+
+
+def drop_records_after(metrics: Path, step: int) -> None:
+    """A resume from `step`: metrics records of later steps were logged by a run that went on
+    past its last checkpoint; the resumed run logs those steps again, so they are dropped
+    (the file is rewritten in place, atomically) rather than duplicated."""
+    if not metrics.exists():
+        return
+    kept, dropped = [], 0
+    for line in metrics.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            later = isinstance(record, dict) and int(record.get("step", 0)) > step
+        except (ValueError, TypeError):
+            later = False  # a torn last line: dropped below as unparsable
+            dropped += 1
+            continue
+        if later:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = metrics.with_name(metrics.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, metrics)
+        log.info("dropped %d metrics records after step %d (logged again by this run)",
+                 dropped, step)
+
+
+@dataclass
+class Claim:
+    """What rank 0 decided about the run directory (sent to every rank)."""
+
+    run_id: str
+    resume_path: str | None
+
+
+def claim(directory: Path, checkpoints, resume: str, overwrite: bool,
+          same_run: Any) -> tuple[RunLock, Claim]:
+    """Rank 0, before anything is written to `directory`: check it, lock it, and decide which
+    run this is and where it resumes (see the module doc). `checkpoints` is the directory's
+    CheckpointManager; `same_run(config_text)` tells whether a saved config.yaml describes
+    this run's trajectory (an earlier attempt that never wrote a checkpoint). The lock is
+    released if the claim fails."""
+    ensure_usable(directory)
+    lock = RunLock(directory)
+    lock.acquire()
+    try:
+        return lock, _decide(directory, checkpoints, resume, overwrite, same_run)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _decide(directory: Path, checkpoints, resume: str, overwrite: bool, same_run) -> Claim:
+    prior_id = read_run_id(directory)
+    prior = prior_run_files(directory)
+    saved = list_checkpoints(checkpoints.directory)
+    held = ", ".join(prior + ([f"{len(saved)} checkpoint(s)"] if saved else []))
+    if resume == "none":
+        if held and not overwrite:
+            raise RunDirectoryError(
+                f"log.run_dir {directory} holds another run ({held}); use a new log.run_dir, "
+                "continue it with checkpoint.resume=auto, or replace it on purpose with "
+                "checkpoint.resume=none log.overwrite=true")
+        if held:
+            remove_prior_run(directory)
+        return _begin(directory, new_run_id(), None)
+    path = checkpoints.choose_resume(resume)
+    if path is not None:
+        theirs = run_of(path)
+        inside = Path(path).resolve().parent == checkpoints.directory.resolve()
+        if prior_id and theirs and theirs != prior_id and not inside:
+            raise RunDirectoryError(
+                f"checkpoint {path} belongs to another run than the one in log.run_dir "
+                f"{directory}; resume it in a new log.run_dir")
+        return _begin(directory, theirs or prior_id or new_run_id(), str(path))
+    if prior and overwrite:
+        remove_prior_run(directory)
+    elif prior:  # nothing to resume, but a run was here: this one started over, or another
+        config = directory / "config.yaml"
+        if not (config.exists() and same_run(config.read_text(errors="replace"))):
+            raise RunDirectoryError(
+                f"log.run_dir {directory} holds another run without a checkpoint ({held}); "
+                "use a new log.run_dir, or replace it on purpose with checkpoint.resume=none "
+                "log.overwrite=true")
+        log.info("%s holds an earlier attempt of this run that wrote no checkpoint; it starts "
+                 "over", directory)
+        for name in ("metrics.jsonl", "summary.json"):
+            (directory / name).unlink(missing_ok=True)
+    return _begin(directory, prior_id or new_run_id(), None)
+
+
+def _begin(directory: Path, run_id: str, resume_path: str | None) -> Claim:
+    write_run_file(directory, run_id)
+    return Claim(run_id, resume_path)
+
+
+def claim_on_rank_zero(is_main: bool, directory: Path, checkpoints,
+                       cfg: RunConfig) -> tuple[RunLock | None, str, Path | None]:
+    """Every rank calls it: rank 0 claims `directory` (`claim`), the others learn the run id
+    and the checkpoint to resume, or raise the same one sentence. Returns rank 0's lock."""
+    lock, outcome = None, None
+    if is_main:
+        try:
+            lock, claimed = claim(directory, checkpoints, cfg.checkpoint.resume,
+                                  cfg.log.overwrite, lambda text: _same_run(text, cfg))
+            outcome = (claimed.run_id, claimed.resume_path, None)
+        except UserError as err:
+            outcome = (None, None, (type(err).__name__, str(err)))
+    run_id, resume_path, error = broadcast_object(outcome)
+    if error:
+        kinds = {kind.__name__: kind for kind in (CheckpointError, RunDirectoryError)}
+        raise kinds.get(error[0], ConfigError)(error[1])
+    return lock, run_id, Path(resume_path) if resume_path else None
+
+
+def _same_run(saved_config: str, cfg: RunConfig) -> bool:
+    """Whether a saved config.yaml describes this run's trajectory."""
+    try:
+        return not trajectory_changes(parse_saved_config(saved_config), cfg)
+    except Exception:  # noqa: BLE001 (not YAML, another schema: another run)
+        return False

@@ -1,0 +1,391 @@
+"""CUDA's stream-ordering rules, checked on the CPU.
+
+The CPU runs every "stream" in program order, so a missing event or wait never shows as a wrong
+number there. `OrderChecker` is a stand-in for a device's streams (installed for the CPU with
+`conadv.streams.stand_in`): it runs everything in program order too, but keeps a vector clock
+per stream and, through a TorchDispatchMode, attributes every aten op to the current stream and
+checks every storage it touches:
+
+- a read of a storage last written by another stream needs an edge (an event recorded after the
+  write and waited for, `wait_stream`, or a host synchronisation) from that write;
+- a write of a storage another stream read or wrote needs an edge from those accesses;
+- when a storage dies, every other stream that used it must be ordered before the stream that
+  allocated it (which the caching allocator lets reuse the memory at once), unless the user
+  marked the tensor with `keep_alive` (CUDA's record_stream) for that stream.
+
+Host work is not on a stream: what runs inside `host()` (the data loader), and ops whose
+tensor inputs are all host tensors outside an explicit stream, make host tensors, which any
+stream may read (on a GPU they are pinned host memory copied in program order). A tensor the
+checker never saw made (torch.tensor, torch.load) counts as host memory inside `host()` and as
+device memory elsewhere. A `.to(device)`
+is a no-op on the CPU, so a host batch stays a host tensor where a GPU run would copy it.
+
+`no_host_sync()` also records every read of a device value by the host (item, bool, tolist,
+numpy, cpu, `.to("cpu")`, printing, nonzero, equal...), the CPU's stand-in for
+torch.cuda.set_sync_debug_mode.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+HOST = -1
+
+# aten ops that make the host wait for a device value
+_HOST_READS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select",
+               "unique_dim", "_unique2", "unique_consecutive", "nonzero_static"}
+
+
+class StreamOrderError(AssertionError):
+    """A cross-stream access without the event or wait that would order it on a GPU."""
+
+
+def _where() -> str:
+    """The innermost project frame (conadv/ or tests/) that led here."""
+    frames = [f for f in traceback.extract_stack()[:-2]
+              if ("/conadv/" in f.filename or "/tests/" in f.filename)
+              and f.filename != __file__]
+    if not frames:
+        return "?"
+    frame = frames[-1]
+    return f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:" \
+           f"{frame.lineno} ({frame.line})"
+
+
+class SimStream:
+    def __init__(self, checker: OrderChecker, name: str) -> None:
+        self.checker = checker
+        self.name = name
+        self.id = len(checker.streams)
+        checker.streams.append(self)
+        self.clock: dict[int, int] = {self.id: 1}
+
+    def position(self) -> int:
+        return self.clock[self.id]
+
+    def covers(self, stream: int, position: int) -> bool:
+        """Everything this stream does from now on happens after `position` on `stream`."""
+        seen = max(self.clock.get(stream, 0), self.checker.host_clock.get(stream, 0))
+        return seen > position
+
+    def merge(self, clock: dict[int, int]) -> None:
+        for stream, position in clock.items():
+            if position > self.clock.get(stream, 0):
+                self.clock[stream] = position
+
+    def wait_event(self, event: SimEvent) -> None:
+        if event.clock is not None:  # waiting for an event never recorded: no-op, as CUDA
+            self.merge(event.clock)
+
+    def wait_stream(self, stream: SimStream) -> None:
+        self.merge(stream.clock)
+
+    def synchronize(self) -> None:
+        self.checker.host_learns(self.clock)
+
+    def __repr__(self) -> str:
+        return f"stream '{self.name}'"
+
+
+class SimEvent:
+    def __init__(self, checker: OrderChecker) -> None:
+        self.checker = checker
+        self.clock: dict[int, int] | None = None
+
+    def record(self, stream: SimStream | None = None) -> None:
+        stream = stream or self.checker.current()
+        self.clock = dict(stream.clock)
+
+    def wait(self, stream: SimStream | None = None) -> None:
+        (stream or self.checker.current()).wait_event(self)
+
+    def query(self) -> bool:
+        """Done (the CPU ran it); a caller that acts on it learned what the event covers."""
+        if self.clock is not None:
+            self.checker.host_learns(self.clock)
+        return True
+
+    def synchronize(self) -> None:
+        if self.clock is not None:
+            self.checker.host_learns(self.clock)
+
+    def elapsed_time(self, other: SimEvent) -> float:
+        return 0.0
+
+
+@dataclass
+class _Storage:
+    description: str
+    allocator: int  # the stream that allocated it, or HOST
+    write: tuple[int, int] | None = None  # (stream, position) of the last write
+    reads: dict[int, int] = field(default_factory=dict)  # stream -> position of its last read
+    kept: set[int] = field(default_factory=set)  # streams it was keep_alive'd for
+
+
+class OrderChecker(TorchDispatchMode):
+    """The stand-in streams of the CPU device, and the checks (see the module doc)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.streams: list[SimStream] = []
+        self.host_clock: dict[int, int] = {}
+        self.main = SimStream(self, "main")
+        self._local = threading.local()
+        self._storages: dict[int, _Storage] = {}
+        self.violations: list[str] = []
+        self.host_reads: list[str] = []  # host reads of device values inside no_host_sync()
+        self._watching_host_reads = 0
+        self.marks: dict[str, int] = {}  # counters a test keeps (e.g. steps), for messages
+
+    # the DeviceStreams interface ----------------------------------------------------------
+    def _stack(self) -> list:
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        return self._local.stack
+
+    def current(self) -> SimStream:
+        stack = self._stack()
+        explicit = [s for s in stack if s is not HOST]
+        return explicit[-1] if explicit else self.main
+
+    def new_stream(self) -> SimStream:
+        return SimStream(self, f"side{len(self.streams)}")
+
+    @contextmanager
+    def use(self, stream: SimStream) -> Iterator[None]:
+        self._stack().append(stream)
+        try:
+            yield
+        finally:
+            self._stack().pop()
+
+    def new_event(self, timing: bool = False) -> SimEvent:
+        return SimEvent(self)
+
+    def keep_alive(self, tensor: torch.Tensor, stream: SimStream) -> None:
+        record = self._storages.get(self._key(tensor))
+        if record is not None:
+            record.kept.add(stream.id)
+
+    def synchronize(self) -> None:
+        for stream in self.streams:
+            self.host_learns(stream.clock)
+
+    # test-side controls -----------------------------------------------------------------
+    @contextmanager
+    def host(self) -> Iterator[None]:
+        """Work the host does (the data loader): its tensors are host memory."""
+        self._stack().append(HOST)
+        try:
+            yield
+        finally:
+            self._stack().pop()
+
+    def host_work(self, function: Callable) -> Callable:
+        def wrapped(*args, **kwargs):
+            with self.host():
+                return function(*args, **kwargs)
+        return wrapped
+
+    @contextmanager
+    def host_data(self) -> Iterator[None]:
+        """The data pipeline is host work: building the trainer's loaders (their transforms'
+        tensors live in host memory on a GPU run) and drawing batches from them."""
+        from conadv.data.loader import BatchStream
+        from conadv.train import eval_job, trainer
+
+        patched = [(BatchStream, "next"), (trainer, "build_train_stream"),
+                   (trainer, "build_eval_loader"), (eval_job, "build_eval_loader")]
+        originals = [getattr(owner, name) for owner, name in patched]
+        for (owner, name), original in zip(patched, originals):
+            setattr(owner, name, self.host_work(original))
+        try:
+            yield
+        finally:
+            for (owner, name), original in zip(patched, originals):
+                setattr(owner, name, original)
+
+    @contextmanager
+    def no_host_sync(self) -> Iterator[None]:
+        self._watching_host_reads += 1
+        try:
+            yield
+        finally:
+            self._watching_host_reads -= 1
+
+    def host_learns(self, clock: dict[int, int]) -> None:
+        for stream, position in clock.items():
+            if position > self.host_clock.get(stream, 0):
+                self.host_clock[stream] = position
+
+    def check(self) -> None:
+        """Raise the first ordering violation seen (frees are found outside any op)."""
+        if self.violations:
+            first, more = self.violations[0], len(self.violations) - 1
+            raise StreamOrderError(first + (f" (and {more} more)" if more else ""))
+
+    # bookkeeping --------------------------------------------------------------------------
+    @staticmethod
+    def _key(tensor: torch.Tensor) -> int:
+        return id(tensor.untyped_storage())
+
+    def _in_host_mode(self) -> bool:
+        stack = self._stack()
+        return bool(stack) and stack[-1] is HOST
+
+    def _record_of(self, tensor: torch.Tensor, allocator: int) -> _Storage:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        record = self._storages.get(key)
+        if record is None:
+            record = _Storage(_describe(tensor), allocator)
+            self._storages[key] = record
+            weakref.finalize(storage, self._freed, key)
+        return record
+
+    def _is_device(self, tensor: torch.Tensor) -> bool:
+        """Written on a stream, or made outside host work (torch.tensor(..., device=...) makes
+        no aten op this checker sees)."""
+        try:
+            record = self._storages.get(self._key(tensor))
+        except (RuntimeError, NotImplementedError):  # no storage (meta, sparse...)
+            return False
+        if record is None:
+            return not self._in_host_mode()
+        return record.allocator != HOST or record.write is not None
+
+    def _violation(self, message: str) -> None:
+        self.violations.append(f"{message} at {_where()}")
+
+    def _freed(self, key: int) -> None:
+        record = self._storages.pop(key, None)
+        if record is None or record.allocator == HOST:
+            return
+        owner = self.streams[record.allocator]
+        users = dict(record.reads)
+        if record.write is not None:
+            stream, position = record.write
+            users[stream] = max(users.get(stream, 0), position)
+        for stream, position in users.items():
+            if stream in (record.allocator, HOST) or stream in record.kept:
+                continue
+            if not owner.covers(stream, position):
+                self._violation(
+                    f"a {record.description} tensor allocated on {owner} and used on "
+                    f"{self.streams[stream]} was freed without keep_alive (record_stream) for "
+                    f"that stream or a wait: its memory may be reused while still in use")
+
+    # the dispatch hook --------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.__name__.split(".")[0]
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        written = _written_arguments(func, args, kwargs)
+        if self._watching_host_reads and name in _HOST_READS and any(
+                self._is_device(t) for t in inputs):
+            self.host_reads.append(f"{name} {self.marks} at {_where()}")
+
+        explicit = [s for s in self._stack() if s is not HOST]
+        host_mode = self._in_host_mode()
+        on_host = host_mode or (not explicit and inputs and not any(
+            self._is_device(t) for t in inputs))
+        stream = None if on_host else self.current()
+        if stream is not None:
+            stream.merge(self.host_clock)  # enqueued after everything the host waited for
+            position = stream.position()
+            for tensor in inputs:
+                self._access(tensor, stream, position, write=any(
+                    tensor is w for w in written))
+        out = func(*args, **kwargs)
+        allocator = HOST if stream is None else stream.id
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and self._key(tensor) not in self._storages:
+                record = self._record_of(tensor, allocator)
+                if stream is not None:
+                    record.write = (stream.id, position)
+        if stream is not None:
+            stream.clock[stream.id] += 1
+        return out
+
+    def _access(self, tensor: torch.Tensor, stream: SimStream, position: int,
+                write: bool) -> None:
+        record = self._record_of(tensor, stream.id)  # first seen as an input: made before
+        what = _describe(tensor)
+        if record.write is not None:
+            writer, at = record.write
+            if writer != stream.id and not stream.covers(writer, at):
+                verb = "overwrites" if write else "reads"
+                self._violation(f"{stream} {verb} a {what} tensor written on "
+                                f"{self.streams[writer]} without waiting for that write")
+        if write:
+            for reader, at in record.reads.items():
+                if reader != stream.id and not stream.covers(reader, at):
+                    self._violation(f"{stream} overwrites a {what} tensor that "
+                                    f"{self.streams[reader]} may still be reading")
+            record.write = (stream.id, position)
+            record.reads = {}
+        else:
+            record.reads[stream.id] = position
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+
+
+def _written_arguments(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors an op writes in place (schema arguments marked `(a!)`)."""
+    written: list[torch.Tensor] = []
+    for index, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[index] if index < len(args) else kwargs.get(argument.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        written.extend(v for v in values if isinstance(v, torch.Tensor))
+    return written
+
+
+_METHODS_THAT_READ_ON_THE_HOST = ("tolist", "numpy", "cpu", "__repr__", "__format__")
+
+
+@contextmanager
+def checked_streams(watch_host_reads: bool = True) -> Iterator[OrderChecker]:
+    """Install the checker as the CPU's streams and its dispatch mode; raise the first
+    violation at the end. With `watch_host_reads`, the Tensor methods that read a value on the
+    host without an aten op (tolist, numpy, cpu, `.to("cpu")`, printing) are recorded too
+    while a `no_host_sync()` window is open."""
+    from conadv.streams import stand_in
+
+    checker = OrderChecker()
+    originals: dict[str, Any] = {}
+    if watch_host_reads:
+        for method in (*_METHODS_THAT_READ_ON_THE_HOST, "to"):
+            originals[method] = getattr(torch.Tensor, method)
+            setattr(torch.Tensor, method, _watched(checker, method, originals[method]))
+    try:
+        with stand_in(checker), checker:
+            yield checker
+    finally:
+        for method, original in originals.items():
+            setattr(torch.Tensor, method, original)
+    checker.check()
+
+
+def _watched(checker: OrderChecker, method: str, original: Callable) -> Callable:
+    def wrapper(self, *args, **kwargs):
+        if checker._watching_host_reads and checker._is_device(self):
+            to_host = method != "to" or any(
+                isinstance(a, str) and a == "cpu" for a in (*args, kwargs.get("device")))
+            if to_host:
+                checker.host_reads.append(f"Tensor.{method} {checker.marks} at {_where()}")
+        return original(self, *args, **kwargs)
+    return wrapper

@@ -1,0 +1,146 @@
+"""CUDA's ordering rules on the CPU: the side-stream paths (ConAdv for tau 0, 1 and 2, resume
+inside and after the first tau steps, teachers on the side stream, DALI batches) run under the
+checker of tests/stream_order.py, which fails on any cross-stream access that a GPU would not
+order, and give the sequential executor's numbers bit for bit. Also the host-read proxy: the
+training step reads no device value on the host, and fit() only at logging steps."""
+
+import pytest
+import torch
+
+from conadv.adversarial import executors
+from conadv.distributed import DistEnv
+from conadv.train.trainer import Trainer, train
+from tests.helpers import assert_same_run_state, checkpoint_state, teacher_files, tiny_config
+from tests.stream_order import StreamOrderError, checked_streams
+
+SINGLE = DistEnv("single", 0, 1, 0, "127.0.0.1", 0)
+CPU = torch.device("cpu")
+
+
+def checked_train(run_dir, *overrides) -> dict:
+    """train() with the attack's side stream on the checker's streams; the data loader's work
+    is host work, as it is on a GPU (pinned host batches)."""
+    with checked_streams(watch_host_reads=False) as checker, checker.host_data():
+        return train(tiny_config(run_dir, "adv.executor=stream", *overrides))
+
+
+def sequential_train(run_dir, *overrides) -> dict:
+    return train(tiny_config(run_dir, "adv.executor=sequential", *overrides))
+
+
+BROKEN = {
+    "no wait for the weights": ("after_optimizer_step",
+                                lambda self: setattr(self, "_weights_ready",
+                                                     self.streams.new_event())),
+    "no wait for the attack's result": ("consume", lambda self, launched: launched.value),
+    "optimizer step while attacks read": ("before_optimizer_step", lambda self: None),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN))
+def test_the_checker_fails_a_missing_edge(tmp_path, monkeypatch, broken):
+    method, replacement = BROKEN[broken]
+    monkeypatch.setattr(executors.StreamExecutor, method, replacement)
+    with pytest.raises(StreamOrderError):
+        checked_train(tmp_path, "adv.enabled=true", "train.max_steps=3")
+
+
+@pytest.mark.parametrize("tau", [0, 1, 2])
+def test_conadv_on_the_side_stream_keeps_the_rules_and_the_sequential_numbers(tmp_path, tau):
+    run = ["adv.enabled=true", f"adv.tau={tau}", "train.max_steps=5", "train.accumulation=2"]
+    checked_train(tmp_path / "stream", *run)
+    sequential_train(tmp_path / "sequential", *run)
+    assert_same_run_state(checkpoint_state(tmp_path / "sequential"),
+                          checkpoint_state(tmp_path / "stream"))
+
+
+@pytest.mark.parametrize("stop_at, accumulation", [(1, 1), (4, 2)],
+                         ids=["inside-first-tau", "after-first-tau"])
+def test_a_resume_replays_its_attacks_in_stream_order(tmp_path, stop_at, accumulation):
+    """tau = 2: the replayed attacks read saved weights of two source steps through one
+    replica, reloaded on the side stream after the attack that read it before."""
+    run = ["adv.enabled=true", "adv.tau=2", "train.max_steps=6", "checkpoint.every_steps=100",
+           f"train.accumulation={accumulation}"]
+    sequential_train(tmp_path / "straight", *run)
+    checked_train(tmp_path / "split", *run, f"train.stop_at_step={stop_at}")
+    resumed = checked_train(tmp_path / "split", *run, "checkpoint.resume=auto")
+    assert resumed["resumed_from"].endswith(f"step-{stop_at:08d}")
+    assert_same_run_state(checkpoint_state(tmp_path / "straight"),
+                          checkpoint_state(tmp_path / "split"))
+
+
+@pytest.mark.parametrize("adv", ["true", "false"])
+def test_teachers_on_the_side_stream_keep_the_rules(tmp_path, adv):
+    run = ["distill.enabled=true", teacher_files(tmp_path), "distill.discriminator=true",
+           f"adv.enabled={adv}", "train.max_steps=4"]
+    checked_train(tmp_path / "stream", *run)
+    sequential_train(tmp_path / "sequential", *run)
+    assert_same_run_state(checkpoint_state(tmp_path / "sequential"),
+                          checkpoint_state(tmp_path / "stream"))
+
+
+def test_dali_batches_are_waited_for_by_every_stream_that_reads_them(tmp_path):
+    """On a GPU the DALI batch is written on the loader's copy stream: the attack's side stream
+    and the main stream each wait for its event."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    from tests.test_dali import photo_folder
+
+    photo_folder(tmp_path / "data")
+    run = ["data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.loader=dali",
+           "data.image_size=32", "data.eval_resize=36", "train.global_batch=6",
+           "train.max_steps=4", "adv.enabled=true"]
+    checked_train(tmp_path / "stream", *run)
+    sequential_train(tmp_path / "sequential", *run)
+    assert_same_run_state(checkpoint_state(tmp_path / "sequential"),
+                          checkpoint_state(tmp_path / "stream"))
+
+
+# ------------------------------------------------------------------ host reads
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars", "lamb"])
+@pytest.mark.parametrize("adv", ["true", "false"])
+def test_a_training_step_reads_no_device_value_on_the_host(tmp_path, optimizer, adv):
+    with checked_streams() as checker, checker.host_data():
+        trainer = Trainer(tiny_config(tmp_path, f"optim.name={optimizer}", f"adv.enabled={adv}",
+                                      "adv.executor=stream", "train.max_steps=4"), SINGLE, CPU)
+        for _ in range(3):
+            with checker.no_host_sync():
+                trainer.train_step()
+    assert checker.host_reads == []
+
+
+def test_the_host_read_proxy_sees_the_reads_a_gpu_would_wait_for(tmp_path):
+    with checked_streams() as checker, checker.host_data():
+        trainer = Trainer(tiny_config(tmp_path, "train.max_steps=2"), SINGLE, CPU)
+        loss = trainer.train_step().loss
+        with checker.no_host_sync():
+            float(loss), loss.tolist(), loss.cpu(), loss.to("cpu"), f"{loss}", loss.numpy()
+            torch.equal(loss, loss), (loss > 0).nonzero()
+            loss.to(trainer.device), loss + 1  # moves within the device are fine
+    kinds = {read.split(" ")[0] for read in checker.host_reads}
+    assert kinds == {"_local_scalar_dense", "Tensor.tolist", "Tensor.cpu", "Tensor.to",
+                     "Tensor.__format__", "Tensor.numpy", "equal", "nonzero"}, kinds
+    assert all("test_stream_order.py" in read for read in checker.host_reads), checker.host_reads
+
+
+def test_fit_reads_device_values_on_the_host_only_at_logging_steps(tmp_path, monkeypatch):
+    """A single process used to agree on stop requests with a device all-reduce and .item()
+    after every step."""
+    original = Trainer.train_step
+
+    def train_step(self):
+        self._checker.marks.update(phase="in a step", step=self.step + 1)
+        result = original(self)
+        self._checker.marks.update(phase="after", step=self.step)
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    with checked_streams() as checker, checker.host_data():
+        trainer = Trainer(tiny_config(tmp_path, "train.max_steps=9", "log.every_steps=4",
+                                      "adv.enabled=true", "adv.executor=stream"), SINGLE, CPU)
+        trainer._checker = checker
+        with checker.no_host_sync():
+            trainer.fit()
+    steps = {read.split("'step': ")[1].split("}")[0] for read in checker.host_reads}
+    assert checker.host_reads and steps <= {"4", "8", "9"}, checker.host_reads
+    assert not [r for r in checker.host_reads if "in a step" in r], checker.host_reads
