@@ -15,7 +15,10 @@ DEPS_STAMP := $(VENV)/.conadv-deps
 $(DEPS_STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[dev,dali]'
+	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[dev,dali,onnx,trackers]'
+	# AutoAttack (conadv-eval --autoattack): torchattacks pins requests~=2.25.1, which would
+	# downgrade requests for everything else; what it imports is installed already
+	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1
 	touch $@
 
 # The editable install is re-pointed at this clone every time (cheap), since a cached venv
@@ -30,8 +33,9 @@ demo: install
 	$(VENV)/bin/conadv-train --config configs/demo.yaml adv.enabled=false log.run_dir=runs/demo_vanilla
 	$(VENV)/bin/conadv-report runs/demo runs/demo_vanilla --out runs/demo_report
 
+# two workers: the suite's many multi-process tests wait on process start-up and rendezvous
 test: install
-	$(PY) -m pytest -q $(TEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup $(TEST_ARGS)
 
 # CPU benchmark suite (< 10 min on 2 cores) -> benchmarks/results/<machine>-<date>.json
 bench: install

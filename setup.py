@@ -23,10 +23,14 @@ setup(
         "ninja",  # builds the fused CPU LAMB kernel (conadv/optim/lamb_cpu.cpp) on first use
     ],
     extras_require={
-        "test": ["pytest>=7", "timm>=1.0", "hypothesis>=6"],
-        "dev": ["pytest>=7", "timm>=1.0", "hypothesis>=6", "ruff>=0.4"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "timm>=1.0", "hypothesis>=6"],
+        "dev": ["pytest>=7", "pytest-xdist>=3", "timm>=1.0", "hypothesis>=6", "ruff>=0.4"],
         # GPU decoding (data.loader=dali); its CPU operators also run without a GPU
         "dali": ["nvidia-dali-cuda130>=2.4"],
+        # conadv-eval --export-onnx: torch's exporter (onnxscript), checked with onnxruntime
+        "onnx": ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20"],
+        # log.mlflow / log.wandb experiment trackers
+        "trackers": ["mlflow-skinny>=2.10", "wandb>=0.17"],
     },
     entry_points={
         "console_scripts": [

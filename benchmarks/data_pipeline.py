@@ -7,6 +7,13 @@ plus fine texture, ~100 KB each), then measures, in one invocation:
 - baseline: torchvision.datasets.ImageFolder with its default PIL loader and the same
   transforms.v2 on the PIL image, then PILToTensor (so both yield the same uint8 tensor);
 each per loader worker (in-process) and with N DataLoader workers, plain and with AutoAugment.
+Then the training recipes by backend, each with the host CPU time it costs per image (process
+CPU time over images, every thread of the process counted):
+- plain: RandomResizedCrop 224 + flip;
+- three views: the clean view plus an AutoAugment (ImageNet policy) view of it, as the
+  published ConAdv recipe reads them (the adversarial view is made by the trainer);
+by the torchvision path (one loader worker, in-process) and by DALI (one thread; CPU operators,
+or nvJPEG decode + crop with the policy on the GPU when a CUDA device is present).
 
     python -m benchmarks.data_pipeline [--images 256] [--workers 2] [--out results.json]
 """
@@ -122,6 +129,49 @@ def dali_per_core(root: Path, images: int, repeats: int, device: torch.device) -
     return seen / best
 
 
+RECIPES = {"plain": {"augment": "none", "second_view": False},
+           "three_views": {"augment": "autoaugment", "second_view": True}}
+
+
+def _timed(batches) -> tuple[int, float, float]:
+    """(images, wall seconds, host CPU seconds) of reading the batches."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    seen = 0
+    for batch in batches:
+        seen += len(batch["label"])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return seen, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def recipe_rates(root: Path, images: int, repeats: int, device: torch.device) -> dict:
+    """img/s and host CPU ms per image of each recipe by each backend on `device`."""
+    from conadv.data.dali import DaliTrainLoader, dali_installed
+    from conadv.data.sampler import ResumableShardSampler
+
+    results: dict[str, Any] = {}
+    for recipe, views in RECIPES.items():
+        cfg = DataConfig(name="imagefolder", root=str(root.parent), workers=1, **views)
+        transform, second = build_train_transforms(cfg)
+        backends = {"torchvision": DataLoader(
+            ViewDataset(ImageFolderSource(root), transform, second), batch_size=32,
+            sampler=ResumableShardSampler(images, 1, 0, 32, seed=0), num_workers=0)}
+        if dali_installed():
+            backends["dali"] = DaliTrainLoader(
+                ImageFolderSource(root), ResumableShardSampler(images, 1, 0, 32, seed=0), cfg,
+                device)
+        for backend, loader in backends.items():
+            best = None
+            for _ in range(repeats):
+                seen, wall, cpu = _timed(loader)
+                if best is None or wall < best[1]:
+                    best = (seen, wall, cpu)
+            seen, wall, cpu = best
+            results[f"{recipe}_{backend}"] = {"img_s": seen / wall,
+                                              "host_cpu_ms_per_img": 1000 * cpu / seen}
+    return results
+
+
 def run(images: int, workers: int, repeats: int) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a loader worker is one thread
@@ -149,6 +199,8 @@ def run(images: int, workers: int, repeats: int) -> dict[str, Any]:
         if torch.cuda.is_available():
             results["dali_mixed_img_s"] = dali_per_core(root, images, repeats,
                                                         torch.device("cuda"))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        results["recipes"] = recipe_rates(root, images, repeats, device)
     torch.set_num_threads(threads)
     return {"benchmark": "data_pipeline", "images": images, "mean_jpeg_kb": mean_kb,
             "workers": workers, "results": results, "machine": machine_info()}
@@ -158,6 +210,11 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"data pipeline: {report['images']} JPEGs (~500x375, q90, {report['mean_jpeg_kb']:.0f}"
           f" KB), RandomResizedCrop 224 + flip")
     for augment, r in report["results"].items():
+        if augment == "recipes":
+            print("  recipes (one worker or DALI thread): img/s, host CPU ms per image")
+            for name, rates in r.items():
+                print(f"    {name:40s} {rates['img_s']:8.1f} {rates['host_cpu_ms_per_img']:8.2f}")
+            continue
         if not isinstance(r, dict):
             print(f"  {augment:42s} {r if r is None else f'{r:8.1f}'}")
             continue

@@ -8,7 +8,10 @@
 #   3. the optimizer-step benchmark on the GPU;
 #   4. torch.compile against eager (ResNet-50, tau = 1: steady step time, graphs compiled);
 #   5. the checkpoint stall of ResNet-50 with ConAdv (host copy + background write);
-#   6. the data pipeline, with DALI's nvJPEG ("mixed") decode + crop when DALI is installed.
+#   6. the data pipeline: the plain view and the published three-view recipe (clean +
+#      AutoAugment; the adversarial view is the trainer's) by the torchvision path and by DALI
+#      (nvJPEG "mixed" decode + crop, the policy on the GPU) when DALI is installed, in img/s
+#      and host CPU ms per image.
 # Usage, from the repository root:   benchmarks/gpu_check.sh OUT_DIR
 # It runs from source (PYTHONPATH=.). Wheels in .whl/ (omegaconf, which the GPU image lacks;
 # see benchmarks/README.md) are installed to /tmp/site first.

@@ -41,14 +41,21 @@ class DataConfig:
                      choices=("digits", "synthetic", "imagefolder", "shards"))
     root: str = knob("", "imagefolder root holding train/ and val/ class folders, or the "
                      "directory of packed shards", free=True)
-    loader: str = knob("torchvision", "who decodes and crops training images: torchvision "
-                       "(DataLoader workers) or dali (NVIDIA DALI: nvJPEG on a GPU, its CPU "
-                       "operators without one; RandomResizedCrop + flip only)",
-                       choices=("torchvision", "dali"))
+    loader: str = knob("auto", "who decodes, crops and augments images: torchvision "
+                       "(DataLoader workers on the host), dali (NVIDIA DALI: nvJPEG and the "
+                       "augmentation policy on the GPU; DALI's CPU operators without one), or "
+                       "auto (dali when a CUDA device is used and DALI is installed); both "
+                       "make the same samples, crops and policy draws, so a run may resume on "
+                       "the other (pixels differ by the decoders' rounding)",
+                       choices=("auto", "torchvision", "dali"), free=True)
     val_labels: str = knob("", "labels file for a flat val/ folder (ImageNet's CSV "
                            "ImageId,PredictionString or 'file label' lines); empty: class folders",
                            free=True)
-    image_size: int = knob(224, "training crop and evaluation crop size in pixels", low=8)
+    image_size: int = knob(224, "training crop size in pixels (and the evaluation crop's "
+                           "unless eval_image_size is set)", low=8)
+    eval_image_size: int = knob(0, "evaluation centre-crop size; 0 takes image_size "
+                                "(torchvision's recipe trains at 176, evaluates at 224 after a "
+                                "232 resize: the FixRes effect)", low=0, free=True)
     eval_resize: int = knob(256, "evaluation resize of the shorter side before center crop", low=8)
     min_crop_scale: float = knob(0.08, "RandomResizedCrop lower area bound", low=0.0, high=1.0,
                                  low_open=True)
@@ -62,6 +69,11 @@ class DataConfig:
     synthetic_samples: int = knob(4096, "number of samples of the synthetic dataset", low=1)
     synthetic_classes: int = knob(1000, "number of classes of the synthetic dataset", low=2)
 
+    @property
+    def eval_crop(self) -> int:
+        """The evaluation centre-crop size."""
+        return self.eval_image_size or self.image_size
+
 
 # torchvision ResNets and conadv's small CIFAR ResNet (see models/factory.py); a teacher may also
 # be any timm model ("timm:<name>")
@@ -70,8 +82,9 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "cifar_re
 
 @dataclass
 class ModelConfig:
-    arch: str = knob("resnet50", "model architecture",
-                     choices=ARCHS)
+    arch: str = knob("resnet50", "model architecture: " + ", ".join(ARCHS) + ", or "
+                     "timm:<name> (any timm model, built without downloading weights; e.g. "
+                     "timm:resnet50d, timm:efficientnet_b0)")
     num_classes: int = knob(0, "output classes; 0 takes the dataset's", low=0)
     zero_init_residual: bool = knob(False, "zero-init the last BN gamma of each residual block")
     channels_last: bool = knob(False, "channels-last memory format for model and inputs", free=True)
@@ -162,6 +175,14 @@ class TrainConfig:
                                   "for the train-test gap; 0: off", low=0, free=True)
     eval_every_epochs: float = knob(1.0, "evaluate every this many epochs; 0 only at the end",
                                     low=0.0, free=True)
+    ema_decay: float = knob(0.0, "weight EMA decay per update (e.g. 0.9998); 0: no EMA. The "
+                            "average of the parameters and main BatchNorm is evaluated beside "
+                            "the live weights (ema_top1) and saved in checkpoints", low=0.0,
+                            high=1.0, free=True)
+    ema_every_steps: int = knob(1, "update the weight EMA every this many optimizer steps",
+                                low=1, free=True)
+    ema_warmup: bool = knob(False, "ramp the EMA decay up as timm's ModelEmaV3: the n-th update "
+                            "uses min(ema_decay, 1 - (1 + n)^(-2/3))", free=True)
 
 
 @dataclass
@@ -258,6 +279,11 @@ class LogConfig:
     every_steps: int = knob(10, "log metrics every N optimizer steps", low=1)
     tensorboard: bool = knob(True, "write TensorBoard events")
     progress: bool = knob(True, "show a progress bar on rank 0")
+    mlflow: str = knob("", "also track the run in MLflow at this tracking URI (file:/path or a "
+                       "directory: a local store, no server; http://host:port: a server); "
+                       "empty: off. Needs pip install '.[trackers]'", free=True)
+    wandb: str = knob("", "also track the run in this Weights & Biases project (WANDB_MODE="
+                      "offline works without a network); empty: off", free=True)
 
 
 @dataclass
@@ -439,8 +465,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("data.root must name the imagefolder directory (with train/ and val/)")
     if cfg.data.name == "shards" and not cfg.data.root:
         raise ConfigError("data.root must name the directory of shards made by conadv-pack")
-    if cfg.data.eval_resize < cfg.data.image_size:
-        raise ConfigError("data.eval_resize must be at least data.image_size")
+    if cfg.data.eval_resize < cfg.data.eval_crop:
+        raise ConfigError(f"data.eval_resize={cfg.data.eval_resize} must be at least the "
+                          f"evaluation crop ({cfg.data.eval_crop}: data.eval_image_size, or "
+                          "data.image_size when it is 0)")
     if cfg.optim.backend == "apex" and cfg.optim.name != "lamb":
         raise ConfigError("optim.backend=apex provides only FusedLAMB; set optim.name=lamb or "
                           "optim.backend=native")
@@ -454,10 +482,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.loader == "dali" and cfg.data.name not in ("imagefolder", "shards"):
         raise ConfigError("data.loader=dali decodes image files: use data.name=imagefolder or "
                           "shards, or data.loader=torchvision")
-    if cfg.data.loader == "dali" and (cfg.data.augment != "none" or cfg.data.second_view):
-        raise ConfigError("data.loader=dali runs RandomResizedCrop + flip only; set "
-                          "data.augment=none (AutoAugment/RandAugment views run with "
-                          "data.loader=torchvision)")
+    _check_arch("model.arch", cfg.model.arch)
+    if cfg.train.ema_decay >= 1.0:
+        raise ConfigError("train.ema_decay must be below 1 (0 turns the weight EMA off)")
     if cfg.data.second_view and cfg.data.augment == "none":
         raise ConfigError("data.second_view needs an augment policy (data.augment is 'none')")
     if cfg.schedule.warmup_epochs > cfg.train.epochs:
@@ -495,10 +522,21 @@ def _validate_distill(cfg: RunConfig) -> None:
         if not teacher.weights:
             raise ConfigError(f"{where}.weights must name the teacher's weights file or "
                               "checkpoint")
-        if teacher.arch and teacher.arch not in ARCHS and not (
-                teacher.arch.startswith("timm:") and len(teacher.arch) > len("timm:")):
-            raise ConfigError(f"{where}.arch must be one of {', '.join(ARCHS)} or "
-                              f"timm:<name>; got '{teacher.arch}'")
+        if teacher.arch:
+            _check_arch(f"{where}.arch", teacher.arch)
+
+
+def flat_config(cfg: RunConfig) -> dict[str, Any]:
+    """{'section.key': value} of every knob."""
+    return {f"{section.name}.{f.name}": getattr(getattr(cfg, section.name), f.name)
+            for section in dataclasses.fields(cfg)
+            for f in dataclasses.fields(getattr(cfg, section.name))}
+
+
+def _check_arch(key: str, arch: str) -> None:
+    if arch not in ARCHS and not (arch.startswith("timm:") and len(arch) > len("timm:")):
+        raise ConfigError(f"{key} must be one of {', '.join(ARCHS)} or timm:<name>; got "
+                          f"'{_shown(arch)}'")
 
 
 def _check_value(key: str, value: Any, meta: Any) -> None:

@@ -206,9 +206,13 @@ def broadcast_object(obj: Any) -> Any:
 
 def broadcast_state(state: Any, device: torch.device) -> Any:
     """Rank 0's nested state (dicts, lists, tuples, tensors and plain values) on every rank,
-    its tensors on `device`: the structure travels as one small pickled object and the tensors'
-    bytes as one buffer (not one pickled blob, which NCCL would copy through the host twice).
-    Other ranks pass anything (None)."""
+    its tensors in host memory, as `torch.load(map_location="cpu")` gives them: the structure
+    travels as one small pickled object and the tensors' bytes as one buffer through `device`
+    (not one pickled blob, which NCCL would copy through the host twice). Host tensors, because
+    views of one device buffer would keep all of it allocated for as long as any of them lives
+    (an optimizer keeps what it loads when the device and dtype already match), and an Adam
+    step counter on a GPU makes every step read it back to the host. Other ranks pass anything
+    (None); rank 0 gets its own state back."""
     if not is_initialized():
         return state
     tensors: list[torch.Tensor] = []
@@ -226,10 +230,13 @@ def broadcast_state(state: Any, device: torch.device) -> Any:
             raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
             buffer[offset:offset + raw.numel()].copy_(raw)
     dist.broadcast(buffer, src=0)
+    if dist.get_rank() == 0:
+        return state
+    buffer = buffer.cpu()
     received = []
     for (shape, dtype), offset in zip(layout, offsets):
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        received.append(buffer[offset:offset + size].view(dtype).reshape(shape))
+        received.append(buffer[offset:offset + size].view(dtype).reshape(shape).clone())
     return _filled(skeleton, iter(received))
 
 

@@ -23,3 +23,7 @@ class CheckpointWriteError(UserError):
 
 class TrainingDiverged(UserError):
     """The loss or gradient norm became non-finite."""
+
+
+class ExportError(UserError):
+    """An exported model does not compute what the PyTorch model computes."""

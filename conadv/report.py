@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from omegaconf.errors import OmegaConfBaseException
 
-from conadv.config import RunConfig, parse_saved_config
+from conadv.config import RunConfig, flat_config, parse_saved_config
 from conadv.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -73,16 +73,10 @@ def load_run(path: Path) -> Run:
     return run
 
 
-def _flatten(cfg: RunConfig) -> dict[str, Any]:
-    return {f"{section.name}.{f.name}": getattr(getattr(cfg, section.name), f.name)
-            for section in dataclasses.fields(cfg)
-            for f in dataclasses.fields(getattr(cfg, section.name))}
-
-
 def label_runs(runs: list[Run]) -> None:
     """Label each run by the config keys whose values differ between the runs (log paths
     excepted); a single run is labelled by its directory name."""
-    flat = [_flatten(run.config) for run in runs]
+    flat = [flat_config(run.config) for run in runs]
     differing = [key for key in flat[0] if not key.startswith("log.")
                  and len({repr(f.get(key)) for f in flat}) > 1]
     for run, values in zip(runs, flat):

@@ -42,10 +42,12 @@ def setup_logging(is_main: bool) -> None:
 
 class Telemetry:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress: bool,
-                 total_steps: int, initial_step: int, run_id: str | None = None) -> None:
+                 total_steps: int, initial_step: int, run_id: str | None = None,
+                 trackers: Any = None) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
         self.run_id = run_id  # in every record: whose record it is
+        self.trackers = trackers  # experiment trackers (conadv.trackers), sent every record
         self._metrics = None
         self._writer = None
         self._bar = None
@@ -70,6 +72,8 @@ class Telemetry:
         record = {"kind": kind, "step": step, "run": self.run_id, "time": round(time.time(), 3),
                   **values}
         self._metrics.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(kind, step, values)
         if self._writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):

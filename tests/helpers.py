@@ -183,3 +183,86 @@ def teacher_files(directory: Path, count: int = 2, width: int = 8) -> str:
         torch.save(CifarResNet(10, width=width).state_dict(), path)
         entries.append(f"{{weights: {path}, arch: cifar_resnet, cifar_width: {width}}}")
     return f"distill.teachers=[{', '.join(entries)}]"
+
+
+def _photo(height: int, width: int, seed: int):
+    """A smooth, photo-like PIL image (noise would exaggerate resampler differences)."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    y, x = torch.linspace(0, 1, height)[:, None], torch.linspace(0, 1, width)[None]
+    phases = torch.rand(3, generator=gen)
+    base = torch.stack([torch.sin(6 * (x + y) + 6 * p) for p in phases]) * 90 + 128
+    noise = torch.randn(3, height, width, generator=gen) * 6
+    pixels = (base + noise).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels)
+
+
+QUIRKS = ("cmyk", "gray", "png_named_jpeg", "exif_rotated", "truncated", "zero_bytes",
+          "header_only", "bad_huffman")
+
+
+def quirky_folder(root: Path, per_class: int = 10) -> dict[str, list[Path]]:
+    """root/{train,val}/class_{0,1}/*.JPEG: photo-like JPEGs of varied sizes and, in each
+    split, one file of each quirk: a CMYK JPEG, a grayscale JPEG, a PNG named .JPEG, a JPEG
+    with EXIF orientation 6, and four unreadable files: a truncated JPEG, an empty file, a JPEG
+    whose headers are complete but whose scan is missing, and one whose Huffman table is
+    zeroed (the last two pass a header check and fail only inside a decoder). Returns split ->
+    the paths of the unreadable files."""
+    import io
+
+    from PIL import Image
+
+    unreadable: dict[str, list[Path]] = {}
+    for s, split in enumerate(("train", "val")):
+        for c in range(2):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                _photo(80 + 11 * i, 100 + 9 * c + 3 * i, 100 * s + 10 * c + i).save(
+                    folder / f"img_{i}.JPEG", quality=92)
+        folder = root / split / "class_1"
+        image = _photo(90, 120, 7 + s)
+        image.convert("CMYK").save(folder / "cmyk.JPEG", "JPEG", quality=92)
+        image.convert("L").save(folder / "gray.JPEG", "JPEG", quality=92)
+        image.save(folder / "png_named_jpeg.JPEG", "PNG")
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+        image.save(folder / "exif_rotated.JPEG", "JPEG", quality=92, exif=exif.tobytes())
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=92)
+        (folder / "truncated.JPEG").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        (folder / "zero_bytes.JPEG").write_bytes(b"")
+        encoded = buffer.getvalue()
+        scan = encoded.find(b"\xff\xda")
+        (folder / "header_only.JPEG").write_bytes(encoded[:scan] + b"\xff\xd9")
+        table = encoded.find(b"\xff\xc4")
+        (folder / "bad_huffman.JPEG").write_bytes(
+            encoded[:table + 4] + bytes(26) + encoded[table + 30:])
+        unreadable[split] = [folder / f"{name}.JPEG" for name in
+                             ("truncated", "zero_bytes", "header_only", "bad_huffman")]
+    return unreadable
+
+
+def real_photo_folder(root: Path, classes: int = 2, per_class: int = 100,
+                      splits: tuple[str, ...] = ("train", "val")) -> Path:
+    """root/<split>/class_<c>/*.jpg: JPEGs cut from the two real photographs that ship with
+    scikit-learn (china.jpg, flower.jpg), at varied sizes and aspect ratios, re-encoded by PIL
+    at varied qualities, so the decoders see real photographic content."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(image) for image in load_sample_images().images]  # 427 x 640
+    gen = torch.Generator().manual_seed(0)
+    for split in splits:
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                height, width = (int(v) for v in torch.randint(60, 420, (2,), generator=gen))
+                top = int(torch.randint(0, 427 - height + 1, (1,), generator=gen))
+                left = int(torch.randint(0, 640 - width + 1, (1,), generator=gen))
+                quality = int(torch.randint(75, 96, (1,), generator=gen))
+                photos[(c + i) % 2].crop((left, top, left + width, top + height)).save(
+                    folder / f"img_{i:03d}.jpg", quality=quality)
+    return root

@@ -33,11 +33,14 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+import conadv
 
 HOST = -1
 
@@ -50,11 +53,14 @@ class StreamOrderError(AssertionError):
     """A cross-stream access without the event or wait that would order it on a GPU."""
 
 
+# Matched by directory, not by name: a virtualenv kept under ~/.cache/conadv/ holds torch too.
+_PROJECT_DIRS = (str(Path(conadv.__file__).parent) + "/", str(Path(__file__).parent) + "/")
+
+
 def _where() -> str:
     """The innermost project frame (conadv/ or tests/) that led here."""
     frames = [f for f in traceback.extract_stack()[:-2]
-              if ("/conadv/" in f.filename or "/tests/" in f.filename)
-              and f.filename != __file__]
+              if f.filename.startswith(_PROJECT_DIRS) and f.filename != __file__]
     if not frames:
         return "?"
     frame = frames[-1]

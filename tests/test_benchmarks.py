@@ -13,6 +13,7 @@ from benchmarks import (
     scaling_model,
     step_throughput,
 )
+from conadv.data.dali import dali_installed
 
 
 def test_scaling_model_reproduces_the_mlperf_point_within_25_percent():
@@ -47,8 +48,12 @@ def test_optimizer_and_data_benchmarks_run(tmp_path):
     report = optimizer_step.run(torch.device("cpu"), rounds=1, steps_per_round=1)
     assert {"conadv LARS", "conadv LAMB", "torch AdamW (fused)"} <= set(report["results"])
     assert report["tensors"] == 161 and report["parameters"] == 25_557_032
-    data = data_pipeline.run(images=80, workers=1, repeats=1)  # 2 timed batches of 32
+    data = data_pipeline.run(images=64, workers=1, repeats=1)  # 1 timed batch of 32
     assert data["results"]["none"]["per_worker_speedup"] > 0
+    recipes = data["results"]["recipes"]
+    backends = ("torchvision", "dali") if dali_installed() else ("torchvision",)
+    assert set(recipes) == {f"{r}_{b}" for r in ("plain", "three_views") for b in backends}
+    assert all(r["img_s"] > 0 and r["host_cpu_ms_per_img"] > 0 for r in recipes.values())
     json.dumps(data)  # serialisable as written to results/
 
 

@@ -313,3 +313,15 @@ def test_three_views_with_their_own_batchnorm_train_and_resume(tmp_path):
                                 "checkpoint.resume=auto"))
     assert straight["final_eval"] == resumed["final_eval"]
     assert_same_run_state(checkpoint_state(tmp_path / "a"), checkpoint_state(tmp_path / "b"))
+
+
+def test_a_queue_whose_snapshots_miss_parameters_is_refilled_not_half_loaded(tmp_path, caplog):
+    """adv.aux_bn switched off on resume: the saved weights of the source steps hold the
+    auxiliary BatchNorm's parameters, which this model no longer has; replaying attacks from
+    them would silently mix saved and current weights."""
+    run = ["adv.enabled=true", "adv.tau=2"]
+    train(tiny_config(tmp_path, *run, "train.max_steps=3"))
+    resumed = train(tiny_config(tmp_path, *run, "adv.aux_bn=false", "train.max_steps=5",
+                                "checkpoint.resume=auto", "checkpoint.allow_config_change=true"))
+    assert resumed["steps"] == 5
+    assert "ConAdv weight snapshots are for other parameters" in caplog.text

@@ -72,7 +72,9 @@ def _read_on_rank_zero(rank: int, world: int, path: str) -> dict:
 
     state = load_state_everywhere(Path(path) if rank == 0 else None, torch.device("cpu"))
     return {"step": state["step"], "config": state["config"],
-            "model": {k: (str(v.dtype), v.numpy().copy()) for k, v in state["model"].items()}}
+            "model": {k: (str(v.dtype), v.numpy().copy()) for k, v in state["model"].items()},
+            "own_storage": all(v.untyped_storage().nbytes() == v.nbytes
+                               for v in state["model"].values())}
 
 
 def test_a_checkpoint_is_read_by_rank_zero_and_received_by_the_others(tmp_path):
@@ -90,3 +92,27 @@ def test_a_checkpoint_is_read_by_rank_zero_and_received_by_the_others(tmp_path):
     for name, value in saved["model"].items():
         dtype, received = ranks[1]["model"][name]
         assert dtype == str(value.dtype) and (received == value.numpy()).all(), name
+    assert ranks[1]["own_storage"]  # not views that would keep one buffer alive
+
+
+def _refused_everywhere(rank: int, world: int, path: str) -> str:
+    from conadv.checkpoints.format import load_state_everywhere
+    from conadv.errors import CheckpointError
+
+    try:
+        load_state_everywhere(Path(path) if rank == 0 else None, torch.device("cpu"))
+    except CheckpointError as err:
+        return str(err)
+    return "loaded"
+
+
+def test_a_checkpoint_rank_zero_refuses_is_refused_on_every_rank(tmp_path):
+    """Rank 1 must not wait for a state that will not come."""
+    from tests.helpers import newest_checkpoint, run_gloo_ranks, tiny_config
+
+    train(tiny_config(tmp_path / "run", "train.max_steps=1"))
+    checkpoint = newest_checkpoint(tmp_path / "run")
+    (checkpoint / "state.pt").write_bytes(b"not a checkpoint")
+    errors = run_gloo_ranks(2, functools.partial(_refused_everywhere, path=str(checkpoint)),
+                            tmp_path)
+    assert errors[0] == errors[1] and errors[0] != "loaded"

@@ -137,12 +137,19 @@ def test_queued_batches_keep_only_the_adversarial_view_on_the_device(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager_and_compiles_a_fixed_number_of_graphs(tmp_path):
+def test_compiled_training_matches_eager_and_compiles_a_fixed_number_of_graphs(tmp_path,
+                                                                             monkeypatch):
     """torch.compile of the training forward and of the attack: the BatchNorm routes (main +
     adversarial for training, adversarial with frozen statistics for the attack) give one
     graph each, compiled once; later steps reuse them."""
+    import functools
+
     import torch._dynamo
     from torch._dynamo.utils import counters
+
+    # dynamo's graphs and AOT autograd as the trainer uses them, without inductor's C++ code
+    # generation (minutes on 2 cores; its kernels are torch's to test)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
 
     run = ["adv.enabled=true", "adv.tau=1", "train.max_steps=20", "train.deterministic=false"]
     eager = Trainer(tiny_config(tmp_path / "eager", *run), SINGLE, torch.device("cpu"))

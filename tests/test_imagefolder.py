@@ -106,7 +106,7 @@ def _model_and_eval(cfg, root):
 
     torch.manual_seed(0)
     model = ImageClassifier(CifarResNet(2, width=4))
-    loader = build_eval_loader(cfg, 1, 0, 4, False)
+    loader = build_eval_loader(cfg, 1, 0, 4, torch.device("cpu"))
     return evaluate(model, loader, torch.device("cpu"))
 
 

@@ -60,7 +60,7 @@ def test_robust_evaluation_draws_follow_the_image_not_the_shard():
     def starts(world):
         found = {}
         for rank in range(world):
-            for batch in build_eval_loader(DIGITS, world, rank, 16, False):
+            for batch in build_eval_loader(DIGITS, world, rank, 16, CPU):
                 draws = draw_per_sample(batch["image"].shape, 10, batch["index"], 3, 1, CPU)
                 found.update(zip(batch["index"].tolist(), draws.noise[:, 0, 0, 0].tolist()))
         return found

@@ -78,8 +78,8 @@ def _subset_accuracy(rank: int, world: int) -> dict:
     cfg = load_config(None, TINY)
     torch.manual_seed(0)
     model = ImageClassifier(CifarResNet(10, width=8))
-    loader = build_eval_loader(cfg.data, world, rank, 16, False, split="train", subset=101,
-                               seed=5)
+    loader = build_eval_loader(cfg.data, world, rank, 16, torch.device("cpu"), split="train",
+                               subset=101, seed=5)
     return evaluate(model, loader, torch.device("cpu"))
 
 

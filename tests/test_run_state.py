@@ -148,8 +148,8 @@ def _two_ranks(run_dir, *extra):
     return result
 
 
+# vanilla training is the engine's plain path, which the ConAdv case runs too (clean view)
 METHODS = {
-    "vanilla": [],
     "conadv": ["adv.enabled=true", "adv.tau=2"],
     "distill+discriminator": ["distill.enabled=true", "distill.discriminator=true",
                               "distill.discriminator_lr=1e-2"],
@@ -173,9 +173,11 @@ def test_resume_on_another_number_of_ranks_continues_the_trajectory(tmp_path, me
     assert "step-00000003" in resumed.stderr
     assert_same_parameters(reference, checkpoint_state(tmp_path / "one_then_two"))
 
-    # guard: a resume that skips or repeats one step's batches lands outside the tolerance
-    for shift in (1, -1):
-        _assert_shifted_resume_differs(tmp_path / f"shift{shift}", adv, reference, shift)
+    # guard (of the comparison itself, so once): a resume that skips or repeats one step's
+    # batches lands outside the tolerance
+    if method == "conadv":
+        for shift in (1, -1):
+            _assert_shifted_resume_differs(tmp_path / f"shift{shift}", adv, reference, shift)
 
 
 def _assert_shifted_resume_differs(run_dir, adv, reference, shift):

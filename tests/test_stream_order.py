@@ -80,15 +80,16 @@ def test_teachers_on_the_side_stream_keep_the_rules(tmp_path, adv):
 
 
 def test_dali_batches_are_waited_for_by_every_stream_that_reads_them(tmp_path):
-    """On a GPU the DALI batch is written on the loader's copy stream: the attack's side stream
-    and the main stream each wait for its event."""
+    """On a GPU the DALI batch (the crops and the AutoAugment view made from them) is written
+    on the loader's copy stream: the attack's side stream and the main stream each wait for
+    its event."""
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
-    from tests.test_dali import photo_folder
+    from tests.test_dali import THREE_VIEWS, photo_folder
 
     photo_folder(tmp_path / "data")
-    run = ["data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.loader=dali",
+    run = ["data.name=imagefolder", f"data.root={tmp_path / 'data'}", *THREE_VIEWS,
            "data.image_size=32", "data.eval_resize=36", "train.global_batch=6",
-           "train.max_steps=4", "adv.enabled=true"]
+           "train.max_steps=4"]
     checked_train(tmp_path / "stream", *run)
     sequential_train(tmp_path / "sequential", *run)
     assert_same_run_state(checkpoint_state(tmp_path / "sequential"),

@@ -43,25 +43,40 @@ def crafted_checkpoint(directory: Path, marker: Path) -> Path:
     return checkpoint
 
 
-def test_no_entry_point_runs_the_code_of_a_crafted_checkpoint(tmp_path):
+def _cli_error(capsys, main, argv: list[str]) -> str:
+    """The entry point run in this process as the console script runs it: exit 2 and one
+    'error:' line, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert exited.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]
+
+
+def test_no_entry_point_runs_the_code_of_a_crafted_checkpoint(tmp_path, capsys):
+    from conadv.cli import evaluate
+    from conadv.cli import train as train_cli
+
     marker = tmp_path / "PWNED"
     hostile = tmp_path / "hostile_run"
     checkpoint = crafted_checkpoint(hostile, marker)
     cases = {
-        "model.init_from": ["conadv.cli.train", *TINY, f"log.run_dir={tmp_path / 'a'}",
-                            f"model.init_from={hostile}"],
-        "distillation teacher": ["conadv.cli.train", *TINY, f"log.run_dir={tmp_path / 'b'}",
-                                 "distill.enabled=true",
-                                 f"distill.teachers=[{{weights: {hostile}}}]"],
-        "checkpoint.resume=PATH": ["conadv.cli.train", *TINY, f"log.run_dir={tmp_path / 'c'}",
-                                   f"checkpoint.resume={checkpoint}"],
-        "checkpoint.resume=auto": ["conadv.cli.train", *TINY, f"log.run_dir={hostile}",
-                                   "checkpoint.resume=auto"],
-        "conadv-eval": ["conadv.cli.evaluate", "--config", str(REPO / "configs/demo.yaml"),
-                        "--checkpoint", str(checkpoint), "train.device=cpu"],
+        "model.init_from": (train_cli, [*TINY, f"log.run_dir={tmp_path / 'a'}",
+                                        f"model.init_from={hostile}"]),
+        "distillation teacher": (train_cli, [*TINY, f"log.run_dir={tmp_path / 'b'}",
+                                             "distill.enabled=true",
+                                             f"distill.teachers=[{{weights: {hostile}}}]"]),
+        "checkpoint.resume=PATH": (train_cli, [*TINY, f"log.run_dir={tmp_path / 'c'}",
+                                               f"checkpoint.resume={checkpoint}"]),
+        "checkpoint.resume=auto": (train_cli, [*TINY, f"log.run_dir={hostile}",
+                                               "checkpoint.resume=auto"]),
+        "conadv-eval": (evaluate, ["--config", str(REPO / "configs/demo.yaml"),
+                                   "--checkpoint", str(checkpoint), "train.device=cpu"]),
     }
-    for name, (module, *args) in cases.items():
-        error = the_error_line(run_module(module, *args))
+    for name, (entry_point, argv) in cases.items():
+        error = _cli_error(capsys, entry_point.main, argv)
         assert "posix.system" in error and "was not loaded" in error, (name, error)
         assert not marker.exists(), name
 
@@ -71,21 +86,19 @@ def _fingerprint(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_a_fresh_run_in_a_used_directory_stops_and_leaves_it_byte_identical(tmp_path):
-    first = run_module("conadv.cli.train", *TINY, f"log.run_dir={tmp_path}",
-                       "train.max_steps=2")
-    assert first.returncode == 0, first.stderr[-2000:]
+def test_a_fresh_run_in_a_used_directory_stops_and_leaves_it_byte_identical(tmp_path, capsys):
+    from conadv.cli import train as train_cli
+
+    run = [*TINY, f"log.run_dir={tmp_path}"]
+    _cli_output(capsys, train_cli.main, [*run, "train.max_steps=2"])
     before = _fingerprint(tmp_path)
     assert "run.json" in before and "metrics.jsonl" in before and LOCK_FILE not in before
-    second = run_module("conadv.cli.train", *TINY, f"log.run_dir={tmp_path}",
-                        "train.max_steps=3", "train.seed=1")
-    error = the_error_line(second)
+    error = _cli_error(capsys, train_cli.main, [*run, "train.max_steps=3", "train.seed=1"])
     assert "holds another run" in error and "log.overwrite=true" in error
     assert _fingerprint(tmp_path) == before
 
-    replaced = run_module("conadv.cli.train", *TINY, f"log.run_dir={tmp_path}",
-                          "train.max_steps=3", "train.seed=1", "log.overwrite=true")
-    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    _cli_output(capsys, train_cli.main, [*run, "train.max_steps=3", "train.seed=1",
+                                         "log.overwrite=true"])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     run_id = json.loads((tmp_path / "run.json").read_text())["run_id"]
     assert {r["run"] for r in records} == {run_id}  # nothing of the first run is left
@@ -161,6 +174,68 @@ def test_a_lock_is_taken_over_only_from_a_holder_that_is_provably_gone(tmp_path,
     (tmp_path / LOCK_FILE).write_text("{torn")
     with pytest.raises(RunDirectoryError, match="cannot be read"):
         RunLock(tmp_path).acquire()
+
+
+def test_torchrun_restarts_take_over_only_their_own_agents_lock(tmp_path, monkeypatch):
+    """torchrun's run id is not unique ("none" with static ranks, a fixed default elsewhere):
+    an unrelated job on its second restart must not take over a live run's lock; a restart
+    of the same agent (or, under Slurm, of the same job attempt) may."""
+    live = {"slurm_job": None, "slurm_restart": 0, "torchrun_job": "none",
+            "torchrun_restart": 0, "agent": "node-elsewhere:4321:99"}
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    _write_lock(tmp_path, host="node-elsewhere", pid=1234, job=live)
+    with pytest.raises(RunDirectoryError, match="pid 1234 on node-elsewhere"):
+        RunLock(tmp_path).acquire()
+    same_agent = Holder.me().job["agent"]
+    _write_lock(tmp_path, host="node-elsewhere", pid=1234, job={**live, "agent": same_agent})
+    lock = RunLock(tmp_path)
+    lock.acquire()  # an earlier restart of this very agent
+    lock.release()
+    monkeypatch.setenv("SLURM_JOB_ID", "78")  # an elastic restart inside one Slurm job attempt
+    _write_lock(tmp_path, host="node-elsewhere", pid=1234, job={**live, "slurm_job": "78"})
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    lock.release()
+
+
+def test_of_runs_taking_over_one_stale_lock_at_once_exactly_one_wins(tmp_path, monkeypatch):
+    """Both judge the lock stale before either moves it (a barrier inside the judgement)."""
+    import threading
+
+    judged = Holder.gone_for
+    for attempt in range(10):
+        directory = tmp_path / str(attempt)
+        directory.mkdir()
+        _write_lock(directory, pid=_dead_pid(), start="1")
+        barrier = threading.Barrier(2)
+
+        def judge_together(holder, me, barrier=barrier):
+            why = judged(holder, me)
+            barrier.wait(timeout=10)
+            return why
+
+        monkeypatch.setattr(Holder, "gone_for", judge_together)
+        outcomes: list[object] = []
+
+        def start(directory=directory, outcomes=outcomes):
+            lock = RunLock(directory)
+            try:
+                lock.acquire()
+                outcomes.append(lock)
+            except RunDirectoryError as err:
+                outcomes.append(err)
+
+        threads = [threading.Thread(target=start) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        winners = [o for o in outcomes if isinstance(o, RunLock)]
+        assert len(outcomes) == 2 and len(winners) == 1, outcomes
+        assert "claimed by another run" in str(next(o for o in outcomes if o not in winners))
+        winners[0].release()
+        assert not list(directory.glob("LOCK*"))
 
 
 def test_a_live_holder_on_this_host_is_never_taken_over(tmp_path):
@@ -299,59 +374,73 @@ def _trained_run(tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-def test_conadv_eval_takes_the_checkpoints_config_and_refuses_bad_exports(tmp_path):
+def _cli_output(capsys, main, argv: list[str]) -> str:
+    """stdout of an entry point run in this process that succeeds."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exited.value.code == 0, err[-3000:]
+    return out
+
+
+def test_conadv_eval_takes_the_checkpoints_config_and_refuses_bad_exports(tmp_path, capsys):
+    from conadv.cli import evaluate
+
     run = _trained_run(tmp_path)
-    evaluated = run_module("conadv.cli.evaluate", "--checkpoint", str(run))  # no --config
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["count"] == 360
+    out = _cli_output(capsys, evaluate.main, ["--checkpoint", str(run)])  # no --config
+    assert json.loads(out.strip().splitlines()[-1])["count"] == 360
     (tmp_path / "taken.pth").write_text("someone else's file")
     for export, expected in ((tmp_path, "is a directory"),
                              (tmp_path / "missing" / "m.pth", "does not exist"),
                              (tmp_path / "taken.pth", "add --force")):
-        error = the_error_line(run_module("conadv.cli.evaluate", "--checkpoint", str(run),
-                                          "--export", str(export)))
+        error = _cli_error(capsys, evaluate.main, ["--checkpoint", str(run), "--export",
+                                                   str(export)])
         assert expected in error, error
     assert (tmp_path / "taken.pth").read_text() == "someone else's file"
-    forced = run_module("conadv.cli.evaluate", "--checkpoint", str(run), "--export",
-                        str(tmp_path / "taken.pth"), "--force")
-    assert forced.returncode == 0 and (tmp_path / "taken.pth").stat().st_size > 1000
+    _cli_output(capsys, evaluate.main, ["--checkpoint", str(run), "--export",
+                                        str(tmp_path / "taken.pth"), "--force"])
+    assert (tmp_path / "taken.pth").stat().st_size > 1000
 
 
-def test_conadv_report_survives_a_torn_run_and_refuses_a_file_as_out(tmp_path):
+def test_conadv_report_survives_a_torn_run_and_refuses_a_file_as_out(tmp_path, capsys):
+    from conadv.cli import report
+
     run = _trained_run(tmp_path)
     with open(run / "metrics.jsonl", "a") as handle:
         handle.write('[1, 2]\n"a string"\n{"kind": "train", "st')  # killed mid-write
-    out = run_module("conadv.cli.report", str(run), "--out", str(tmp_path / "report"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "skipped 3 metrics lines" in out.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        report.main([str(run), "--out", str(tmp_path / "report")])
+    assert exited.value.code in (0, None) and "skipped 3 metrics lines" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
-    assert "is a file" in the_error_line(run_module("conadv.cli.report", str(run), "--out",
-                                                    str(tmp_path / "file")))
+    assert "is a file" in _cli_error(capsys, report.main,
+                                     [str(run), "--out", str(tmp_path / "file")])
     (run / "config.yaml").write_bytes(b"\xff\xfe\x00junk")
-    assert "is not a conadv config" in the_error_line(
-        run_module("conadv.cli.report", str(run), "--out", str(tmp_path / "r2")))
+    assert "is not a conadv config" in _cli_error(capsys, report.main,
+                                                  [str(run), "--out", str(tmp_path / "r2")])
 
 
-def test_conadv_pack_checks_its_inputs_before_writing(tmp_path):
+def test_conadv_pack_checks_its_inputs_before_writing(tmp_path, capsys):
+    import shutil
+
+    from conadv.cli import pack
     from tests.test_imagefolder import make_imagefolder
 
     for args, expected in (([str(tmp_path / "none"), str(tmp_path / "o")], "no train/ folder"),
                            ([str(tmp_path), str(tmp_path / "o")], "no train/ folder")):
-        assert expected in the_error_line(run_module("conadv.cli.pack", *args))
+        assert expected in _cli_error(capsys, pack.main, args)
     make_imagefolder(tmp_path / "folder", corrupt=False)
     (tmp_path / "out_file").write_text("x")
-    assert "is a file" in the_error_line(run_module("conadv.cli.pack", str(tmp_path / "folder"),
-                                                    str(tmp_path / "out_file")))
+    assert "is a file" in _cli_error(capsys, pack.main, [str(tmp_path / "folder"),
+                                                         str(tmp_path / "out_file")])
     for size in ("0", "-5"):
-        result = run_module("conadv.cli.pack", str(tmp_path / "folder"), str(tmp_path / "o"),
-                            "--shard-mb", size)
-        assert result.returncode == 2 and "positive number of MB" in result.stderr
-    import shutil
-
+        error = _cli_error(capsys, pack.main, [str(tmp_path / "folder"), str(tmp_path / "o"),
+                                               "--shard-mb", size])
+        assert "positive number of MB" in error
     shutil.rmtree(tmp_path / "folder" / "val")
-    assert "no val/ folder" in the_error_line(run_module("conadv.cli.pack",
-                                                         str(tmp_path / "folder"),
-                                                         str(tmp_path / "o2")))
+    assert "no val/ folder" in _cli_error(capsys, pack.main, [str(tmp_path / "folder"),
+                                                              str(tmp_path / "o2")])
     assert not (tmp_path / "o2").exists()  # refused before packing train/
 
 

@@ -60,8 +60,14 @@ from conadv.adversarial.attacks import AttackSpec, perturb
 from conadv.adversarial.executors import Launched, build_executor
 from conadv.config import AdvConfig
 from conadv.data.device import batch_to_device
-from conadv.errors import CheckpointError
-from conadv.models.multi_bn import MAIN, bn_views, convert_to_multi_bn
+from conadv.errors import CheckpointError, ConfigError
+from conadv.models.multi_bn import (
+    MAIN,
+    bn_views,
+    convert_to_multi_bn,
+    other_normalisation,
+    routable,
+)
 from conadv.randomness import MIXING, attack_seed, batch_seed, seeded
 
 log = logging.getLogger(__name__)
@@ -341,6 +347,8 @@ class LookaheadEngine(ViewEngine):
         executor (the side stream), whose earlier jobs may still read the previous ones."""
         if self._replica is None or self._replica[0] != source:
             replica = self._replica[1] if self._replica else copy.deepcopy(self.model)
+            # every parameter (checked when the queue was loaded); buffers are not saved: the
+            # attack runs on batch statistics
             replica.load_state_dict(self._restored[source], strict=False)
             self._replica = (source, replica)
         return self._replica[1]
@@ -370,12 +378,38 @@ class LookaheadEngine(ViewEngine):
         if state.get("tau") != self.tau:
             raise CheckpointError(f"the checkpoint's ConAdv queue was made with "
                                   f"adv.tau={state.get('tau')}; this run has adv.tau={self.tau}")
+        parameters = {name for name, _ in self.model.named_parameters()}
+        saved = {name for weights in state["snapshots"].values() for name in weights}
+        if saved != parameters:  # e.g. adv.aux_bn switched: not the weights these attacks need
+            if strict:
+                raise CheckpointError("the checkpoint's ConAdv weight snapshots do not match "
+                                      "this model's parameters")
+            log.warning("the checkpoint's ConAdv weight snapshots are for other parameters; "
+                        "the queue is refilled with the current weights")
+            return
         self.queue.clear()
         self._snapshots.clear()
         self._replay = deque(s for s in state["sources"] for _ in range(self.accumulation))
         # copies: the loaded state may be views into one buffer that should not outlive it
         self._restored = {s: {k: v.to(self.device, copy=True) for k, v in weights.items()}
                           for s, weights in state["snapshots"].items()}
+
+
+def _check_normalisation(model: nn.Module, auxiliary: list[str], attacks: bool) -> None:
+    """Auxiliary BatchNorms need BatchNorm2d layers to split; attacks need every running
+    statistic to be one conadv can keep out of their forward passes."""
+    others = other_normalisation(model)
+    if auxiliary and others:
+        knobs = " and ".join({"adv": "adv.aux_bn=false", "aug": "adv.aug_bn=false"}[route]
+                             for route in auxiliary)
+        raise ConfigError(f"the model normalises with {', '.join(others)}, which has no "
+                          f"per-view statistics for an auxiliary BatchNorm; set {knobs}")
+    tracked = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+               and m.track_running_stats and not routable(m)]
+    if attacks and tracked:
+        raise ConfigError(f"the model's {type(tracked[0]).__name__} layers keep running "
+                          "statistics that the attacks' forward passes would change; use a "
+                          "model with BatchNorm2d, LayerNorm or GroupNorm")
 
 
 def build_engine(cfg: AdvConfig, model: nn.Module, context: EngineContext) -> ViewEngine:
@@ -388,6 +422,7 @@ def build_engine(cfg: AdvConfig, model: nn.Module, context: EngineContext) -> Vi
     if cfg.enabled:
         routes["adv"] = "adv" if cfg.aux_bn else MAIN
     auxiliary = sorted({r for r in routes.values() if r != MAIN})
+    _check_normalisation(model, auxiliary, cfg.enabled)
     if cfg.enabled or auxiliary:
         # MultiBatchNorm also lets attacks run on batch statistics without touching
         # running statistics, so it is used whenever adversarial training is on.

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from conadv.distributed import broadcast_object, broadcast_state, rank
-from conadv.errors import CheckpointError
+from conadv.errors import CheckpointError, UserError
 from conadv.fileio import file_sha256
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,19 @@ def _first_line(err: BaseException) -> str:
 def load_state_everywhere(path: Path | None, device: torch.device) -> dict[str, Any]:
     """The run state of a checkpoint on every rank, read once: rank 0 reads state.pt and the
     others receive it (at 1,024 ranks, 1,024 reads of one large file on a shared filesystem
-    would be the slowest part of a restart). Other ranks may pass None."""
-    return broadcast_state(load_state(path) if rank() == 0 else None, device)
+    would be the slowest part of a restart). Other ranks may pass None. A checkpoint rank 0
+    refuses is refused on every rank, in the same sentence (none waits for a state that will
+    not come)."""
+    state, refusal = None, None
+    if rank() == 0:
+        try:
+            state = load_state(path)
+        except UserError as err:
+            refusal = err
+    refusal = broadcast_object(refusal)
+    if refusal is not None:
+        raise refusal
+    return broadcast_state(state, device)
 
 
 def resolve_checkpoint_everywhere(path: Path) -> Path:

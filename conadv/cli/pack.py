@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="about this many MB a shard")
     parser.add_argument("--val-labels", help="labels file of a flat val/ folder "
                         "(as data.val_labels)")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="leave out images that do not decode (listed in the index) "
+                             "instead of stopping")
     return parser.parse_args(argv)
 
 
@@ -37,10 +40,13 @@ def main(argv: list[str] | None = None) -> None:
         from conadv.telemetry import setup_logging
 
         setup_logging(True)
-        packed = pack_image_folder(args.root, args.out, args.shard_mb << 20, args.val_labels)
+        packed = pack_image_folder(args.root, args.out, args.shard_mb << 20, args.val_labels,
+                                   args.skip_unreadable)
         for split, index in packed.items():
+            left_out = (f"; {len(index['skipped'])} unreadable left out (listed in "
+                        f"{split}.index.json)" if index["skipped"] else "")
             print(f"{split}: {len(index['samples'])} images in {len(index['shards'])} shards "
-                  f"under {args.out}")
+                  f"under {args.out}{left_out}")
         return 0
 
     run_cli("conadv-pack", body)

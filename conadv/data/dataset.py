@@ -18,6 +18,16 @@ log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_BAD = 32
 
 
+def unreadable(source: ImageSource, index: int, err: Exception, policy: str) -> None:
+    """data.bad_images for an image that does not decode, on every backend: `fail` raises
+    one sentence naming the file, `skip` logs it (the caller replaces or leaves it out)."""
+    name = source.describe(index)
+    if policy == "fail":
+        raise DataError(f"cannot read image {name} ({type(err).__name__}: {err}); "
+                        "fix or remove it, or set data.bad_images=skip") from None
+    log.warning("skipping unreadable image %s: %s", name, err)
+
+
 class ViewDataset(Dataset):
     """Items are dicts {image, label, n_bad, index[, aug_image][, valid]} with uint8 images
     (index: the sample actually served, which differs from the key when an unreadable file was
@@ -74,11 +84,7 @@ class ViewDataset(Dataset):
                 "index": index, "valid": valid}
 
     def _unreadable(self, index: int, err: Exception) -> None:
-        name = self.source.describe(index)
-        if self.bad_images == "fail":
-            raise DataError(f"cannot read image {name} ({type(err).__name__}: {err}); "
-                            "fix or remove it, or set data.bad_images=skip") from None
-        log.warning("skipping unreadable image %s: %s", name, err)
+        unreadable(self.source, index, err, self.bad_images)
 
     def _views(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         clean = self.transform(image) if self.transform is not None else image

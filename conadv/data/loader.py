@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -26,6 +27,7 @@ from conadv.data.transforms import build_eval_transform, build_train_transforms
 from conadv.errors import ConfigError
 
 Batch = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def build_source(cfg: DataConfig, split: str) -> ImageSource:
@@ -63,15 +65,34 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     threading.Thread(target=wait_for_the_parent, name="conadv-sigterm", daemon=True).start()
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+
+
+class _SignalSafeLoader(DataLoader):
+    """A DataLoader whose workers a job-wide stop signal cannot kill in the moment between
+    their fork and `ignore_stop_signals`: the parent blocks the stop signals while it starts
+    them (a child inherits the mask) and receives its own pending ones right after."""
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _loader(dataset: Dataset, sampler, batch_size: int, cfg: DataConfig, pin: bool,
             drop_last: bool) -> DataLoader:
     # A private generator: creating an iterator would otherwise draw from the global RNG and
     # shift every later random op (mixup, attacks) depending on when the iterator was made.
     # Augmentation randomness comes from per-sample seeds, not from worker seeds.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.workers,
-                      pin_memory=pin, drop_last=drop_last, persistent_workers=cfg.workers > 0,
-                      generator=torch.Generator().manual_seed(0),
-                      worker_init_fn=ignore_stop_signals if cfg.workers > 0 else None)
+    return _SignalSafeLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.workers,
+        pin_memory=pin, drop_last=drop_last, persistent_workers=cfg.workers > 0,
+        generator=torch.Generator().manual_seed(0),
+        worker_init_fn=ignore_stop_signals if cfg.workers > 0 else None)
 
 
 def build_train_stream(cfg: DataConfig, world_size: int, rank: int, per_device_batch: int,
@@ -88,7 +109,7 @@ def build_train_stream(cfg: DataConfig, world_size: int, rank: int, per_device_b
         raise ConfigError(f"the training set has {len(source)} images, fewer than one global "
                           f"batch ({per_device_batch} x {world_size} ranks x {accumulation} "
                           "accumulation)")
-    if cfg.loader == "dali":
+    if choose_loader(cfg, device) == "dali":
         from conadv.data.dali import DaliTrainLoader
 
         loader = DaliTrainLoader(source, sampler, cfg, device)
@@ -98,20 +119,50 @@ def build_train_stream(cfg: DataConfig, world_size: int, rank: int, per_device_b
     return BatchStream(loader, sampler, source.num_classes, accumulation)
 
 
+_announced: set[tuple[str, str]] = set()
+
+
+def choose_loader(cfg: DataConfig, device: torch.device) -> str:
+    """'dali' or 'torchvision' for data.loader (auto: DALI when a CUDA device is used and
+    DALI is installed), said once in the log with the reason."""
+    from conadv.data.dali import dali_installed
+
+    if cfg.loader != "auto":
+        choice, why = cfg.loader, "data.loader says so"
+    elif cfg.name not in ("imagefolder", "shards"):
+        choice, why = "torchvision", f"data.name={cfg.name} is not image files"
+    elif device.type != "cuda":
+        choice, why = "torchvision", "no CUDA device is used"
+    elif not dali_installed():
+        choice, why = "torchvision", "NVIDIA DALI is not installed (pip install '.[dali]')"
+    else:
+        choice, why = "dali", "a CUDA device is used and DALI is installed"
+    if (choice, why) not in _announced:
+        _announced.add((choice, why))
+        log.info("images are decoded by %s: %s", choice, why)
+    return choice
+
+
 def build_eval_loader(cfg: DataConfig, world_size: int, rank: int, batch_size: int,
-                      pin_memory: bool, split: str = "val", subset: int = 0,
-                      seed: int = 0) -> DataLoader:
+                      device: torch.device, split: str = "val", subset: int = 0,
+                      seed: int = 0):
     """Exact evaluation of a split over ranks. `subset` > 0 takes that many images of the split,
     chosen by `seed` (the same whatever the number of ranks): the training split seen without
     augmentation, for the train-test gap."""
     source = build_source(cfg, split)
-    transform = None if cfg.name == "synthetic" else build_eval_transform(cfg)
-    dataset: Dataset = ViewDataset(source, transform, None, cfg.bad_images, exclude=True)
+    indices = list(range(len(source)))
     if subset:
         chosen = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
-        dataset = Subset(dataset, sorted(chosen[:subset].tolist()))
-    sampler = ExactShardSampler(len(dataset), world_size, rank)
-    return _loader(dataset, sampler, batch_size, cfg, pin_memory, drop_last=False)
+        indices = sorted(chosen[:subset].tolist())
+    mine = [indices[i] for i in ExactShardSampler(len(indices), world_size, rank)]
+    if choose_loader(cfg, device) == "dali":
+        from conadv.data.dali import DaliEvalLoader
+
+        return DaliEvalLoader(source, mine, batch_size, cfg, device)
+    transform = None if cfg.name == "synthetic" else build_eval_transform(cfg)
+    dataset = Subset(ViewDataset(source, transform, None, cfg.bad_images, exclude=True), mine)
+    return _loader(dataset, range(len(mine)), batch_size, cfg, device.type == "cuda",
+                   drop_last=False)
 
 
 class BatchStream:

@@ -43,8 +43,12 @@ def index_path(root: Path, split: str) -> Path:
 
 
 def pack_split(source: ImageFolderSource, out: Path, split: str,
-               shard_bytes: int = 1 << 30) -> dict:
-    """Write `source` as shards of about `shard_bytes` each plus its index; returns the index."""
+               shard_bytes: int = 1 << 30, skip_unreadable: bool = False) -> dict:
+    """Write `source` as shards of about `shard_bytes` each plus its index; returns the index.
+    An image that does not decode stops the packing, or with `skip_unreadable` is left out
+    and listed in the index (`skipped`): the shards then hold fewer samples than the folder,
+    so their indices are no longer the folder's."""
+    skipped: list[str] = []
     out.mkdir(parents=True, exist_ok=True)
     shards: list[dict] = []
     samples: list[list[int]] = []
@@ -69,13 +73,17 @@ def pack_split(source: ImageFolderSource, out: Path, split: str,
             decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                          mode=ImageReadMode.RGB)
         except Exception as err:
+            if skip_unreadable:
+                log.warning("leaving out %s: it does not decode (%s)", path, err)
+                skipped.append(str(path))
+                continue
             raise DataError(f"cannot pack {path}: it does not decode ({err}); fix or remove "
-                            "it, then run conadv-pack again") from None
+                            "it, or leave such files out with --skip-unreadable") from None
         if handle is None or handle.offset >= shard_bytes:
             close_shard()
             current = out / f"{split}-{len(shards):05d}.tar.tmp"
             handle = tarfile.open(current, "w", format=tarfile.PAX_FORMAT)
-        member = tarfile.TarInfo(f"{index:09d}{path.suffix.lower()}")
+        member = tarfile.TarInfo(f"{len(samples):09d}{path.suffix.lower()}")
         member.size = len(data)
         handle.addfile(member, io.BytesIO(data))
         padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
@@ -84,7 +92,7 @@ def pack_split(source: ImageFolderSource, out: Path, split: str,
                         zlib.crc32(data)])
     close_shard()
     index = {"format": INDEX_FORMAT, "split": split, "classes": source.classes,
-             "shards": shards, "samples": samples}
+             "shards": shards, "samples": samples, "skipped": skipped}
     tmp = index_path(out, split).with_suffix(".json.tmp")
     tmp.write_text(json.dumps(index))
     os.replace(tmp, index_path(out, split))
@@ -92,7 +100,8 @@ def pack_split(source: ImageFolderSource, out: Path, split: str,
 
 
 def pack_image_folder(root: Path, out: Path, shard_bytes: int = 1 << 30,
-                      val_labels: str | None = None) -> dict[str, dict]:
+                      val_labels: str | None = None,
+                      skip_unreadable: bool = False) -> dict[str, dict]:
     """`conadv-pack`: root/train and root/val (class folders, or a flat val with a labels file)
     into shards under `out`."""
     if Path(out).exists() and not Path(out).is_dir():
@@ -107,8 +116,8 @@ def pack_image_folder(root: Path, out: Path, shard_bytes: int = 1 << 30,
                for split in ("train", "val")}
     packed = {}
     for split, source in sources.items():
-        packed[split] = pack_split(source, Path(out), split, shard_bytes)
-        log.info("packed %s: %d images in %d shards", split, len(source),
+        packed[split] = pack_split(source, Path(out), split, shard_bytes, skip_unreadable)
+        log.info("packed %s: %d images in %d shards", split, len(packed[split]["samples"]),
                  len(packed[split]["shards"]))
     return packed
 

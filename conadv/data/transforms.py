@@ -41,7 +41,7 @@ def build_train_transforms(cfg: DataConfig) -> tuple[Transform, Transform | None
 
 
 def build_eval_transform(cfg: DataConfig) -> Transform:
-    return v2.Compose([v2.Resize(cfg.eval_resize, antialias=True), v2.CenterCrop(cfg.image_size)])
+    return v2.Compose([v2.Resize(cfg.eval_resize, antialias=True), v2.CenterCrop(cfg.eval_crop)])
 
 
 def build_batch_mix(cfg: TrainConfig, num_classes: int) -> v2.Transform | None:

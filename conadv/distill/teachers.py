@@ -14,21 +14,8 @@ from conadv.checkpoints.weights import Weights, load_into, read_weights
 from conadv.config import DistillConfig, ModelConfig, TeacherConfig
 from conadv.errors import CheckpointError, ConfigError
 from conadv.models import ImageClassifier, build_model
-from conadv.models.factory import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
-
-
-def _timm_backbone(name: str, num_classes: int) -> tuple[nn.Module, dict]:
-    try:
-        import timm
-    except ImportError:
-        raise ConfigError(f"teacher arch timm:{name} needs timm (pip install timm)") from None
-    try:
-        backbone = timm.create_model(name, pretrained=False, num_classes=num_classes)
-    except RuntimeError as err:  # timm's "Unknown model"
-        raise ConfigError(f"timm has no model '{name}' ({err})") from None
-    return backbone, dict(getattr(backbone, "pretrained_cfg", {}) or {})
 
 
 def build_teacher(cfg: TeacherConfig, index: int,
@@ -48,11 +35,7 @@ def build_teacher(cfg: TeacherConfig, index: int,
     elif not cfg.arch:
         raise ConfigError(f"{what}.arch must name the architecture of the state-dict file "
                           f"{cfg.weights}")
-    elif cfg.arch.startswith("timm:"):
-        backbone, pretrained = _timm_backbone(cfg.arch.removeprefix("timm:"), num_classes)
-        teacher = ImageClassifier(backbone, tuple(pretrained.get("mean", IMAGENET_MEAN)),
-                                  tuple(pretrained.get("std", IMAGENET_STD)))
-    else:
+    else:  # timm models normalise with their own mean and std
         teacher = build_model(ModelConfig(arch=cfg.arch, cifar_width=cfg.cifar_width,
                                           cifar_blocks=cfg.cifar_blocks), num_classes)
     load_into(teacher.backbone, weights, strict=True, what=f"{what}: the weights file")

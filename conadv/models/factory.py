@@ -8,6 +8,7 @@ from torchvision.models import resnet18, resnet34, resnet50, resnet101, resnet15
 from torchvision.models.resnet import BasicBlock
 
 from conadv.config import ModelConfig
+from conadv.errors import ConfigError
 from conadv.models.multi_bn import main_state_dict
 
 # ImageNet channel statistics in [0, 1] pixel scale (torchvision's weights use the same).
@@ -77,18 +78,39 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+def timm_backbone(name: str, num_classes: int) -> tuple[nn.Module, tuple, tuple]:
+    """A timm model, never downloading weights, with the input mean and std it expects."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"arch timm:{name} needs timm (pip install timm)") from None
+    try:
+        try:  # transformers take any input size (small test images, another test resolution)
+            backbone = timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                         dynamic_img_size=True)
+        except TypeError:  # convolutional networks take any size anyway, and not this keyword
+            backbone = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    except RuntimeError as err:  # timm's "Unknown model"
+        raise ConfigError(f"timm has no model '{name}' ({err})") from None
+    pretrained = dict(getattr(backbone, "pretrained_cfg", {}) or {})
+    return (backbone, tuple(pretrained.get("mean", IMAGENET_MEAN)),
+            tuple(pretrained.get("std", IMAGENET_STD)))
+
+
 def build_model(cfg: ModelConfig, num_classes: int) -> ImageClassifier:
     """num_classes: the dataset's, unless the config sets its own."""
     classes = cfg.num_classes or num_classes
-    if cfg.arch == "cifar_resnet":
-        backbone: nn.Module = CifarResNet(classes, cfg.cifar_width, cfg.cifar_blocks,
-                                          cfg.zero_init_residual)
+    if cfg.arch.startswith("timm:"):
+        backbone, mean, std = timm_backbone(cfg.arch.removeprefix("timm:"), classes)
+        model = ImageClassifier(backbone, mean, std)
+    elif cfg.arch == "cifar_resnet":
+        model = ImageClassifier(CifarResNet(classes, cfg.cifar_width, cfg.cifar_blocks,
+                                            cfg.zero_init_residual))
     else:
         factory = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50,
                    "resnet101": resnet101, "resnet152": resnet152}[cfg.arch]
-        backbone = factory(weights=None, num_classes=classes,
-                           zero_init_residual=cfg.zero_init_residual)
-    model = ImageClassifier(backbone)
+        model = ImageClassifier(factory(weights=None, num_classes=classes,
+                                        zero_init_residual=cfg.zero_init_residual))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -41,6 +41,8 @@ class MultiBatchNorm2d(nn.BatchNorm2d):
                     track_running_stats=bn.track_running_stats, device=device)
         multi.load_state_dict(bn.state_dict())
         multi.aux = nn.ModuleDict({route: copy.deepcopy(bn) for route in aux_routes})
+        if _is_norm_act(bn):  # timm's BatchNormAct2d: normalise, then its dropout and activation
+            multi.drop, multi.act = bn.drop, bn.act
         return multi
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -74,21 +76,57 @@ class MultiBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         plan = self.plan
         if not plan or not self.training:
-            return self._normalize(x, self)
-        if len(plan) == 1:
-            return self._normalize(x, self._stats_owner(plan[0][0]))
-        parts = torch.split(x, [rows for _, rows in plan])
-        return torch.cat([self._normalize(part, self._stats_owner(route))
-                          for part, (route, _) in zip(parts, plan)])
+            out = self._normalize(x, self)
+        elif len(plan) == 1:
+            out = self._normalize(x, self._stats_owner(plan[0][0]))
+        else:
+            parts = torch.split(x, [rows for _, rows in plan])
+            out = torch.cat([self._normalize(part, self._stats_owner(route))
+                             for part, (route, _) in zip(parts, plan)])
+        if hasattr(self, "act"):
+            out = self.act(self.drop(out))
+        return out
+
+
+def _is_norm_act(module: nn.Module) -> bool:
+    """timm's BatchNormAct2d: a BatchNorm2d whose forward then applies `drop` and `act`."""
+    return (isinstance(module, nn.BatchNorm2d) and isinstance(getattr(module, "act", None),
+                                                              nn.Module)
+            and isinstance(getattr(module, "drop", None), nn.Module))
+
+
+def _convertible(module: nn.Module) -> bool:
+    """A BatchNorm2d whose forward is plain batch normalisation (or timm's norm + act)."""
+    return type(module) is nn.BatchNorm2d or (
+        _is_norm_act(module) and type(module).__name__ == "BatchNormAct2d")
+
+
+def routable(module: nn.Module) -> bool:
+    """A layer whose statistics conadv routes per view (or will, once converted)."""
+    return isinstance(module, MultiBatchNorm2d) or _convertible(module)
+
+
+def other_normalisation(model: nn.Module) -> list[str]:
+    """The model's normalisation layers that cannot be routed per view (LayerNorm, GroupNorm,
+    BatchNorm variants with their own forward...): each type once, with a layer's name."""
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+             nn.LocalResponseNorm)
+    seen: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, norms) and not routable(module):
+            seen.setdefault(type(module).__name__, name)
+    return [f"{kind} ({name})" for kind, name in seen.items()]
 
 
 def convert_to_multi_bn(model: nn.Module, aux_routes: Sequence[str]) -> nn.Module:
     """Replace every BatchNorm2d in place by a MultiBatchNorm2d whose auxiliary sets start as
-    copies of the main one. Call before building the optimizer and wrapping in DDP."""
+    copies of the main one. Call before building the optimizer and wrapping in DDP. A
+    BatchNorm2d subclass is converted only if its forward is known (timm's BatchNormAct2d);
+    other normalisation stays as it is (see `other_normalisation`)."""
     for name, child in model.named_children():
-        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, MultiBatchNorm2d):
+        if _convertible(child):
             setattr(model, name, MultiBatchNorm2d.from_batchnorm(child, aux_routes))
-        else:
+        elif not isinstance(child, MultiBatchNorm2d):
             convert_to_multi_bn(child, aux_routes)
     return model
 

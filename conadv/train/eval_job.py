@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ from conadv.distributed import detect_env, pick_device, process_group
 from conadv.errors import ConfigError
 from conadv.models import build_model, export_state_dict
 from conadv.models.multi_bn import main_state_dict
+from conadv.models.onnx_export import export_onnx
 from conadv.telemetry import setup_logging
-from conadv.train.evaluate import evaluate, robust_attacks
+from conadv.train.evaluate import autoattack, evaluate, robust_attacks
 from conadv.train.runtime import autocast_dtype, autocast_factory
 
 
@@ -36,23 +38,28 @@ def evaluation_config(config: Path | None, overrides: list[str], checkpoint: Pat
     return load_config(None, overrides, base=parse_saved_config(text))
 
 
-def check_export(path: Path | None, force: bool) -> None:
+def check_export(path: Path | None, force: bool, option: str = "--export") -> None:
     """Refuse an export path that cannot be written, or would replace a file, before any
     work."""
     if path is None:
         return
     if path.is_dir():
-        raise ConfigError(f"--export {path} is a directory; give a file name")
+        raise ConfigError(f"{option} {path} is a directory; give a file name")
     if not path.parent.is_dir():
-        raise ConfigError(f"the directory of --export {path} does not exist")
+        raise ConfigError(f"the directory of {option} {path} does not exist")
     if path.exists() and not force:
-        raise ConfigError(f"--export {path} exists; add --force to replace it")
+        raise ConfigError(f"{option} {path} exists; add --force to replace it")
 
 
 def run_evaluation(cfg: RunConfig, checkpoint: Path, export_to: Path | None = None,
-                   robust: bool = False) -> dict[str, Any]:
+                   robust: bool = False, ema: bool = False, onnx_to: Path | None = None,
+                   autoattack_images: int = 0) -> dict[str, Any]:
     """Clean top-1/top-5 of a checkpoint (exact across ranks) and, with `robust`, top-1 under
-    FGSM and PGD-k at eval.epsilon."""
+    FGSM and PGD-k at eval.epsilon; of its weight EMA instead of its weights with `ema` (the
+    exports then hold the EMA too). `onnx_to`: also the inference model as ONNX, checked
+    with onnxruntime (rank 0). `autoattack_images`: also AutoAttack's accuracy at
+    eval.epsilon on that many validation images (chosen by train.seed, the same images on
+    any number of ranks), beside clean, FGSM and PGD accuracy on the same images."""
     env = detect_env()
     setup_logging(env.is_main)
     device = pick_device(cfg.train.device, env, cfg.dist.backend)
@@ -64,14 +71,29 @@ def run_evaluation(cfg: RunConfig, checkpoint: Path, export_to: Path | None = No
                       or plan_batch(cfg.train, env.world_size).per_device)
         num_classes = cfg.model.num_classes or build_source(cfg.data, "val").num_classes
         model = build_model(cfg.model, num_classes).to(device)
-        state = load_state_everywhere(path, device)["model"]
+        saved = load_state_everywhere(path, device)
+        if ema and "ema" not in saved:
+            raise ConfigError(f"checkpoint {path} holds no weight EMA (it was trained with "
+                              "train.ema_decay=0); evaluate it without --ema")
+        state = saved["ema"]["weights"] if ema else saved["model"]
         model.load_state_dict(main_state_dict(state))  # main BN only
         if export_to is not None and env.is_main:
             torch.save(export_state_dict(model), export_to)
-        loader = build_eval_loader(cfg.data, env.world_size, env.rank, per_device,
-                                   device.type == "cuda")
+        onnx_difference = None
+        if onnx_to is not None and env.is_main:
+            onnx_difference = export_onnx(copy.deepcopy(model), onnx_to, cfg.data.eval_crop)
+        loader = build_eval_loader(cfg.data, env.world_size, env.rank, per_device, device)
         autocast = autocast_factory(device, autocast_dtype(cfg.train.precision, device))
         attacks = robust_attacks(cfg.eval) if robust else None
         result = evaluate(model, loader, device, cfg.model.channels_last, autocast, attacks,
                           cfg.train.seed)
-    return {"checkpoint": str(path), **result}
+        if autoattack_images:
+            subset = build_eval_loader(cfg.data, env.world_size, env.rank, per_device, device,
+                                       subset=autoattack_images, seed=cfg.train.seed)
+            worst = {**robust_attacks(cfg.eval), "autoattack": autoattack(
+                model, cfg.eval.epsilon, num_classes, cfg.train.seed)}
+            result["autoattack"] = evaluate(model, subset, device, cfg.model.channels_last,
+                                            autocast, worst, cfg.train.seed)
+    extra = ({"onnx": str(onnx_to), "onnx_max_logit_difference": onnx_difference}
+             if onnx_difference is not None else {})
+    return {"checkpoint": str(path), "weights": "ema" if ema else "model", **result, **extra}

@@ -6,9 +6,15 @@ or a file named STOP in the run directory (what launch/slurm.sbatch creates when
 works through torchrun and across nodes on a shared filesystem; rank 0 looks for it at most
 once a second).
 
-Schedulers signal every process of a job, and torchrun passes the signal it gets on to its
-workers as well, so one request may arrive twice within moments: termination signals within
-`REPEAT_WINDOW_S` of the first are the same request. One after that ends the process at once.
+Schedulers signal every process of a job, torchrun passes the signal it gets on to its workers
+as well, and Slurm repeats SIGTERM at the time limit after a --signal=TERM@<s> warning: a
+repeated SIGTERM is always the same request (the scheduler's SIGKILL ends the process if the
+checkpoint does not fit its grace period). Only an interactive user escalates: a second SIGINT
+(Ctrl-C) more than `REPEAT_WINDOW_S` after the first ends the process at once (a terminal
+delivers the first one to torchrun and to the workers within moments).
+
+A STOP file is removed by rank 0 once the run has stopped on it with a checkpoint, so that the
+resumed run does not stop again.
 
 The ranks agree after every optimizer step, without a host synchronisation: each rank's level
 is all-reduced (max) without blocking, and the result is read one step later, through a pinned
@@ -18,6 +24,7 @@ the request; a single process needs no agreement and acts after the step it saw 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -37,13 +44,31 @@ log = logging.getLogger(__name__)
 STOP_FILE = "STOP"
 # how a run that stopped on a termination signal exits: "not finished, resume me" (EX_TEMPFAIL)
 TERMINATED_EXIT_STATUS = 75
-# a termination signal this soon after the first is the same request, delivered twice
+# a second SIGINT this soon after the first is the same Ctrl-C, delivered twice
 REPEAT_WINDOW_S = 3.0
 _FILE_CHECK_INTERVAL_S = 1.0
 
 _NONE, _WARNED, TERMINATED = 0, 1, 2
 REASONS = {_WARNED: "stop requested (SIGUSR1 or a STOP file in the run directory)",
            TERMINATED: "terminated by a signal (SIGTERM or SIGINT)"}
+
+
+def _present(path: Path) -> bool:
+    """Whether the STOP file is there; an unusable run directory (checked, with its one
+    sentence, when the run claims it) has none."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def slurm_attempt() -> str | None:
+    """'<job id>.<restart count>' inside a Slurm job, else None: written in the run summary,
+    so that launch/slurm.sbatch decides to requeue from what this attempt's rank 0 wrote
+    rather than from srun's exit status (with several tasks, srun reports the first exit 75
+    as a failure and kills the other tasks)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else None
 
 
 class StopRequest:
@@ -55,7 +80,7 @@ class StopRequest:
         self.requested_at: float | None = None  # time.monotonic() of the first signal
         self._terminated_at = 0.0
         self._file_checked_at = -_FILE_CHECK_INTERVAL_S
-        if is_main and self.path.exists():
+        if is_main and _present(self.path):
             # Launchers remove it before starting; one left by hand stops this run too.
             log.warning("%s exists: the run will checkpoint and stop after its first step "
                         "(delete the file to let it run)", self.path)
@@ -76,15 +101,16 @@ class StopRequest:
             return
         now = time.monotonic()
         if self.level == TERMINATED:
-            if signum == signal.SIGTERM and now - self._terminated_at < REPEAT_WINDOW_S:
-                return  # the same request, from the scheduler and from the launcher
-            self.close(wait=False)  # a second request: end now, as the signal would
+            if signum == signal.SIGTERM or now - self._terminated_at < REPEAT_WINDOW_S:
+                return  # the same request, from the scheduler, the launcher or the terminal
+            self.close(wait=False)  # a second Ctrl-C: end now, as the signal would
             os.kill(os.getpid(), signum)
             return
         self.level = TERMINATED
         self._terminated_at = now
-        log.warning("%s received: finishing this step, writing a checkpoint, then stopping "
-                    "(send it again to end at once)", signal.Signals(signum).name)
+        log.warning("%s received: finishing this step, writing a checkpoint, then stopping%s",
+                    signal.Signals(signum).name,
+                    " (press Ctrl-C again to end at once)" if signum == signal.SIGINT else "")
 
     def requested_here(self) -> int:
         """This rank's level: its signals, and on rank 0 the STOP file."""
@@ -92,9 +118,16 @@ class StopRequest:
             now = time.monotonic()
             if now - self._file_checked_at >= _FILE_CHECK_INTERVAL_S:
                 self._file_checked_at = now
-                if self.path.exists():
+                if _present(self.path):
                     self.level = _WARNED
         return self.level
+
+    def stopped(self) -> None:
+        """The run has stopped on the request, its checkpoint on disk: a STOP file has done
+        its job (rank 0 removes it, so that the resumed run does not stop again)."""
+        if self.is_main:
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
 
     def poll(self) -> int:
         """Call after every optimizer step on every rank: the level the ranks agreed on, 0 to

@@ -9,8 +9,14 @@ another job still writes them. Rank 0 claims `log.run_dir` before anything is wr
   filesystem supports it. A second run finds it and stops, naming the holder. A lock is taken
   over only when its holder is provably gone: the same host and a pid that is not running (or
   runs another program), the same process (an earlier run in it that did not end cleanly),
-  or an earlier attempt of the same Slurm job (a requeue) or torchrun job (an elastic
-  restart). Anything else needs the user to say so by deleting the file.
+  an earlier attempt of the same Slurm job (a requeue; job ids are unique), or an earlier
+  restart of the same torchrun agent (an elastic restart: the same Slurm job attempt and
+  rendezvous id, a rendezvous id chosen for the job, or outside Slurm the same agent process:
+  torchrun's default run ids are shared by unrelated jobs, "none" for static ranks, a fixed
+  default in launch/torchrun.sh). Anything else needs the user to say so by deleting the
+  file. Of two runs that take over one stale lock at once, exactly one wins: each moves the
+  stale file aside (one rename succeeds) and creates a new one exclusively (a third starting
+  in the same instant could slip through the moment a lock moved by mistake is put back).
 - **One identity**: `run.json` holds the run's id; checkpoints (in their manifest) and every
   metrics record carry it. A fresh start in a directory that holds another run's checkpoints
   or metrics stops with one sentence, unless the user asks to replace it
@@ -43,7 +49,8 @@ log = logging.getLogger(__name__)
 LOCK_FILE = "LOCK"
 RUN_FILE = "run.json"
 # what a run writes at the top of its directory (checkpoints/ is judged by its contents)
-RUN_FILES = (RUN_FILE, "config.yaml", "metrics.jsonl", "summary.json", "tensorboard")
+RUN_FILES = (RUN_FILE, "config.yaml", "metrics.jsonl", "summary.json", "tensorboard",
+             "trackers.json", "wandb", "report")
 
 
 class RunDirectoryError(ConfigError):
@@ -58,11 +65,21 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+# torchrun run ids that many jobs share: torchrun's own default, and launch/torchrun.sh's
+# outside Slurm; any other (a --rdzv-id the user chose per job) identifies one job
+_SHARED_TORCHRUN_IDS = ("none", "default", "conadv")
+
+
 def _job_identity() -> dict[str, Any]:
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    agent = os.getppid()
     return {"slurm_job": os.environ.get("SLURM_JOB_ID"),
             "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
             "torchrun_job": os.environ.get("TORCHELASTIC_RUN_ID"),
-            "torchrun_restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)}
+            "torchrun_restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+            # the torchrun agent that started this worker, which survives its restarts
+            "agent": (f"{socket.gethostname()}:{agent}:{_process_start(agent)}"
+                      if under_torchrun else None)}
 
 
 @dataclass
@@ -87,10 +104,21 @@ class Holder:
                 return f"process {self.pid} is not running"
             if self.start is not None and _process_start(self.pid) != self.start:
                 return f"pid {self.pid} now belongs to another program"
-        for job, restart in (("slurm_job", "slurm_restart"), ("torchrun_job", "torchrun_restart")):
-            if (self.job.get(job) and self.job.get(job) == me.job.get(job)
-                    and (self.job.get(restart) or 0) < (me.job.get(restart) or 0)):
-                return f"it was an earlier attempt of this job ({self.job[job]})"
+        theirs, mine = self.job, me.job
+        same_slurm_job = bool(theirs.get("slurm_job")) and theirs.get("slurm_job") == mine.get(
+            "slurm_job")
+        if same_slurm_job and (theirs.get("slurm_restart") or 0) < (mine.get("slurm_restart")
+                                                                     or 0):
+            return f"it was an earlier attempt of Slurm job {theirs['slurm_job']}"
+        unique_run_id = theirs.get("torchrun_job") not in (None, *_SHARED_TORCHRUN_IDS)
+        same_attempt = (theirs.get("slurm_restart") == mine.get("slurm_restart")
+                        and theirs.get("torchrun_job") == mine.get("torchrun_job")
+                        and (same_slurm_job or unique_run_id or (
+                            not theirs.get("slurm_job") and theirs.get("agent") is not None
+                            and theirs.get("agent") == mine.get("agent"))))
+        if same_attempt and (theirs.get("torchrun_restart") or 0) < (
+                mine.get("torchrun_restart") or 0):
+            return "it was an earlier restart of this torchrun job"
         return None
 
     def describe(self) -> str:
@@ -130,7 +158,8 @@ class RunLock:
 
     def _take_over(self, record: bytes) -> int:
         try:
-            holder = Holder(**json.loads(self.path.read_text()))
+            stale = self.path.read_bytes()
+            holder = Holder(**{"job": {}, **json.loads(stale)})
         except (OSError, ValueError, TypeError):
             raise RunDirectoryError(
                 f"log.run_dir {self.path.parent} has a lock file {self.path} that cannot be "
@@ -142,14 +171,25 @@ class RunLock:
                 f" wait for it to end or use another log.run_dir, or delete {self.path} if "
                 "that run is gone (e.g. its node died)")
         log.warning("taking over the lock of %s: %s", self.path.parent, why)
-        tmp = self.path.with_name(f"{LOCK_FILE}.{self.me.host}.{self.me.pid}.tmp")
-        tmp.write_bytes(record)
-        os.replace(tmp, self.path)
-        fd = os.open(self.path, os.O_RDWR)
-        if os.read(fd, len(record) + 1) != record:  # another run took it over at the same time
-            os.close(fd)
-            raise RunDirectoryError(f"log.run_dir {self.path.parent} was claimed by another run "
+        claimed = RunDirectoryError(f"log.run_dir {self.path.parent} was claimed by another run "
                                     "starting at the same time; use another log.run_dir")
+        aside = self.path.with_name(f"{LOCK_FILE}.stale.{uuid.uuid4().hex}")
+        try:
+            os.rename(self.path, aside)  # of the runs that judged it stale, one moves it
+        except FileNotFoundError:
+            raise claimed from None
+        if aside.read_bytes() != stale:  # moved a lock another run has just taken: put it back
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)
+            aside.unlink(missing_ok=True)
+            raise claimed
+        aside.unlink()
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise claimed from None
+        os.write(fd, record)
+        os.fsync(fd)
         return fd
 
     def release(self) -> None:

@@ -21,12 +21,14 @@ from conadv.checkpoints.weights import load_into, read_weights
 from conadv.config import (
     BatchPlan,
     RunConfig,
+    flat_config,
     parse_saved_config,
     plan_batch,
     to_yaml,
     trajectory_changes,
 )
 from conadv.data import build_eval_loader, build_train_stream
+from conadv.data.loader import choose_loader
 from conadv.data.transforms import build_batch_mix
 from conadv.distill import build_teachers
 from conadv.distributed import (
@@ -40,13 +42,16 @@ from conadv.distributed import (
 from conadv.errors import ConfigError
 from conadv.models import build_model
 from conadv.optim import build_optimizer, build_scheduler, scaled_lr
+from conadv.report import build_report
 from conadv.telemetry import Telemetry, setup_logging
+from conadv.trackers import Trackers
 from conadv.train.cadence import Cadence
 from conadv.train.checkpoint import CheckpointManager, host_copy
+from conadv.train.ema import WeightEma
 from conadv.train.evaluate import evaluate, final_eval_attacks
 from conadv.train.nonfinite import NonFiniteGuard
 from conadv.train.objectives import build_objective
-from conadv.train.preemption import StopRequest
+from conadv.train.preemption import StopRequest, slurm_attempt
 from conadv.train.run_directory import claim_on_rank_zero, drop_records_after
 from conadv.train.runtime import (
     autocast_dtype,
@@ -66,8 +71,14 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     env = detect_env()
     setup_logging(env.is_main)
     device = pick_device(cfg.train.device, env, cfg.dist.backend)
-    with process_group(env, device, cfg.dist.backend, cfg.dist.timeout_s):
-        summary = Trainer(cfg, env, device).fit()
+    # A stop signal is a request from here on (acted on after the first step), not the end of
+    # the process: joining the process group and resuming take minutes on a thousand ranks.
+    stop_request = StopRequest(Path(cfg.log.run_dir), env.is_main, device, env.is_distributed)
+    try:
+        with process_group(env, device, cfg.dist.backend, cfg.dist.timeout_s):
+            summary = Trainer(cfg, env, device).fit(stop_request)
+    finally:
+        stop_request.close(wait=False)  # if fit() did not get to
     return summary if env.is_main else {"terminated": summary["terminated"]}
 
 
@@ -94,16 +105,15 @@ class Trainer:
         self.checkpoints.run_id = self.run_id
         self.checkpoints.remove_leftovers()
 
-        pin = device.type == "cuda"
         self.stream = build_train_stream(cfg.data, env.world_size, env.rank,
                                          self.plan.per_device, self.plan.accumulation,
                                          cfg.train.seed, device)
         self.eval_loader = build_eval_loader(cfg.data, env.world_size, env.rank,
-                                             self.plan.per_device, pin)
+                                             self.plan.per_device, device)
         self.train_eval_loader = None
         if cfg.train.eval_train_images:
             self.train_eval_loader = build_eval_loader(
-                cfg.data, env.world_size, env.rank, self.plan.per_device, pin, split="train",
+                cfg.data, env.world_size, env.rank, self.plan.per_device, device, split="train",
                 subset=cfg.train.eval_train_images, seed=cfg.train.seed)
         num_classes = cfg.model.num_classes or self.stream.num_classes
         self.model = build_model(cfg.model, num_classes).to(device)
@@ -122,6 +132,8 @@ class Trainer:
             second_view=cfg.data.second_view, autocast=self.autocast,
             mix=build_batch_mix(cfg.train, num_classes), compile=cfg.train.compile,
             teachers=teachers))
+        self.ema = (WeightEma(self.model, cfg.train.ema_decay, cfg.train.ema_every_steps,
+                              cfg.train.ema_warmup) if cfg.train.ema_decay else None)
         self.ddp: nn.Module = self.model
         if env.is_distributed:
             self.ddp = DistributedDataParallel(
@@ -156,6 +168,8 @@ class Trainer:
             self.state.register("teachers", teachers)
         for name, part in self.objective.checkpointed().items():
             self.state.register(name, part)
+        if self.ema is not None:
+            self.state.register("ema", self.ema)
         self.resumed_from = self._resume(resume_path)
         # derived from the config and the step, never restored
         self.scheduler, self.schedule = build_scheduler(
@@ -212,9 +226,14 @@ class Trainer:
                         "%s; the schedule follows the new config", path, described)
             if any(key == "optim.name" for key, _, _ in changes):
                 skip.add("optimizer")  # another optimizer's moments do not apply
+        if self.ema is not None and "ema" not in saved:  # the EMA was switched on: it
+            skip.add("ema")                                # starts from the resumed weights
         # allow_config_change also lets other teacher files pass (a warning, not a stop)
         self.state.load_state_dict(saved, skip=skip,
                                    strict=not self.cfg.checkpoint.allow_config_change)
+        if "ema" in skip:
+            self.ema.restart_from(self.model)
+            log.info("the checkpoint holds no weight EMA; it starts from the resumed weights")
         log.info("resumed from %s at step %d", path, self.step)
         if self.env.is_main:
             drop_records_after(self.run_dir / "metrics.jsonl", self.step)
@@ -235,7 +254,9 @@ class Trainer:
     def resolved_config(self) -> RunConfig:
         train = dataclasses.replace(self.cfg.train, per_device_batch=self.plan.per_device,
                                     accumulation=self.plan.accumulation)
-        return dataclasses.replace(self.cfg, train=train)
+        data = dataclasses.replace(self.cfg.data,  # the backend data.loader=auto chose
+                                   loader=choose_loader(self.cfg.data, self.device))
+        return dataclasses.replace(self.cfg, train=train, data=data)
 
     # ------------------------------------------------------------------ the loop
     def train_step(self) -> StepResult:
@@ -266,6 +287,8 @@ class Trainer:
         self.engine.before_optimizer_step()  # the attacks that read these weights are done
         self.guard.optimizer_step(self._optimizer_step, bad, self.optimizers)
         self.engine.after_optimizer_step()  # later attacks read the new weights
+        if self.ema is not None:  # after the guard: a skipped step's weights are restored
+            self.ema.after_optimizer_step(self.progress.step + 1)
         if timed:
             result.cuda_events["train_end"] = _record_event()
             launched = self.engine.attack_events()
@@ -300,20 +323,30 @@ class Trainer:
                             self.cfg.model.channels_last, self.autocast)
             result.update(train_top1=seen["top1"], train_loss=seen["loss"],
                           train_count=seen["count"], train_test_gap=seen["top1"] - result["top1"])
+        if self.ema is not None:
+            broadcast_buffers(self.ema.model)
+            averaged = evaluate(self.ema.model, self.eval_loader, self.device,
+                                self.cfg.model.channels_last, self.autocast, attacks,
+                                self.cfg.train.seed)
+            result.update({f"ema_{key}": value for key, value in averaged.items()
+                           if key not in ("count", "unreadable")})
         return result
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, stop_request: StopRequest | None = None) -> dict[str, Any]:
         """Train to the end (or a stop); returns the run summary."""
         cfg, env = self.cfg, self.env
+        trackers = Trackers(self.run_dir, env.is_main, cfg.log.mlflow, cfg.log.wandb,
+                            self.run_dir.name, flat_config(self.resolved_config()))
         telemetry = Telemetry(self.run_dir, env.is_main, cfg.log.tensorboard, cfg.log.progress,
-                              self.total_steps, self.step, self.run_id)
+                              self.total_steps, self.step, self.run_id, trackers)
         if env.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.resolved_config()))
             log.info("training %s on %s: %d steps, global batch %d = %d per device x %d ranks "
                      "x %d accumulation, %s", cfg.model.arch, cfg.data.name, self.total_steps,
                      self.plan.global_batch, self.plan.per_device, env.world_size,
                      self.plan.accumulation, self.device)
-        stop_request = StopRequest(self.run_dir, env.is_main, self.device, env.is_distributed)
+        stop_request = stop_request or StopRequest(self.run_dir, env.is_main, self.device,
+                                                   env.is_distributed)
         cadence = Cadence(cfg, self.steps_per_epoch, self.total_steps, self.step, stop_request)
         window = MetricWindow(self.device)
         result: dict[str, float] = {}
@@ -347,11 +380,15 @@ class Trainer:
                 # resumed a finished run: nothing was trained, still report its accuracy
                 result = self.run_eval(final=True)
             self.checkpoints.agreed_wait()  # the last checkpoint is on disk before the report
+            if after and after.stop_reason:
+                stop_request.stopped()
             finished_cleanly = True
         finally:
             stop_request.close(wait=finished_cleanly)
             telemetry.close()
             self.release_run_directory()
+            if not finished_cleanly:
+                trackers.finish(False, [])
         stop_reason = after.stop_reason if after else None
         train_time = time.perf_counter() - train_start
         summary = {"run_id": self.run_id, "training": self.engine.label, "steps": self.step,
@@ -368,8 +405,12 @@ class Trainer:
                    "stop_latency_s": (round(time.monotonic() - stop_request.requested_at, 3)
                                       if stop_reason and stop_request.requested_at else None),
                    "checkpoint_write_s": self.checkpoints.last_write_seconds,
-                   "final_eval": result}
+                   "slurm_attempt": slurm_attempt(), "final_eval": result}
         telemetry.write_summary(summary)
+        if trackers.active:  # the summary, the config and the report's figures as artifacts
+            trackers.finish(summary["finished"], [self.run_dir / "summary.json",
+                                                  self.run_dir / "config.yaml"],
+                            lambda: build_report([self.run_dir], self.run_dir / "report").parent)
         return summary
 
     def window_record(self, window: MetricWindow, skipped: int) -> dict[str, Any]:

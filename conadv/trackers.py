@@ -1,0 +1,198 @@
+"""Experiment trackers beside TensorBoard: MLflow (`log.mlflow`) and Weights & Biases
+(`log.wandb`), optional extras (`pip install '.[trackers]'`), driven by rank 0 only.
+
+- **One tracked run per run directory.** Each tracker's run id is kept in
+  `<run_dir>/trackers.json`, so a resumed or requeued job continues the same tracked run
+  instead of starting a new one (a run directory replaced with `log.overwrite=true` starts a
+  new one).
+- **No duplicated metrics.** The same file keeps the last step sent per record kind (train,
+  eval). After a resume from an older checkpoint, the steps the tracker already has are not
+  sent again: a resume is exact, so they would be the same values (MLflow would append a
+  second value per step; W&B refuses steps that go back).
+- **The config goes in as parameters** (`section.key`, once, when the tracked run is
+  created), the run's `summary.json`, `config.yaml` and its report figures as artifacts at
+  the end.
+- **A tracker never stops training.** One that is down, missing or refuses a call logs one
+  warning and is switched off for the rest of the run.
+
+A `file:` URI or a plain directory makes MLflow write a local store with no server (MLflow
+keeps its file store in maintenance mode behind MLFLOW_ALLOW_FILE_STORE, which is set for such
+URIs). W&B honours WANDB_MODE=offline (no network; `wandb sync` uploads later).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trackers.json"
+
+
+class _MLflow:
+    name = "mlflow"
+
+    def __init__(self, uri: str, run_id: str | None, run_name: str,
+                 params: dict[str, str]) -> None:
+        import mlflow  # noqa: F401 (a missing extra is reported like any failure)
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        if "://" not in uri and not uri.startswith("file:"):
+            uri = Path(uri).resolve().as_uri()  # a directory
+        if uri.startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        # a server that is down: a few seconds, not MLflow's minutes of retries, then off
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.client = MlflowClient(tracking_uri=uri)
+        if run_id is None:
+            experiment = self.client.get_experiment_by_name("conadv")
+            experiment_id = (experiment.experiment_id if experiment is not None
+                             else self.client.create_experiment("conadv"))
+            run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+            items = [Param(key, value[:6000]) for key, value in params.items()]
+            for start in range(0, len(items), 100):  # MLflow takes 100 parameters a call
+                self.client.log_batch(run_id, params=items[start:start + 100])
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        self._pending: list[Any] = []  # MLflow's handles of the queued metric batches
+
+    def log(self, kind: str, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        # asynchronous: a slow server delays MLflow's queue, never the training step
+        self._pending.append(self.client.log_batch(self.run_id, metrics=[
+            Metric(f"{kind}/{key}", value, now, step) for key, value in values.items()],
+            synchronous=False))
+
+    def artifacts(self, paths: list[Path]) -> None:
+        for path in paths:
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), path.name)
+            elif path.exists():
+                self.client.log_artifact(self.run_id, str(path))
+
+    def close(self, finished: bool) -> None:
+        for operations in self._pending:  # what was queued, then the run's end
+            operations.wait()
+        self.client.set_terminated(self.run_id, "FINISHED" if finished else "KILLED")
+
+
+class _Wandb:
+    name = "wandb"
+
+    def __init__(self, project: str, run_id: str | None, run_name: str,
+                 params: dict[str, str], run_dir: Path) -> None:
+        import wandb
+
+        self.run = wandb.init(project=project, id=run_id or uuid.uuid4().hex[:8],
+                              resume="allow", name=run_name, dir=str(run_dir),
+                              config=params if run_id is None else None)
+        self.run_id = self.run.id
+
+    def log(self, kind: str, step: int, values: dict[str, float]) -> None:
+        self.run.log({f"{kind}/{key}": value for key, value in values.items()}, step=step)
+
+    def artifacts(self, paths: list[Path]) -> None:
+        for path in paths:
+            for file in ([p for p in path.rglob("*") if p.is_file()] if path.is_dir()
+                         else [path] if path.exists() else []):
+                self.run.save(str(file), base_path=str(path.parent), policy="now")
+
+    def close(self, finished: bool) -> None:
+        self.run.finish(exit_code=0 if finished else 75)
+
+
+class Trackers:
+    """The trackers a run's config asks for, on rank 0 (elsewhere, and with none asked for,
+    every call does nothing)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, mlflow_uri: str, wandb_project: str,
+                 run_name: str, params: dict[str, Any]) -> None:
+        self.path = Path(run_dir) / STATE_FILE
+        self.state: dict[str, dict[str, Any]] = {}
+        self.active: list[Any] = []
+        if not enabled or not (mlflow_uri or wandb_project):
+            return
+        try:
+            self.state = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.state = {}
+        texts = {key: str(value) for key, value in params.items()}
+        wanted = [("mlflow", mlflow_uri, lambda saved: _MLflow(mlflow_uri, saved, run_name,
+                                                               texts)),
+                  ("wandb", wandb_project, lambda saved: _Wandb(wandb_project, saved, run_name,
+                                                                texts, Path(run_dir)))]
+        for name, setting, start in wanted:
+            if not setting:
+                continue
+            saved = self.state.get(name, {}).get("run_id")
+            try:
+                tracker = start(saved)
+            except Exception as err:  # noqa: BLE001 (an import, a network, a server: any)
+                log.warning("the %s tracker is off for this run: %s", name,
+                            str(err).splitlines()[0][:300] if str(err) else type(err).__name__)
+                continue
+            self.state.setdefault(name, {"last_step": {}})["run_id"] = tracker.run_id
+            self.active.append(tracker)
+        self._save()
+
+    def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        numbers = {k: float(v) for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for tracker in list(self.active):
+            last = self.state[tracker.name]["last_step"].get(kind, -1)
+            if step <= last:
+                continue  # sent before this run resumed from an older checkpoint
+            if self._call(tracker, "log", kind, step, numbers):
+                self.state[tracker.name]["last_step"][kind] = step
+        if self.active:
+            self._save()
+
+    def finish(self, finished: bool, artifacts: list[Path],
+               report: Callable[[], Path] | None = None) -> None:
+        """Close the tracked runs. A finished run first sends `artifacts` and the directory
+        `report()` writes (unless it fails: figures are a courtesy); a stopped one sends
+        nothing, so that a preempted job spends its grace period on its checkpoint."""
+        if self.active and finished and report is not None:
+            try:
+                artifacts = [*artifacts, report()]
+            except Exception as err:  # noqa: BLE001
+                log.warning("no report figures for the trackers: %s", err)
+        for tracker in list(self.active):
+            if finished:
+                self._call(tracker, "artifacts", artifacts)
+            self._call(tracker, "close", finished)
+        self.active = []
+
+    def _call(self, tracker: Any, method: str, *args: Any) -> bool:
+        try:
+            getattr(tracker, method)(*args)
+            return True
+        except Exception as err:  # noqa: BLE001
+            log.warning("the %s tracker failed (%s) and is off for the rest of this run",
+                        tracker.name, str(err).splitlines()[0][:300] if str(err) else
+                        type(err).__name__)
+            self.active.remove(tracker)
+            return False
+
+    def _save(self) -> None:
+        try:
+            tmp = self.path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.state))
+            os.replace(tmp, self.path)
+        except OSError as err:  # a full disk stops the run at its checkpoint, not here
+            if self.active:
+                log.warning("cannot write %s (%s); the trackers are off for the rest of this "
+                            "run", self.path, err.strerror or err)
+            self.active = []

@@ -1,0 +1,96 @@
+"""Experiment trackers read back: one tracked run across a stop and a resume from an older
+checkpoint, every step's metrics exactly once, the config as parameters, artifacts at the end;
+a tracker that is down costs one warning."""
+
+import glob
+import json
+import shutil
+import struct
+
+import pytest
+
+from conadv.train.trainer import train
+from tests.helpers import tiny_config
+
+RUN = ["train.max_steps=6", "checkpoint.every_steps=2", "train.eval_every_epochs=0"]
+
+
+def _stop_at_five_then_resume_from_four(run_dir, *tracker):
+    """Steps 1-5 sent, then the run resumes from step 4 (step 5's checkpoint lost): step 5 is
+    trained again and must not be sent twice."""
+    train(tiny_config(run_dir, *RUN, *tracker, "train.stop_at_step=5"))
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000005")
+    return train(tiny_config(run_dir, *RUN, *tracker, "checkpoint.resume=auto"))
+
+
+def test_mlflow_keeps_one_run_with_every_step_once(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    store = tmp_path / "mlruns"
+    summary = _stop_at_five_then_resume_from_four(tmp_path / "run", f"log.mlflow={store}")
+    assert summary["resumed_from"].endswith("step-00000004") and summary["finished"]
+    client = mlflow.tracking.MlflowClient(tracking_uri=store.resolve().as_uri())
+    experiment = client.get_experiment_by_name("conadv")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1  # the resumed job continued the tracked run
+    run = runs[0]
+    assert run.info.run_id == json.loads((tmp_path / "run" / "trackers.json").read_text())[
+        "mlflow"]["run_id"]
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    assert run.data.params["adv.enabled"] == "False" and run.data.params["train.max_steps"] == "6"
+    assert run.info.status == "FINISHED"
+    final = client.get_metric_history(run.info.run_id, "eval/top1")
+    assert [m.value for m in final] == [summary["final_eval"]["top1"]]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"summary.json", "config.yaml", "report"} <= artifacts
+    assert any(a.path.endswith(".png") for a in client.list_artifacts(run.info.run_id, "report"))
+
+
+def _wandb_history(path) -> list[int]:
+    """The steps of the history records in an offline run file (W&B's record log: 32 KiB
+    blocks of records with a 7-byte header each, after a 7-byte file header)."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw, position, pending, steps = open(path, "rb").read(), 7, b"", []
+    while position + 7 <= len(raw):
+        if 32768 - position % 32768 < 7:
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[position:position + 7])
+        if kind == 0:
+            break
+        pending += raw[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): i.value_json
+                         for i in record.history.item}
+                if "train/loss" in items:
+                    steps.append(record.history.step.num)
+    return steps
+
+
+def test_wandb_offline_keeps_one_run_with_every_step_once(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _stop_at_five_then_resume_from_four(tmp_path / "run", "log.wandb=conadv-test")
+    run_id = json.loads((tmp_path / "run" / "trackers.json").read_text())["wandb"]["run_id"]
+    files = sorted(glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "run-*.wandb")))
+    assert len(files) == 2 and all(f.endswith(f"run-{run_id}.wandb") for f in files)
+    steps = [step for path in files for step in _wandb_history(path)]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_tracker_that_is_down_costs_one_warning(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    summary = train(tiny_config(tmp_path, "train.max_steps=2",
+                                "log.mlflow=http://127.0.0.1:9"))  # nothing listens there
+    assert summary["finished"]
+    warnings = [r for r in caplog.records if "mlflow tracker" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
