@@ -15,7 +15,7 @@ DEPS_STAMP := $(VENV)/.conadv-deps
 $(DEPS_STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[dev,dali,onnx,trackers]'
+	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[dev,dali,onnx,trackers,study]'
 	# AutoAttack (conadv-eval --autoattack): torchattacks pins requests~=2.25.1, which would
 	# downgrade requests for everything else; what it imports is installed already
 	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1

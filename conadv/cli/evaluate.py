@@ -1,6 +1,6 @@
 """conadv-eval --checkpoint RUN_OR_CHECKPOINT_DIR [--config FILE] [--robust] [--ema]
-[--autoattack [--autoattack-images N]] [--export OUT.pth] [--export-onnx OUT.onnx] [--force]
-[overrides]"""
+[--autoattack [--autoattack-images N]] [--sharpness [--sharpness-images N]]
+[--export OUT.pth] [--export-onnx OUT.onnx] [--force] [overrides]"""
 
 from __future__ import annotations
 
@@ -43,6 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "and PGD accuracy on the same images")
     parser.add_argument("--autoattack-images", type=_positive, default=1000, metavar="N",
                         help="images AutoAttack evaluates (default 1000; it is slow)")
+    parser.add_argument("--sharpness", action="store_true",
+                        help="also the flatness of the training loss (Hessian top eigenvalue, "
+                             "worst-case loss increase in a box of relative size rho) on a "
+                             "seeded subset of training images, in eval mode")
+    parser.add_argument("--sharpness-images", type=_positive, default=512, metavar="N")
+    parser.add_argument("--sharpness-rho", type=float, default=5e-4, metavar="RHO",
+                        help="the box's relative size: |delta_i| <= rho (|w_i| + 1)")
     parser.add_argument("--ema", action="store_true",
                         help="evaluate (and export) the checkpoint's weight EMA "
                              "(train.ema_decay) instead of its weights")
@@ -61,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = evaluation_config(args.config, args.overrides, args.checkpoint)
         result = run_evaluation(cfg, args.checkpoint, args.export, args.robust, args.ema,
                                 args.export_onnx,
-                                args.autoattack_images if args.autoattack else 0)
+                                args.autoattack_images if args.autoattack else 0,
+                                args.sharpness_images if args.sharpness else 0,
+                                args.sharpness_rho)
         print(json.dumps(result))
         return 0
 

@@ -26,7 +26,8 @@ def describe_result(summary: dict) -> str:
     """The run's one-line result: clean accuracy, accuracy under attack when measured."""
     final = summary["final_eval"]
     parts = [f"final test top-1: {final['top1']:.2f}% top-5: {final['top5']:.2f}%"]
-    parts += [f"{name[:-5].upper()} top-1: {value:.2f}%" for name, value in final.items()
+    parts += [f"{name[:-5].replace('_', ' ').upper()} top-1: {value:.2f}%"
+              for name, value in final.items()
               if name.endswith("_top1") and name not in ("top1", "train_top1")]
     if "train_top1" in final:
         parts.append(f"train top-1: {final['train_top1']:.2f}% "

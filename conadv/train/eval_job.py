@@ -16,6 +16,7 @@ from conadv.checkpoints.format import (
 )
 from conadv.config import RunConfig, load_config, parse_saved_config, plan_batch
 from conadv.data import build_eval_loader
+from conadv.data.device import batch_to_device
 from conadv.data.loader import build_source
 from conadv.distributed import detect_env, pick_device, process_group
 from conadv.errors import ConfigError
@@ -25,6 +26,7 @@ from conadv.models.onnx_export import export_onnx
 from conadv.telemetry import setup_logging
 from conadv.train.evaluate import autoattack, evaluate, robust_attacks
 from conadv.train.runtime import autocast_dtype, autocast_factory
+from conadv.train.sharpness import model_sharpness
 
 
 def evaluation_config(config: Path | None, overrides: list[str], checkpoint: Path) -> RunConfig:
@@ -53,13 +55,16 @@ def check_export(path: Path | None, force: bool, option: str = "--export") -> No
 
 def run_evaluation(cfg: RunConfig, checkpoint: Path, export_to: Path | None = None,
                    robust: bool = False, ema: bool = False, onnx_to: Path | None = None,
-                   autoattack_images: int = 0) -> dict[str, Any]:
+                   autoattack_images: int = 0, sharpness_images: int = 0,
+                   sharpness_rho: float = 5e-4) -> dict[str, Any]:
     """Clean top-1/top-5 of a checkpoint (exact across ranks) and, with `robust`, top-1 under
     FGSM and PGD-k at eval.epsilon; of its weight EMA instead of its weights with `ema` (the
     exports then hold the EMA too). `onnx_to`: also the inference model as ONNX, checked
     with onnxruntime (rank 0). `autoattack_images`: also AutoAttack's accuracy at
     eval.epsilon on that many validation images (chosen by train.seed, the same images on
-    any number of ranks), beside clean, FGSM and PGD accuracy on the same images."""
+    any number of ranks), beside clean, FGSM and PGD accuracy on the same images.
+    `sharpness_images`: also the flatness of the training loss on that many training images
+    (conadv.train.sharpness; computed by each rank alone, reported by rank 0)."""
     env = detect_env()
     setup_logging(env.is_main)
     device = pick_device(cfg.train.device, env, cfg.dist.backend)
@@ -94,6 +99,13 @@ def run_evaluation(cfg: RunConfig, checkpoint: Path, export_to: Path | None = No
                 model, cfg.eval.epsilon, num_classes, cfg.train.seed)}
             result["autoattack"] = evaluate(model, subset, device, cfg.model.channels_last,
                                             autocast, worst, cfg.train.seed)
+        if sharpness_images:
+            seen = build_eval_loader(cfg.data, 1, 0, per_device, device, split="train",
+                                     subset=sharpness_images, seed=cfg.train.seed)
+            batches = [(moved["image"], moved["label"]) for moved in
+                       (batch_to_device(batch, device, cfg.model.channels_last)
+                        for batch in seen)]
+            result["sharpness"] = model_sharpness(model, batches, rho=sharpness_rho)
     extra = ({"onnx": str(onnx_to), "onnx_max_logit_difference": onnx_difference}
              if onnx_difference is not None else {})
     return {"checkpoint": str(path), "weights": "ema" if ema else "model", **result, **extra}
