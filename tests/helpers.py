@@ -102,6 +102,12 @@ def _compare(a, b, where: str, exact: bool) -> int:
     return 0
 
 
+def children_of(pid: int) -> list[int]:
+    """The direct children of a process (torchrun's agent: its workers)."""
+    result = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(child) for child in result.stdout.split()]
+
+
 def signal_job(root: int, signum: int) -> list[int]:
     """Send `signum` to a process and all its descendants at once, as Slurm signals every
     process of a job step (launcher, torchrun's agent, ranks, DataLoader workers); returns the

@@ -29,6 +29,7 @@ from tests.helpers import (
     TINY,
     assert_same_run_state,
     checkpoint_state,
+    children_of,
     free_port,
     newest_checkpoint,
     run_module,
@@ -456,7 +457,7 @@ def test_workers_that_stopped_cleanly_are_not_restarted_by_torchrun(tmp_path):
                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              start_new_session=True)
     _wait_for_train_records(tmp_path, 3, agent)
-    ranks = [pid for pid in signal_job(agent.pid, 0) if _parent(pid) == agent.pid]
+    ranks = children_of(agent.pid)
     assert len(ranks) == 2, ranks
     for pid in ranks:
         os.kill(pid, signal.SIGTERM)
@@ -465,10 +466,6 @@ def test_workers_that_stopped_cleanly_are_not_restarted_by_torchrun(tmp_path):
     assert "will restart worker group" not in err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["terminated"] and not summary["finished"] and summary["steps"] < 400
-
-
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 # ------------------------------------------------------------------ a failing rank

@@ -18,6 +18,7 @@ from tests.helpers import (
     TINY,
     assert_same_run_state,
     checkpoint_state,
+    children_of,
     free_port,
     subprocess_env,
 )
@@ -89,11 +90,6 @@ def _kill_session(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
-def _workers_of(agent_pid: int) -> list[int]:
-    result = subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True)
-    return [int(pid) for pid in result.stdout.split()]
-
-
 @pytest.mark.slow
 def test_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_path):
     run = [*TINY, "train.max_steps=30", "checkpoint.every_steps=5", "checkpoint.resume=auto"]
@@ -112,7 +108,7 @@ def test_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_pat
         while not (elastic_dir / "checkpoints" / "step-00000010").exists():
             assert agent.poll() is None and time.time() < deadline, "never reached step 10"
             time.sleep(0.02)
-        victims = _workers_of(agent.pid)
+        victims = children_of(agent.pid)
         assert len(victims) == 2
         os.kill(victims[1], signal.SIGKILL)
         _, err = agent.communicate(timeout=300)

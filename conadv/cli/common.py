@@ -3,11 +3,27 @@ leaving each failing rank's error where torchrun reports it."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
 
 from conadv.errors import UserError
+
+
+def positive(unit: str) -> Callable[[str], int]:
+    """An argparse type: a whole number of `unit` above 0, or argparse's one-line error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a positive number of {unit}, got "
+                                             f"{text!r}")
+        return value
+
+    return parse
 
 
 def one_sentence(err: BaseException) -> str:

@@ -8,17 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from conadv.cli.common import run_cli
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expects a positive number of images, not {text!r}")
-    return value
+from conadv.cli.common import positive, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,13 +31,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also AutoAttack's accuracy (standard, L-inf at eval.epsilon) on "
                              "a seeded subset of the validation images, beside clean, FGSM "
                              "and PGD accuracy on the same images")
-    parser.add_argument("--autoattack-images", type=_positive, default=1000, metavar="N",
+    parser.add_argument("--autoattack-images", type=positive("images"), default=1000, metavar="N",
                         help="images AutoAttack evaluates (default 1000; it is slow)")
     parser.add_argument("--sharpness", action="store_true",
                         help="also the flatness of the training loss (Hessian top eigenvalue, "
                              "worst-case loss increase in a box of relative size rho) on a "
                              "seeded subset of training images, in eval mode")
-    parser.add_argument("--sharpness-images", type=_positive, default=512, metavar="N")
+    parser.add_argument("--sharpness-images", type=positive("images"), default=512, metavar="N")
     parser.add_argument("--sharpness-rho", type=float, default=5e-4, metavar="RHO",
                         help="the box's relative size: |delta_i| <= rho (|w_i| + 1)")
     parser.add_argument("--ema", action="store_true",

@@ -5,24 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from conadv.cli.common import run_cli
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of MB, got {text!r}")
-    return value
+from conadv.cli.common import positive, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="conadv-pack", description=__doc__)
     parser.add_argument("root", type=Path, help="image folder with train/ and val/")
     parser.add_argument("out", type=Path, help="where to write the shards and their indexes")
-    parser.add_argument("--shard-mb", type=_positive, default=1024,
+    parser.add_argument("--shard-mb", type=positive("MB"), default=1024,
                         help="about this many MB a shard")
     parser.add_argument("--val-labels", help="labels file of a flat val/ folder "
                         "(as data.val_labels)")
