@@ -52,7 +52,10 @@ class WeightEma:
         self.updates = 0  # on the host: the decay schedule never reads the device
         names = set(averaged_names(model))
         live, ema = model.state_dict(keep_vars=True), self.model.state_dict(keep_vars=True)
-        self._pairs = [(ema[n], live[n]) for n in live if n in names]
+        self._pairs = [(ema[n], live[n].detach()) for n in live if n in names]
+        # the lerp's two lists, built once (the tensors are updated in place, never replaced)
+        self._averaged = [e for e, _ in self._pairs if e.is_floating_point()]
+        self._targets = [v for e, v in self._pairs if e.is_floating_point()]
 
     @torch.no_grad()
     def restart_from(self, model: nn.Module) -> None:
@@ -71,9 +74,7 @@ class WeightEma:
         """Call after optimizer step `step` (1-based: the steps done so far)."""
         if step % self.every_steps:
             return
-        weight = 1.0 - self.decay_now()
-        floats = [(e, v) for e, v in self._pairs if e.is_floating_point()]
-        torch._foreach_lerp_([e for e, _ in floats], [v.detach() for _, v in floats], weight)
+        torch._foreach_lerp_(self._averaged, self._targets, 1.0 - self.decay_now())
         self.updates += 1
 
     @torch.no_grad()
