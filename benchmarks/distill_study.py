@@ -1,8 +1,8 @@
-"""The digits distillation recipe of the large-batch study: three wide teachers trained by
+"""Distillation on the digits: three wide teachers trained by
 conadv, distilled (MEAL V2 style: their mean softmax, no hard labels) into a narrow student.
 
 Every student trains the same narrow ResNet for the same epochs at the same global batch with
-LAMB (the study's rules: peak LR scaled from batch 64 by the square root, a quarter of the
+LAMB (the digits recipe: peak LR scaled from batch 64 by the square root, a quarter of the
 epochs of warm-up, polynomial decay), once per method and seed:
 
 - alone: hard labels only (the baseline);
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine_info
-from benchmarks.large_batch_study import COMMON, OPTIMIZERS, mean_std
 
 TEACHER = ["model.cifar_width=16", "train.global_batch=64"]
 STUDENT = ["model.cifar_width=4"]
@@ -42,6 +42,23 @@ METHODS = {
                        "distill.discriminator_lr=1e-3"],
     "distilled+tau1": ["distill.enabled=true", "adv.enabled=true", "adv.tau=1"],
 }
+
+# the digits recipe: a small ResNet at 16 px, LAMB with the square-root LR rule from batch 64,
+# polynomial decay, evaluation of the train-test gap and of PGD-10 at eps 8/255
+COMMON = [
+    "data.name=digits", "data.image_size=16", "data.eval_resize=16", "data.min_crop_scale=0.7",
+    "data.hflip=false", "data.workers=0", "model.arch=cifar_resnet", "model.cifar_width=8",
+    "optim.base_batch=64", "schedule.decay=poly", "schedule.poly_power=2",
+    "train.device=cpu", "train.eval_every_epochs=0", "train.eval_train_images=360",
+    "eval.robust=true", "eval.epsilon=0.03137254901960784",
+    "eval.step_size=0.00784313725490196", "log.progress=false", "log.tensorboard=false",
+    "checkpoint.resume=none", "checkpoint.keep_last=1", "checkpoint.every_steps=1000000",
+]
+LAMB = ["optim.name=lamb", "optim.lr=0.005", "optim.scale_rule=sqrt", "optim.weight_decay=0.01"]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def _train(overrides: list[str]) -> dict[str, Any]:
@@ -56,7 +73,7 @@ def train_teachers(count: int, epochs: float, root: Path) -> list[dict[str, Any]
     for i in range(count):
         run_dir = root / f"teacher{i}"
         started = time.perf_counter()
-        summary = _train([*COMMON, *OPTIMIZERS["lamb"], *TEACHER, f"train.seed={100 + i}",
+        summary = _train([*COMMON, *LAMB, *TEACHER, f"train.seed={100 + i}",
                           f"train.epochs={epochs}", f"schedule.warmup_epochs={epochs / 4}",
                           f"log.run_dir={run_dir}"])
         teachers.append({"run_dir": str(run_dir), "top1": summary["final_eval"]["top1"],
@@ -94,7 +111,7 @@ def _teacher_list(teachers: list[dict[str, Any]]) -> str:
 
 def run_student(method: str, batch: int, seed: int, epochs: float, teachers: list[dict],
                 run_dir: Path) -> dict[str, Any]:
-    overrides = [*COMMON, *OPTIMIZERS["lamb"], *STUDENT, *METHODS[method],
+    overrides = [*COMMON, *LAMB, *STUDENT, *METHODS[method],
                  f"train.global_batch={batch}", f"train.seed={seed}", f"train.epochs={epochs}",
                  f"schedule.warmup_epochs={epochs / 4}", f"log.run_dir={run_dir}"]
     if "distill.enabled=true" in overrides:
@@ -172,7 +189,7 @@ def run(out: Path, batches: list[int], seeds: int, epochs: float, teacher_count:
     for teacher in teachers:
         teacher.pop("run_dir")
     report = {"command": command, "wall_s": wall, "machine": machine_info(), "epochs": epochs,
-              "seeds": seeds, "settings": {"common": COMMON, "optimizer": OPTIMIZERS["lamb"],
+              "seeds": seeds, "settings": {"common": COMMON, "optimizer": LAMB,
                                            "teacher": TEACHER, "student": STUDENT,
                                            "methods": METHODS},
               "teachers": teachers, "ensemble_top1": ensemble, "teacher_params": _params(16),

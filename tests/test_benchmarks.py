@@ -68,16 +68,74 @@ def test_checkpoint_stall_benchmark_writes_real_checkpoints():
 
 
 @pytest.mark.slow
-def test_large_batch_study_reduced_grid_writes_its_table_and_figure(tmp_path):
-    from benchmarks import large_batch_study
+def test_matched_fit_study_writes_its_report_and_a_rerun_trains_only_the_missing_runs(tmp_path):
+    from benchmarks import matched_fit_study
 
-    report = large_batch_study.main(["--quick", "--out", str(tmp_path)])
-    assert len(report["runs"]) == 4 and len(report["cells"]) == 4
-    table = (tmp_path / "large_batch_study.md").read_text()
-    for run in report["runs"]:
-        assert f"| lars | {run['batch']} |" in table
-    assert (tmp_path / "large_batch_study.png").read_bytes().startswith(b"\x89PNG")
-    assert json.loads((tmp_path / "large_batch_study.json").read_text())["wall_s"] > 0
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["--quick", "--out", str(out), "--cache", str(cache)]
+    first = matched_fit_study.main(argv)
+    # LR grid: 1 + 2 runs; reported: 2 arms x 2 seeds at 75, 4 arms x 2 seeds at 375
+    assert first["trained"] == 15 and len(first["runs"]) == 12
+    assert {c["arm"] for c in first["cells"] if c["batch"] == 375} == set(matched_fit_study.ARMS)
+    table = (out / "matched_fit_study.md").read_text()
+    assert "| 375 | conadv_tau1 |" in table and "batch 375: **" in table
+    assert (out / "matched_fit_study.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((out / "matched_fit_study.json").read_text())["verdicts"]
+
+    lost = first["runs"][5]
+    (cache / "quick" / f"{lost['key']}.json").unlink()  # as if interrupted before it finished
+    again = matched_fit_study.main(argv)
+    assert again["trained"] == 1
+    redone = next(r for r in again["runs"] if r["key"] == lost["key"])
+    for key in ("top1", "train_top1", "pgd_top1", "hessian_top_eigenvalue"):
+        assert redone[key] == lost[key], key  # the same config trains the same numbers
+
+
+def _runs(arm, top1s, train_top1=100.0):
+    return [{"arm": arm, "seed": seed, "top1": top1, "train_top1": train_top1}
+            for seed, top1 in enumerate(top1s)]
+
+
+@pytest.mark.parametrize("large_train, conadv_large, conadv_small, verdict", [
+    (99.0, [97.0] * 10, [98.0] * 10, "no gap at matched fit (large-batch vanilla does not fit"),
+    (100.0, [97.6 + 0.1 * (s % 3) for s in range(10)], [98.0] * 10, "ConAdv helps"),
+    (100.0, [96.9 + 0.1 * (s % 3) for s in range(10)], [98.0] * 10, "ConAdv does not help"),
+    (100.0, [96.8 + 1.2 * (s % 2) for s in range(10)], [98.0] * 10, "inconclusive"),
+    # ConAdv lifts the small batch as much as the large one: not a large-batch effect
+    (100.0, [97.6 + 0.1 * (s % 3) for s in range(10)], [98.7] * 10, "inconclusive"),
+])
+def test_the_study_verdict_follows_the_written_rules(large_train, conadv_large, conadv_small,
+                                                     verdict):
+    from benchmarks.matched_fit_study import decide
+
+    small = _runs("vanilla", [98.0 + 0.05 * (s % 2) for s in range(10)])
+    large = _runs("vanilla", [97.0 + 0.05 * (s % 3) for s in range(10)], large_train)
+    result = decide(small, _runs("conadv_tau1", conadv_small), large,
+                    _runs("conadv_tau1", conadv_large))
+    assert result["verdict"].startswith(verdict)
+    if large_train >= 99.5:
+        assert result["gap"] == pytest.approx(1.0, abs=0.1) and result["gap_exists"]
+
+
+def test_a_gap_smaller_than_half_a_point_or_three_standard_errors_is_no_gap():
+    from benchmarks.matched_fit_study import decide
+
+    small = _runs("vanilla", [97.4] * 10)
+    large = _runs("vanilla", [97.0] * 10)
+    assert not decide(small, small, large, large)["gap_exists"]  # 0.4 < 0.5 points
+    noisy = _runs("vanilla", [97.0 + (3.0 if s % 2 else -3.0) for s in range(10)])
+    wide = _runs("vanilla", [98.0] * 10)  # G = 1.0 but 3 SE = 3 x 1.0
+    assert not decide(wide, wide, noisy, noisy)["gap_exists"]
+
+
+def test_the_lr_is_chosen_among_the_runs_that_fit():
+    from benchmarks.matched_fit_study import choose_lr
+
+    grid = [{"lr": 1.0, "top1": 97.0, "train_top1": 99.0},
+            {"lr": 2.0, "top1": 96.5, "train_top1": 99.8},
+            {"lr": 4.0, "top1": 96.5, "train_top1": 100.0}]
+    assert choose_lr(grid) == 2.0  # the best that fits; the tie goes to the smaller LR
+    assert choose_lr([dict(r, train_top1=90.0) for r in grid]) == 1.0  # none fits
 
 
 @pytest.mark.slow
