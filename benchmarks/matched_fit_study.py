@@ -122,6 +122,7 @@ def train_and_measure(run: Run, cache: Path) -> dict[str, Any]:
     import torch
 
     from conadv.config import load_config
+    from conadv.errors import TrainingDiverged
     from conadv.train.eval_job import run_evaluation
     from conadv.train.trainer import train
 
@@ -136,7 +137,17 @@ def train_and_measure(run: Run, cache: Path) -> dict[str, Any]:
     with log.open("w") as sys.stderr:  # conadv's log lines go to the run's log file
         try:
             started = time.perf_counter()
-            summary = train(cfg)
+            try:
+                summary = train(cfg)
+            except TrainingDiverged:
+                if run.holdout != "validation":
+                    raise
+                # a grid LR that diverges is a result of the grid: it fits nothing
+                summary = {"finished": True, "steps": 0, "train_time_s": 0.0, "final_eval": {
+                    "top1": 0.0, "train_top1": 0.0}}
+            if not summary["finished"]:  # a Ctrl-C stops a run with a checkpoint: not a result
+                raise RuntimeError(f"run {run.key} stopped at step {summary['steps']}: "
+                                   f"{summary['stop_reason']}")
             final = summary["final_eval"]
             record: dict[str, Any] = {
                 "arm": run.arm, "batch": run.batch, "seed": run.seed, "epochs": run.epochs,
@@ -145,6 +156,7 @@ def train_and_measure(run: Run, cache: Path) -> dict[str, Any]:
                 "gap": final["train_top1"] - final["top1"],
                 "train_s": summary["train_time_s"]}
             if run.holdout == "test":
+                record["pgd_steps"] = cfg.eval.pgd_steps
                 record["pgd_top1"] = final[f"pgd{cfg.eval.pgd_steps}_top1"]
                 measured = run_evaluation(cfg, run_dir, sharpness_images=run.sharpness_images)
                 record.update({k: measured["sharpness"][k] for k in
@@ -177,6 +189,8 @@ def run_all(runs: list[Run], cache: Path, workers: int) -> tuple[list[dict[str, 
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
             futures = {pool.submit(train_and_measure, run, cache): run for run in missing}
             for future in concurrent.futures.as_completed(futures):
+                if future.exception() is not None:  # the runs not started yet are dropped
+                    pool.shutdown(wait=False, cancel_futures=True)
                 record = future.result()
                 records[record["key"]] = record
                 print(f"{record['arm']:13s} batch {record['batch']:4d} seed {record['seed']} "
@@ -226,9 +240,13 @@ def decide(small_vanilla: list[dict[str, Any]], small_conadv: list[dict[str, Any
     gap, gap_se, _ = mean_ci(paired(small_vanilla, large_vanilla))
     conadv, _, half = mean_ci(paired(large_conadv, large_vanilla))
     conadv_small = statistics.mean(paired(small_conadv, small_vanilla))
-    result = {"fits": fits, "gap": gap, "gap_se": gap_se, "conadv_minus_vanilla": conadv,
-              "ci95": [conadv - half, conadv + half], "conadv_minus_vanilla_small": conadv_small}
-    if not (fits and gap >= max(0.5, 3 * gap_se)):
+    result = {"fits": fits, "gap": gap, "gap_se": gap_se,
+              "gap_pairs": len(paired(small_vanilla, large_vanilla)),
+              "large_vanilla_train_top1": statistics.mean(r["train_top1"] for r in large_vanilla),
+              "small_vanilla_train_top1": statistics.mean(r["train_top1"] for r in small_vanilla),
+              "conadv_minus_vanilla": conadv, "ci95": [conadv - half, conadv + half],
+              "conadv_minus_vanilla_small": conadv_small}
+    if not (fits and gap_se == gap_se and gap >= max(0.5, 3 * gap_se)):  # NaN: one pair
         reason = ("large-batch vanilla does not fit the training split" if not fits else
                   "the small batch does not beat it by max(0.5, 3 SE)")
         return {**result, "gap_exists": False, "verdict": f"no gap at matched fit ({reason})"}
@@ -242,6 +260,23 @@ def decide(small_vanilla: list[dict[str, Any]], small_conadv: list[dict[str, Any
 
 
 # ---------------------------------------------------------------------------- the study
+def record_invocation(cache: Path, wall_s: float, trained: int,
+                      interrupted: bool = False) -> list[dict[str, Any]]:
+    """Every invocation that trained runs, in order (the study's wall time is their sum)."""
+    path = cache / "invocations.json"
+    invocations = json.loads(path.read_text()) if path.is_file() else []
+    if trained or not invocations:
+        invocations.append({"wall_s": round(wall_s, 1), "trained": trained,
+                            "interrupted": interrupted,
+                            "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
+        path.write_text(json.dumps(invocations, indent=1) + "\n")
+    return invocations
+
+
+def finished_runs(cache: Path) -> set[Path]:
+    return {p for p in cache.glob("*.json") if len(p.stem) == 16}
+
+
 def reported_runs(design: Design, lrs: dict[int, float], long_factor: float | None) -> list[Run]:
     runs = []
     for batch in design.batches:
@@ -258,12 +293,21 @@ def reported_runs(design: Design, lrs: dict[int, float], long_factor: float | No
     return runs
 
 
-def long_factor_of(records: list[dict[str, Any]], batch: int) -> float:
-    """ConAdv's training time over vanilla's at `batch` (medians over seeds), to 0.1."""
+def long_factor_of(records: list[dict[str, Any]], batch: int, cache: Path) -> float:
+    """ConAdv's training time over vanilla's at `batch` (medians over seeds of the trainer's
+    train_time_s, which includes the final evaluation both arms pay alike, so the ratio leans
+    towards 1), to 0.1. Measured once and kept in the cache: a run trained again after an
+    interruption must not move it (and with it every vanilla_long run's config)."""
+    kept = cache / "long_factor.json"
+    if kept.is_file():
+        return json.loads(kept.read_text())["factor"]
+
     def median(arm: str) -> float:
         return statistics.median(r["train_s"] for r in records
                                  if r["arm"] == arm and r["batch"] == batch)
-    return round(median("conadv_tau1") / median("vanilla"), 1)
+    factor = round(median("conadv_tau1") / median("vanilla"), 1)
+    kept.write_text(json.dumps({"factor": factor, "batch": batch}) + "\n")
+    return factor
 
 
 def cells_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -309,25 +353,38 @@ def comparisons(design: Design, records: list[dict[str, Any]]) -> list[dict[str,
     return rows
 
 
+def pgd_label(report: dict[str, Any]) -> str:
+    return f"PGD-{report['runs'][0].get('pgd_steps', 10)}"
+
+
 def write_table(report: dict[str, Any], path: Path) -> None:
     fmt = "{0:.2f} ± {1:.2f}".format
+    pgd = pgd_label(report)
+    invocations = report["invocations"]
     lines = ["# Matched-fit study on MNIST", "",
-             f"Made by `{report['command']}` in {report['wall_s'] / 60:.1f} minutes "
-             f"({report['machine']['cpu']}, {report['machine']['cores']} cores; "
-             f"{report['trained']} runs trained, the others read from the cache). Mean ± "
-             "standard deviation over seeds. Train top-1: the whole training split (3,000 "
-             "images, eval mode); gap = train - test; λ_max: the training loss's largest "
-             f"Hessian eigenvalue and Keskar's sharpness (rho = 5e-4) on "
-             f"{report['design']['sharpness_images']} training images; PGD-10 at eps 8/255.", "",
+             f"Made by `{report['command']}` ({report['machine']['cpu']}, "
+             f"{report['machine']['cores']} cores) in {len(invocations)} invocation(s) of "
+             + ", ".join(f"{i['wall_s'] / 60:.1f} min ({i['trained']} runs trained"
+                         f"{', interrupted' if i.get('interrupted') else ''})"
+                         for i in invocations)
+             + f": {sum(i['wall_s'] for i in invocations) / 60:.1f} minutes in all. Mean ± "
+             "standard deviation over seeds. Train top-1: the training split's "
+             f"{report['train_images']} images in eval mode; gap = train - test; λ_max: the "
+             "training loss's largest Hessian eigenvalue and Keskar's sharpness (rho = 5e-4) on "
+             f"{report['design']['sharpness_images']} training images; {pgd} at eps 8/255.", "",
              "Learning rates chosen on the validation split (vanilla, seed 0; peak LR at batch "
-             "64, scaled linearly):", ""]
+             "64, scaled linearly; validation top-1 / train top-1; chosen: the best that fits "
+             "the training split):", ""]
     for batch, grid in report["lr_grid"].items():
-        shown = ", ".join(f"{g['lr']:g} → {g['top1']:.1f} %" for g in grid)
-        lines.append(f"- batch {batch}: {shown}; chosen {report['lrs'][batch]:g}")
+        shown = ", ".join(f"{g['lr']:g} → {g['top1']:.1f} / {g['train_top1']:.2f} %"
+                          for g in grid)
+        fits = any(g["train_top1"] >= 99.5 for g in grid)
+        lines.append(f"- batch {batch}: {shown}; chosen {report['lrs'][batch]:g}"
+                     + ("" if fits else " (none fits: the best validation top-1)"))
     lines += ["", f"Vanilla at ConAdv's compute trains {report['long_factor']:g}x the epochs "
               "(ConAdv's measured training time over vanilla's at the largest batch).", "",
               "| batch | arm | epochs | steps | test top-1 % | train top-1 % | gap | "
-              "PGD-10 % | λ_max | Keskar sharpness | train s |", "|---" * 11 + "|"]
+              f"{pgd} % | λ_max | Keskar sharpness | train s |", "|---" * 11 + "|"]
     for c in report["cells"]:
         lines.append(f"| {c['batch']} | {c['arm']} | {c['epochs']:g} | {c['steps']} | "
                      + " | ".join(fmt(*c[k]) for k in (
@@ -341,8 +398,11 @@ def write_table(report: dict[str, Any], path: Path) -> None:
         lines.append(f"| {row['a']} | {row['b']} | {row['top1']['n']} | {' | '.join(shown)} |")
     lines += ["", "Verdicts under the README's rules:", ""]
     for batch, d in report["verdicts"].items():
-        lines.append(f"- batch {batch}: **{d['verdict']}** (gap G = {d['gap']:.2f} ± "
-                     f"{d['gap_se']:.2f} SE points; ConAdv - vanilla = "
+        lines.append(f"- batch {batch}: **{d['verdict']}** (train top-1 of vanilla "
+                     f"{d['large_vanilla_train_top1']:.2f} %, at batch "
+                     f"{report['design']['small']} {d['small_vanilla_train_top1']:.2f} %; gap G "
+                     f"= {d['gap']:.2f} ± {d['gap_se']:.2f} SE points, paired over "
+                     f"{d['gap_pairs']} seeds; ConAdv - vanilla = "
                      f"{d['conadv_minus_vanilla']:+.2f}, 95 % CI [{d['ci95'][0]:+.2f}, "
                      f"{d['ci95'][1]:+.2f}]; at batch {report['design']['small']}: "
                      f"{d['conadv_minus_vanilla_small']:+.2f})")
@@ -357,7 +417,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = [("top1", "test top-1 (%)"), ("hessian_top_eigenvalue", "λ_max of the training loss"),
-              ("pgd_top1", "PGD-10 top-1 (%)")]
+              ("pgd_top1", f"{pgd_label(report)} top-1 (%)")]
     for ax, (key, label) in zip(axes, panels):
         for i, arm in enumerate(ARMS):
             mine = [c for c in report["cells"] if c["arm"] == arm]
@@ -370,7 +430,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("MNIST, every batch trained to fit the training split (mean ± std over seeds)")
+    fitted = all(d["fits"] for d in report["verdicts"].values())
+    fig.suptitle("MNIST, " + ("large-batch vanilla fits the training split" if fitted else
+                              "large-batch vanilla does NOT fit the training split")
+                 + " (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -389,6 +452,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_phases(design: Design, cache: Path, workers: int) -> tuple:
+    """The study's runs, trained where the cache lacks them: (reported records, grid records,
+    LR per batch, the compute factor of vanilla_long, runs trained)."""
+    # 1. each batch's LR, on the validation split
+    grid = [Run("vanilla", batch, 0, design.epochs[batch], lr, "validation", design.extra,
+                design.sharpness_images)
+            for batch in design.batches for lr in design.lr_grid[batch]]
+    grid_records, trained = run_all(grid, cache, workers)
+    lrs = {batch: choose_lr([r for r in grid_records if r["batch"] == batch])
+           for batch in design.batches}
+    # 2. the reported arms, on the test split; 3. vanilla at ConAdv's measured compute
+    records, count = run_all(reported_runs(design, lrs, None), cache, workers)
+    trained += count
+    factor = long_factor_of(records, design.largest, cache)
+    records, count = run_all(reported_runs(design, lrs, factor), cache, workers)
+    return records, grid_records, lrs, factor, trained + count
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     design = QUICK if args.quick else FULL
@@ -396,21 +477,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cache.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.matched_fit_study " + " ".join(
         sys.argv[1:] if argv is None else argv)
-    started = time.perf_counter()
-    # 1. each batch's LR, on the validation split
-    grid = [Run("vanilla", batch, 0, design.epochs[batch], lr, "validation", design.extra,
-                design.sharpness_images)
-            for batch in design.batches for lr in design.lr_grid[batch]]
-    grid_records, trained = run_all(grid, cache, args.workers)
-    lrs = {batch: choose_lr([r for r in grid_records if r["batch"] == batch])
-           for batch in design.batches}
-    # 2. the reported arms, on the test split; 3. vanilla at ConAdv's measured compute
-    records, count = run_all(reported_runs(design, lrs, None), cache, args.workers)
-    trained += count
-    factor = long_factor_of(records, design.largest)
-    records, count = run_all(reported_runs(design, lrs, factor), cache, args.workers)
-    trained += count
+    started, known = time.perf_counter(), finished_runs(cache)
+    try:
+        records, grid_records, lrs, factor, trained = run_phases(design, cache, args.workers)
+    except KeyboardInterrupt:
+        record_invocation(cache, time.perf_counter() - started,
+                          len(finished_runs(cache) - known), interrupted=True)
+        raise
     wall = time.perf_counter() - started
+    invocations = record_invocation(cache, wall, trained)
 
     def of(batch: int, arm: str) -> list[dict[str, Any]]:
         return [r for r in records if r["batch"] == batch and r["arm"] == arm]
@@ -419,6 +494,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               of(batch, "vanilla"), of(batch, "conadv_tau1"))
                 for batch in design.large}
     report = {"command": command, "wall_s": wall, "trained": trained,
+              "invocations": invocations,
+              "train_images": next(int(o.split("=")[1]) for o in [*COMMON, *design.extra][::-1]
+                                   if o.startswith("train.eval_train_images=")),
               "machine": machine_info(), "design": {
                   "small": design.small, "large": list(design.large), "epochs": design.epochs,
                   "seeds": design.seeds, "lr_grid": design.lr_grid, "common": COMMON,
