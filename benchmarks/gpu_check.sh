@@ -11,7 +11,10 @@
 #   6. the data pipeline: the plain view and the published three-view recipe (clean +
 #      AutoAugment; the adversarial view is the trainer's) by the torchvision path and by DALI
 #      (nvJPEG "mixed" decode + crop, the policy on the GPU) when DALI is installed, in img/s
-#      and host CPU ms per image.
+#      and host CPU ms per image;
+#   7. attack ranks (2 trainers + 1 attack rank against 2 trainers with the attack inline) when
+#      the machine has a GPU per rank; one GPU cannot show it (NCCL refuses two ranks on one
+#      GPU, and ranks sharing a GPU would share its time), so it says so and skips.
 # Usage, from the repository root:   benchmarks/gpu_check.sh OUT_DIR
 # It runs from source (PYTHONPATH=.). Wheels in .whl/ (omegaconf, which the GPU image lacks;
 # see benchmarks/README.md) are installed to /tmp/site first.
@@ -50,4 +53,12 @@ timeout 120 "$python" -m benchmarks.checkpoint_stall --device cuda --arch resnet
   || status=1
 timeout 150 "$python" -m benchmarks.data_pipeline --images 512 --workers 8 --repeats 2 \
   --out "$out/data_pipeline.json" 2>&1 | tee "$out/data_pipeline.txt" || status=1
+gpus=$("$python" -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -ge 3 ]; then
+  timeout 240 "$python" -m benchmarks.attack_ranks --device cuda --steps 30 \
+    --out "$out/attack_ranks.json" 2>&1 | tee "$out/attack_ranks.txt" || status=1
+else
+  echo "attack ranks: skipped, $gpus GPU(s): a trainer and an attack rank need a GPU each" \
+    | tee "$out/attack_ranks.txt"
+fi
 exit "$status"

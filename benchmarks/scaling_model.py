@@ -24,6 +24,16 @@ Step time of one GPU at micro-batch b, accumulation a (all times in ms):
                    on a second stream; overlap o of the shorter one is hidden:
                    train + attack - o min(train, attack); o = 0 is tau = 0 (sequential).
 
+    attack ranks = T trainers train on 2b images per micro-step (no attack on their devices);
+                   A attack ranks each attack the batches of T/A trainers (their per-GPU batch
+                   at the attack's 2/3 of compute per image) after receiving the weights
+                   (trainer 0 broadcasts P params in fp32 or bf16: a pipelined tree broadcast,
+                   S / B_net + log2(A) alpha) and send the adversarial images back (fp32, 3 x
+                   224 x 224 x 4 bytes each, to each trainer over its own NIC, alongside the
+                   gradient all-reduce). With tau >= 1 both are a step ahead, so the step is
+                   max(trainer step + what the incoming images add to its NIC time, attack
+                   rank time); the trainers never wait once A >= T x attack / trainer step.
+
 Check: MLPerf v4.0, 2,528 H100 at global batch 40,448 (16 per GPU): ~2,770 img/s per GPU.
     python -m benchmarks.scaling_model [--overlap 0.3] [--out results.json]
 """
@@ -107,6 +117,51 @@ def step(c: Cluster, global_batch: int, gpus: int, mode: str, overlap: float = 0
             "scaling_efficiency": images_s / (gpus * ideal)}
 
 
+IMAGE_BYTES = 3 * 224 * 224 * 4  # one adversarial image, fp32
+
+
+def attack_rank_layout(c: Cluster, global_batch: int, trainers: int, attackers: int,
+                       weight_bytes: int = 4) -> dict[str, float]:
+    """ConAdv with `attackers` attack ranks beside `trainers` trainer GPUs (see the module
+    docstring): bytes per step both ways and the predicted step."""
+    per_gpu = global_batch / trainers
+    accumulation = max(1, math.ceil(per_gpu / c.max_micro_batch))
+    micro = per_gpu / accumulation
+    train_ms = accumulation * compute_ms(c, 2 * micro)
+    comm = allreduce_ms(c, trainers, 2 * RESNET50_PARAMS)
+    exposed = max(comm - 2 / 3 * 2 * micro * c.t_image_ms, comm / 4) if trainers > 1 else 0.0
+    images_in = per_gpu * IMAGE_BYTES  # per trainer per step
+    # the incoming images share the trainer's NIC with the all-reduce: what the all-reduce
+    # leaves of the step is free, the rest is added
+    nic_ms = 1000 * images_in / (c.net_gb_s * c.bus_efficiency * 1e9)
+    trainer_ms = train_ms + exposed + optimizer_ms(c) + max(0.0, nic_ms - (train_ms - comm))
+    weights_out = RESNET50_PARAMS * weight_bytes
+    broadcast_ms = 1000 * (weights_out / (c.net_gb_s * c.bus_efficiency * 1e9)
+                           + math.log2(max(attackers, 2)) * c.latency_us * 1e-6)
+    served = math.ceil(trainers / attackers)
+    attack_one_ms = accumulation * (c.t_fixed_ms * 2 / 3 + 2 / 3 * micro * c.t_image_ms)
+    send_ms = 1000 * served * images_in / (c.net_gb_s * c.bus_efficiency * 1e9)
+    attacker_ms = broadcast_ms + max(served * attack_one_ms, send_ms)
+    return {"trainers": trainers, "attack_ranks": attackers, "weight_bytes": weight_bytes,
+            "weights_out_mb_per_step": weights_out / 1e6,
+            "images_in_mb_per_trainer_step": images_in / 1e6,
+            "images_in_gb_per_step_total": trainers * images_in / 1e9,
+            "trainer_ms": trainer_ms, "attacker_ms": attacker_ms,
+            "attack_ms_per_trainer": attack_one_ms,
+            "step_ms": max(trainer_ms, attacker_ms),
+            "img_s": global_batch / (max(trainer_ms, attacker_ms) / 1000)}
+
+
+def attack_ranks_needed(c: Cluster, global_batch: int, trainers: int,
+                        weight_bytes: int = 4) -> dict[str, float]:
+    """The fewest attack ranks with which the trainers never wait, and that layout."""
+    for attackers in range(1, trainers + 1):
+        layout = attack_rank_layout(c, global_batch, trainers, attackers, weight_bytes)
+        if layout["attacker_ms"] <= layout["trainer_ms"]:
+            return layout
+    return layout
+
+
 def mlperf_check(c: Cluster) -> dict[str, float]:
     predicted = step(c, 40_448, 2_528, "vanilla")["img_s_per_gpu"]
     published = 2_770.0
@@ -118,9 +173,15 @@ def run(overlap: float) -> dict[str, Any]:
     c = Cluster()
     table = {mode: [step(c, 98_304, n, mode, overlap) for n in (64, 128, 256, 512, 1024, 2048)]
              for mode in ("vanilla", "tau0", "tau1")}
+    needed = {name: attack_ranks_needed(c, 98_304, 1024, size)
+              for name, size in (("fp32", 4), ("bf16", 2))}
     return {"benchmark": "scaling_model", "cluster": asdict(c), "overlap": overlap,
             "t_image_ms": c.t_image_ms, "mlperf_check": mlperf_check(c),
-            "predictions_96k": table}
+            "predictions_96k": table, "attack_ranks_96k_1024": {
+                "vanilla_step_ms": step(c, 98_304, 1024, "vanilla")["step_ms"],
+                "side_stream_step_ms": step(c, 98_304, 1024, "tau1", overlap)["step_ms"],
+                "sequential_step_ms": step(c, 98_304, 1024, "tau0")["step_ms"],
+                "needed": needed}}
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -136,6 +197,17 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"  {mode:7s} {r['gpus']:5d} {r['per_gpu_batch']:8.0f}  {r['micro_batch']:5.0f}"
                   f" x {r['accumulation']:<3d} {r['step_ms']:9.1f} {r['img_s']:14,.0f} "
                   f"{r['img_s_per_gpu']:8,.0f} {100 * r['scaling_efficiency']:10.1f}%")
+    ranks = report["attack_ranks_96k_1024"]
+    print(f"attack ranks beside 1,024 trainer GPUs at 98,304: vanilla "
+          f"{ranks['vanilla_step_ms']:.1f} ms, ConAdv on a side stream "
+          f"{ranks['side_stream_step_ms']:.1f} ms, sequential {ranks['sequential_step_ms']:.1f} ms")
+    for name, r in ranks["needed"].items():
+        print(f"  weights in {name}: {r['attack_ranks']} attack ranks (each serving "
+              f"{-(-r['trainers'] // r['attack_ranks'])} trainers) keep the trainers from "
+              f"waiting: step {r['step_ms']:.1f} ms (trainer {r['trainer_ms']:.1f}, attack rank "
+              f"{r['attacker_ms']:.1f}); {r['weights_out_mb_per_step']:.0f} MB of weights out, "
+              f"{r['images_in_mb_per_trainer_step']:.1f} MB of images into each trainer "
+              f"({r['images_in_gb_per_step_total']:.1f} GB in all) per step")
 
 
 def main() -> None:

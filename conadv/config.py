@@ -210,6 +210,15 @@ class AdvConfig:
     clean_weight: float = knob(1.0, "loss weight of the clean view", low=0.0)
     aug_weight: float = knob(1.0, "loss weight of the augmented view", low=0.0)
     adv_weight: float = knob(1.0, "loss weight of the adversarial view", low=0.0)
+    attack_ranks: int = knob(0, "ranks of the job that only attack (the last N): they get the "
+                             "weights after every step and send the trainers the adversarial "
+                             "views tau steps ahead, so the attack leaves the trainers' devices; "
+                             "0 attacks on the trainers (needs tau >= 1)", low=0, free=True)
+    attack_weights: str = knob("fp32", "precision of the weights sent to the attack ranks: "
+                               "fp32 makes the same attacks as the trainers would (on GPUs with "
+                               "train.deterministic, which pins the kernels), bf16 halves the "
+                               "bytes (the attacks see rounded weights)",
+                               choices=("fp32", "bf16"), free=True)
 
 
 @dataclass
@@ -483,6 +492,12 @@ def validate(cfg: RunConfig) -> None:
     if cfg.adv.enabled and (cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0):
         raise ConfigError("train.mixup_alpha and train.cutmix_alpha must be 0 with adv.enabled "
                           "(the attack needs hard labels)")
+    if cfg.adv.attack_ranks and not (cfg.adv.enabled and cfg.adv.tau >= 1):
+        raise ConfigError("adv.attack_ranks needs ConAdv with adv.tau >= 1: an attack made on "
+                          "another rank reaches its trainer steps later, so it must be stale")
+    if cfg.adv.attack_ranks and cfg.distill.enabled:
+        raise ConfigError("adv.attack_ranks cannot be combined with distill.enabled yet; the "
+                          "teachers would need their own ranks (set adv.attack_ranks=0)")
     if cfg.data.loader == "dali" and cfg.data.name not in ("imagefolder", "shards"):
         raise ConfigError("data.loader=dali decodes image files: use data.name=imagefolder or "
                           "shards, or data.loader=torchvision")
@@ -566,6 +581,23 @@ class BatchPlan:
     per_device: int
     accumulation: int
     world_size: int
+
+
+def trainer_count(adv: AdvConfig, world_size: int) -> int:
+    """Ranks that train: all but the last adv.attack_ranks (rank 0 stays a trainer: it writes
+    the run directory, the checkpoints and the logs; torchrun and Slurm number ranks node by
+    node, so attack ranks fill the last nodes and every trainer node stays whole). One sentence
+    when the split cannot work."""
+    attackers = adv.attack_ranks
+    if attackers and attackers >= world_size:
+        raise ConfigError(f"adv.attack_ranks={attackers} leaves no trainer in a world of "
+                          f"{world_size} ranks; start more processes or attack on fewer")
+    trainers = world_size - attackers
+    if attackers > trainers:
+        raise ConfigError(f"adv.attack_ranks={attackers} is more than the {trainers} trainers "
+                          "it would serve (each attack rank serves whole trainers); use at "
+                          f"most {world_size // 2}")
+    return trainers
 
 
 def plan_batch(train: TrainConfig, world_size: int) -> BatchPlan:

@@ -1,5 +1,10 @@
 """Where am I running (torchrun, Slurm, a single process), process-group set-up and teardown,
-and the few collective helpers the trainer needs."""
+and the few collective helpers the trainer needs.
+
+A job with attack ranks (adv.attack_ranks) splits its world into trainers and attack ranks:
+`process_group` then also makes the trainers' group, and every helper here (and DDP) runs over
+it, so the training code is the same with or without attack ranks; the attack ranks talk to the
+trainers only through conadv.adversarial.attack_ranks."""
 
 from __future__ import annotations
 
@@ -124,12 +129,39 @@ def pick_device(requested: str, env: DistEnv, backend: str = "auto") -> torch.de
     return torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class JobGroups:
+    """The groups of a job with attack ranks: the trainers (who own the batch and the
+    optimizer), and trainer 0 with the attack ranks (the weights go out over it)."""
+
+    trainers: Any
+    weights: Any
+
+
+# the group conadv's collectives run over: None (every rank) unless the job has attack ranks,
+# which are the ranks from _trainer_count on
+_trainers_group: Any = None
+_trainer_count: int | None = None
+
+
+def trainers_group() -> Any:
+    """The trainers' process group (None: the whole world), e.g. for DDP."""
+    return _trainers_group
+
+
+def is_trainer() -> bool:
+    """Whether this process takes part in the trainers' collectives (not an attack rank)."""
+    return _trainer_count is None or rank() < _trainer_count
+
+
 @contextmanager
-def process_group(env: DistEnv, device: torch.device, backend: str,
-                  timeout_s: int) -> Iterator[None]:
-    """Initialise torch.distributed for a multi-process job and always tear it down."""
+def process_group(env: DistEnv, device: torch.device, backend: str, timeout_s: int,
+                  trainers: int | None = None) -> Iterator[JobGroups | None]:
+    """Initialise torch.distributed for a multi-process job and always tear it down.
+    `trainers` < world size: the last ranks attack (adv.attack_ranks); yields their groups."""
+    global _trainers_group, _trainer_count
     if not env.is_distributed:
-        yield
+        yield None
         return
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -145,12 +177,22 @@ def process_group(env: DistEnv, device: torch.device, backend: str,
         store = dist.PrefixStore(f"conadv/attempt_{restart}", store)
     dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                             timeout=timeout, device_id=device if device.type == "cuda" else None)
+    groups = None
+    if trainers is not None and trainers < env.world_size:
+        # every rank creates both groups, in the same order; the attack ranks wait for the
+        # next step's weights through evaluations and checkpoints, so theirs has no deadline
+        # a long evaluation could reach (a dead trainer ends the job through the launcher)
+        groups = JobGroups(dist.new_group(list(range(trainers))),
+                           dist.new_group([0, *range(trainers, env.world_size)],
+                                          timeout=max(timeout, timedelta(days=7))))
+        _trainers_group, _trainer_count = groups.trainers, trainers
     try:
-        yield
+        yield groups
         # leave together: rank 0 hosts the rendezvous store, and a rank that exits while
         # another still talks to it can abort the other at shutdown
         dist.barrier()
     finally:
+        _trainers_group, _trainer_count = None, None
         dist.destroy_process_group()
 
 
@@ -164,14 +206,14 @@ def rank() -> int:
 
 
 def world_size() -> int:
-    """Processes in the job (1 in a single process)."""
-    return dist.get_world_size() if is_initialized() else 1
+    """Processes that train (1 in a single process; the attack ranks do not count)."""
+    return dist.get_world_size(_trainers_group) if is_initialized() else 1
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place (a no-op in a single process)."""
     if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=_trainers_group)
     return tensor
 
 
@@ -180,19 +222,19 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
     at the start of a forward, so after training each rank holds its own last update."""
     if is_initialized():
         for buffer in module.buffers():
-            dist.broadcast(buffer, src=0)
+            dist.broadcast(buffer, src=0, group=_trainers_group)
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     """Maximum over ranks in place (a no-op in a single process)."""
     if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_trainers_group)
     return tensor
 
 
 def all_reduce_max_async(tensor: torch.Tensor) -> Any:
     """Start a maximum over ranks in place; returns the work to wait for."""
-    return dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
+    return dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True, group=_trainers_group)
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -200,7 +242,7 @@ def broadcast_object(obj: Any) -> Any:
     if not is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_trainers_group)
     return box[0]
 
 
@@ -229,7 +271,7 @@ def broadcast_state(state: Any, device: torch.device) -> Any:
         for tensor, offset in zip(tensors, offsets):
             raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
             buffer[offset:offset + raw.numel()].copy_(raw)
-    dist.broadcast(buffer, src=0)
+    dist.broadcast(buffer, src=0, group=_trainers_group)
     if dist.get_rank() == 0:
         return state
     buffer = buffer.cpu()
@@ -269,11 +311,11 @@ def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's value of a small picklable object, in rank order."""
     if not is_initialized():
         return [obj]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj, group=_trainers_group)
     return gathered
 
 
 def barrier() -> None:
     if is_initialized():
-        dist.barrier()
+        dist.barrier(group=_trainers_group)

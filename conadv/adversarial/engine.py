@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -146,11 +147,17 @@ class ViewEngine:
         plan = [(self.routes.get(view, MAIN), rows) for view, rows, _ in inputs.views]
         return bn_views(self.model, plan)
 
+    def begin_step(self, step: int) -> None:
+        pass
+
     def before_optimizer_step(self) -> None:
         pass
 
     def after_optimizer_step(self) -> None:
         pass
+
+    def drain(self) -> None:
+        """End of a clean run: wait for the side work still in flight."""
 
     def attack_events(self) -> tuple[Any, Any] | None:
         """CUDA (begin, end) events of the newest attack, for the overlap measurement."""
@@ -223,17 +230,20 @@ class _Pending:
     key: int
     source_step: int
     batch: Batch  # the clean batch as loaded (uint8, pinned on CUDA): on the host until taken
+    incoming: Any = None  # attack ranks: the posted receive of the adversarial images
 
 
 class LookaheadEngine(ViewEngine):
     """Batches fed `lookahead` optimizer steps before they are trained; their side work (the
     attack with the weights of the feeding step, the teachers' outputs) runs meanwhile.
-    `spec=None`: no attack (distillation alone)."""
+    `spec=None`: no attack (distillation alone). `link`: fresh attacks come from attack ranks
+    (conadv.adversarial.attack_ranks.AttackLink); replayed ones are still made here."""
 
     def __init__(self, model: nn.Module, context: EngineContext, weights: ViewWeights,
                  routes: dict[str, str], spec: AttackSpec | None, lookahead: int,
-                 executor) -> None:
+                 executor, link=None) -> None:
         super().__init__(model, context, weights, routes)
+        self.link = link
         self.spec = spec
         self.tau = lookahead if spec is not None else None  # the attack's staleness
         self.lookahead = lookahead
@@ -258,7 +268,21 @@ class LookaheadEngine(ViewEngine):
     def wants_batch(self) -> bool:
         return len(self.queue) < self.lookahead * self.accumulation + 1
 
+    def begin_step(self, step: int) -> None:
+        """Attack ranks: announce which steps this step feeds fresh (its weights attack them):
+        all up to step + tau that are neither queued nor to be replayed."""
+        if self.link is not None:
+            first = step + (len(self.queue) + len(self._replay)) // self.accumulation
+            self.link.announce(step, first, step + self.lookahead, self.model.parameters())
+
     def feed(self, batch: Batch, key: int, step: int) -> None:
+        if self.link is not None and not self._replay:
+            if step not in self._snapshots:  # a checkpoint saves the weights the attack used
+                self._snapshots[step] = {name: value.detach().clone()
+                                         for name, value in self.model.named_parameters()}
+            incoming = self.link.receive(batch["image"].shape, step)
+            self.queue.append(_Pending(Launched({}), key, step, batch, incoming))
+            return
         if self._replay:  # rebuilding the queue of a checkpoint: attack with the saved weights
             source = self._replay.popleft()
             self._snapshots[source] = self._restored[source]
@@ -279,10 +303,17 @@ class LookaheadEngine(ViewEngine):
     def take(self) -> TrainInputs:
         pending = self.queue.popleft()
         made = self.executor.consume(pending.launched)
+        seconds = pending.launched.seconds
+        if pending.incoming is not None:  # made on an attack rank: wait for it if need be
+            start = time.perf_counter()
+            adv = self.link.consume(pending.incoming)
+            if self.context.channels_last:
+                adv = adv.contiguous(memory_format=torch.channels_last)
+            made, seconds = {"adv": adv}, time.perf_counter() - start
         moved = batch_to_device(pending.batch, self.device, self.context.channels_last)
         inputs = self._assemble(moved, pending.key, made.get("adv"), made.get("soft"),
                                 pending.source_step if self.spec is not None else None)
-        inputs.attack_seconds = pending.launched.seconds
+        inputs.attack_seconds = seconds
         oldest = self.queue[0].source_step if self.queue else None
         for source in [s for s in self._snapshots if oldest is None or s < oldest]:
             del self._snapshots[source]
@@ -296,6 +327,10 @@ class LookaheadEngine(ViewEngine):
         if not self._replay:  # replayed attacks are done (the optimizer waited for them)
             self._restored.clear()
             self._replica = None
+
+    def drain(self) -> None:
+        if self.link is not None:  # the attack ranks' sends must complete
+            self.link.drain([p.incoming for p in self.queue if p.incoming is not None])
 
     def attack_events(self) -> tuple[Any, Any] | None:
         return self._last_events
@@ -412,10 +447,11 @@ def _check_normalisation(model: nn.Module, auxiliary: list[str], attacks: bool) 
                           "model with BatchNorm2d, LayerNorm or GroupNorm")
 
 
-def build_engine(cfg: AdvConfig, model: nn.Module, context: EngineContext) -> ViewEngine:
+def build_engine(cfg: AdvConfig, model: nn.Module, context: EngineContext,
+                 link=None) -> ViewEngine:
     """The engine a config asks for. Converts `model`'s BatchNorm for the views that need their
     own (call before building the optimizer and wrapping in DDP); `model` is the plain module,
-    never the DDP wrapper."""
+    never the DDP wrapper. `link`: the attack ranks' (adv.attack_ranks), on a trainer."""
     routes = {"clean": MAIN}
     if context.second_view:
         routes["aug"] = "aug" if cfg.aug_bn else MAIN
@@ -436,7 +472,7 @@ def build_engine(cfg: AdvConfig, model: nn.Module, context: EngineContext) -> Vi
     else:
         spec = AttackSpec(cfg.epsilon, cfg.step_size, cfg.steps, cfg.random_start_prob,
                           cfg.targeted)
-        engine = LookaheadEngine(model, context, weights, routes, spec, cfg.tau, executor)
+        engine = LookaheadEngine(model, context, weights, routes, spec, cfg.tau, executor, link)
     if context.teachers is not None:
         engine.label += " + distillation"
     return engine

@@ -169,10 +169,11 @@ def folder_index(root: Path) -> tuple[list[str], list[list[str]]]:
 
 def shared_folder_index(root: Path) -> tuple[list[str], list[list[str]]]:
     """The folder index built (or read from the cache) by rank 0 only and sent to the other
-    ranks, so a 1,024-rank job makes one walk of a shared file system, not 1,024."""
-    from conadv.distributed import broadcast_object, is_initialized, rank
+    ranks, so a 1,024-rank job makes one walk of a shared file system, not 1,024. (An attack
+    rank is not in the trainers' collectives: it reads the index rank 0 cached, or walks.)"""
+    from conadv.distributed import broadcast_object, is_initialized, is_trainer, rank
 
-    if not is_initialized():
+    if not is_initialized() or not is_trainer():
         return folder_index(root)
     result: tuple | str | None = None
     if rank() == 0:

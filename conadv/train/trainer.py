@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from conadv.adversarial import EngineContext, build_engine
+from conadv.adversarial.attack_ranks import AttackLink, run_attack_rank, trainer_env
 from conadv.checkpoints.format import list_checkpoints, load_state_everywhere
 from conadv.checkpoints.weights import load_into, read_weights
 from conadv.config import (
@@ -25,6 +26,7 @@ from conadv.config import (
     parse_saved_config,
     plan_batch,
     to_yaml,
+    trainer_count,
     trajectory_changes,
 )
 from conadv.data import build_eval_loader, build_train_stream
@@ -33,11 +35,13 @@ from conadv.data.transforms import build_batch_mix
 from conadv.distill import build_teachers
 from conadv.distributed import (
     DistEnv,
+    JobGroups,
     broadcast_buffers,
     broadcast_object,
     detect_env,
     pick_device,
     process_group,
+    trainers_group,
 )
 from conadv.errors import ConfigError
 from conadv.models import build_model
@@ -71,15 +75,44 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     env = detect_env()
     setup_logging(env.is_main)
     device = pick_device(cfg.train.device, env, cfg.dist.backend)
+    trainers = trainer_count(cfg.adv, env.world_size)  # the last adv.attack_ranks attack
     # A stop signal is a request from here on (acted on after the first step), not the end of
     # the process: joining the process group and resuming take minutes on a thousand ranks.
-    stop_request = StopRequest(Path(cfg.log.run_dir), env.is_main, device, env.is_distributed)
+    # (An attack rank only survives it: trainer 0 tells it when the trainers stop.)
+    stop_request = StopRequest(Path(cfg.log.run_dir), env.is_main, device,
+                               trainers > 1 and env.rank < trainers)
     try:
-        with process_group(env, device, cfg.dist.backend, cfg.dist.timeout_s):
-            summary = Trainer(cfg, env, device).fit(stop_request)
+        with process_group(env, device, cfg.dist.backend, cfg.dist.timeout_s,
+                           trainers) as groups:
+            if env.rank >= trainers:
+                return run_attack_rank(cfg, env, device, groups, trainers)
+            if groups is None:
+                summary = Trainer(cfg, env, device).fit(stop_request)
+            else:
+                summary = _train_beside_attack_ranks(cfg, env, device, groups, trainers,
+                                                     stop_request)
     finally:
         stop_request.close(wait=False)  # if fit() did not get to
     return summary if env.is_main else {"terminated": summary["terminated"]}
+
+
+def _train_beside_attack_ranks(cfg: RunConfig, env: DistEnv, device: torch.device,
+                               groups: JobGroups, trainers: int,
+                               stop_request: StopRequest) -> dict[str, Any]:
+    """A trainer of a job with attack ranks: whatever ends the run (the last step, a stop
+    signal, an error before or during the loop), trainer 0 tells the attack ranks."""
+    link = AttackLink(groups, env, trainers, cfg.adv.attack_weights, cfg.dist.timeout_s,
+                      device)
+    if env.is_main:
+        log.info("ranks 0-%d train; ranks %d-%d attack (weights sent in %s)", trainers - 1,
+                 trainers, env.world_size - 1, cfg.adv.attack_weights)
+    failed = True
+    try:
+        summary = Trainer(cfg, trainer_env(env, trainers), device, link).fit(stop_request)
+        failed = False
+    finally:
+        link.stop(failed, terminated=not failed and summary["terminated"])
+    return summary
 
 
 def _record_event() -> torch.cuda.Event:
@@ -89,8 +122,11 @@ def _record_event() -> torch.cuda.Event:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env: DistEnv, device: torch.device) -> None:
+    def __init__(self, cfg: RunConfig, env: DistEnv, device: torch.device,
+                 link: AttackLink | None = None) -> None:
+        """`env`: the trainers' view of the job; `link`: its attack ranks, if any."""
         self.cfg, self.env, self.device = cfg, env, device
+        self.link = link
         self.plan: BatchPlan = plan_batch(cfg.train, env.world_size)
         self.run_dir = Path(cfg.log.run_dir)
         configure_determinism(cfg.train.deterministic)
@@ -131,13 +167,14 @@ class Trainer:
             accumulation=self.plan.accumulation, channels_last=cfg.model.channels_last,
             second_view=cfg.data.second_view, autocast=self.autocast,
             mix=build_batch_mix(cfg.train, num_classes), compile=cfg.train.compile,
-            teachers=teachers))
+            teachers=teachers), link)
         self.ema = (WeightEma(self.model, cfg.train.ema_decay, cfg.train.ema_every_steps,
                               cfg.train.ema_warmup) if cfg.train.ema_decay else None)
         self.ddp: nn.Module = self.model
         if env.is_distributed:
             self.ddp = DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+                self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                process_group=trainers_group())
         # the training forward; the plain module stays for evaluation and checkpoints
         self.train_forward = torch.compile(self.ddp) if cfg.train.compile else self.ddp
 
@@ -267,6 +304,7 @@ class Trainer:
         if timed:
             result.cuda_events["train_begin"] = _record_event()
         self.guard.begin_step()  # the forwards below write BatchNorm statistics
+        self.engine.begin_step(self.step)  # attack ranks: the weights of this step go out
         for micro in range(accumulation):
             while self.engine.wants_batch():  # ConAdv: fills the queue of future batches
                 start = time.perf_counter()
@@ -384,11 +422,15 @@ class Trainer:
                 stop_request.stopped()
             finished_cleanly = True
         finally:
-            stop_request.close(wait=finished_cleanly)
-            telemetry.close()
-            self.release_run_directory()
-            if not finished_cleanly:
-                trackers.finish(False, [])
+            try:
+                if finished_cleanly:
+                    self.engine.drain()  # attack ranks: the views still in flight
+            finally:
+                stop_request.close(wait=finished_cleanly)
+                telemetry.close()
+                self.release_run_directory()
+                if not finished_cleanly:
+                    trackers.finish(False, [])
         stop_reason = after.stop_reason if after else None
         train_time = time.perf_counter() - train_start
         summary = {"run_id": self.run_id, "training": self.engine.label, "steps": self.step,
@@ -406,6 +448,13 @@ class Trainer:
                                       if stop_reason and stop_request.requested_at else None),
                    "checkpoint_write_s": self.checkpoints.last_write_seconds,
                    "slurm_attempt": slurm_attempt(), "final_eval": result}
+        if self.link is not None:  # what the attack ranks cost this trainer, per step
+            counters, steps = self.link.counters, max(1, self.link.counters.steps)
+            summary["attack_link"] = {
+                "attack_ranks": self.link.attackers, "weights": self.cfg.adv.attack_weights,
+                "weights_out_bytes_per_step": counters.weights_out / steps,
+                "images_in_bytes_per_step": counters.images_in / steps,
+                "wait_s_per_step": counters.wait_s / steps}
         telemetry.write_summary(summary)
         if trackers.active:  # the summary, the config and the report's figures as artifacts
             trackers.finish(summary["finished"], [self.run_dir / "summary.json",
