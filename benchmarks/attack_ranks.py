@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine_info, write_json
+from benchmarks.common import benchmark_main, machine_info
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = [
@@ -85,18 +85,15 @@ def print_report(report: dict[str, Any]) -> None:
               f"{r['trainer_wait_ms_per_step']:6.1f} ms/step")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cuda needs one GPU per rank (3): NCCL refuses two ranks on one")
     parser.add_argument("--out")
-    args = parser.parse_args()
-    report = run(args)
-    print_report(report)
-    write_json(args.out, report)
+    return parser.parse_args()
 
 
 if __name__ == "__main__":
-    main()
+    benchmark_main(parse_args, run, print_report)

@@ -277,9 +277,7 @@ class LookaheadEngine(ViewEngine):
 
     def feed(self, batch: Batch, key: int, step: int) -> None:
         if self.link is not None and not self._replay:
-            if step not in self._snapshots:  # a checkpoint saves the weights the attack used
-                self._snapshots[step] = {name: value.detach().clone()
-                                         for name, value in self.model.named_parameters()}
+            self._keep_weights(self.model, step)  # a checkpoint saves what the attack used
             incoming = self.link.receive(batch["image"].shape, step)
             self.queue.append(_Pending(Launched({}), key, step, batch, incoming))
             return
@@ -361,11 +359,8 @@ class LookaheadEngine(ViewEngine):
         made: dict[str, Any] = {}
         moved = batch_to_device(batch, self.device, self.context.channels_last)
         if self.spec is not None:
-            if self.tau and source not in self._snapshots:
-                # the parameters only: the attack normalises with batch statistics, and the
-                # main stream's forward updates the running statistics meanwhile
-                self._snapshots[source] = {name: value.detach().clone()
-                                           for name, value in model.named_parameters()}
+            if self.tau:
+                self._keep_weights(model, source)
             adv = self.make_adversarial(model, moved["image"], moved["label"], key)
             if self.context.channels_last:
                 adv = adv.contiguous(memory_format=torch.channels_last)
@@ -376,6 +371,14 @@ class LookaheadEngine(ViewEngine):
             if "aug_image" in moved:
                 made["soft"]["aug"] = teachers(moved["aug_image"])
         return made
+
+    def _keep_weights(self, model: nn.Module, source: int) -> None:
+        """Snapshot the weights of step `source` once, for checkpoints: the parameters only
+        (the attack normalises with batch statistics, and the main stream's forward updates
+        the running statistics meanwhile)."""
+        if source not in self._snapshots:
+            self._snapshots[source] = {name: value.detach().clone()
+                                       for name, value in model.named_parameters()}
 
     def _replica_at(self, source: int) -> nn.Module:
         """A copy of the model holding the saved weights of step `source`. Runs on the
