@@ -5,7 +5,8 @@ from setuptools import find_packages, setup
 setup(
     name="conadv",
     version="0.1.0",
-    description="Large-batch image classifier training with Concurrent Adversarial Learning (ConAdv)",
+    description=("Large-batch image classifier training with Concurrent Adversarial Learning"
+                 " (ConAdv)"),
     packages=find_packages(include=["conadv", "conadv.*"]),
     python_requires=">=3.11",
     # Ranges only: exact pins live in the Makefile, so the package also installs on machines

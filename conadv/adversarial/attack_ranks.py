@@ -30,7 +30,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from conadv.config import RunConfig, plan_batch
+from conadv.config import AdvConfig
 from conadv.distributed import DistEnv, JobGroups
 from conadv.errors import UserError
 
@@ -105,12 +105,13 @@ class AttackLink:
     """The trainers' side of the attack ranks: trainer 0 announces every step and its weights;
     every trainer receives its adversarial views from the attack rank that serves it."""
 
-    def __init__(self, groups: JobGroups, env: DistEnv, trainers: int, weights: str,
+    def __init__(self, adv: AdvConfig, groups: JobGroups, env: DistEnv, trainers: int,
                  timeout_s: int, device: torch.device) -> None:
         self.groups, self.rank, self.trainers = groups, env.rank, trainers
         self.attackers = env.world_size - trainers
         self.source = attacker_of(env.rank, trainers, self.attackers)
-        self.dtype = WEIGHT_DTYPES[weights]
+        self.weights = adv.attack_weights
+        self.dtype = WEIGHT_DTYPES[adv.attack_weights]
         self.timeout = timedelta(seconds=timeout_s)
         self.device = device
         self.counters = LinkCounters()
@@ -218,84 +219,46 @@ def _lost(what: str, err: RuntimeError) -> AttackRankLost:
     return lost
 
 
-@dataclass
-class AttackRank:
-    """One attack rank: the model (weights replaced every step), the engine's attack, and a
-    data stream per trainer it serves, positioned at the first step it is asked for."""
+class AttackOrders:
+    """The attack ranks' side of the link: the orders trainer 0 broadcasts (each with the
+    weights to attack with) and the sends of the adversarial views back to the trainers."""
 
-    cfg: RunConfig
-    env: DistEnv
-    device: torch.device
-    groups: JobGroups
-    trainers: int
-    streams: dict[int, Any] = field(default_factory=dict)
+    def __init__(self, adv: AdvConfig, groups: JobGroups, parameters: list[Tensor],
+                 device: torch.device) -> None:
+        self.groups, self.parameters = groups, parameters
+        self.flat = torch.empty(sum(p.numel() for p in parameters),
+                                dtype=WEIGHT_DTYPES[adv.attack_weights], device=device)
+        self.control = torch.zeros(4, dtype=torch.int64, device=device)
+        self.terminated = False  # whether a stop signal ended the run (known at STOP)
+        self._sends: list[tuple[Any, Tensor]] = []
 
-    def run(self) -> tuple[int, bool]:
-        """Serve the trainers until trainer 0 says stop; returns the steps served and whether
-        a stop signal ended the run."""
-        from conadv.adversarial import EngineContext, build_engine
-        from conadv.data import build_train_stream
-        from conadv.data.device import batch_to_device
-        from conadv.models import build_model
-        from conadv.train.runtime import autocast_dtype, autocast_factory, configure_determinism
+    def next(self) -> tuple[int, int] | None:
+        """Wait for trainer 0's next word. GO: the parameters now hold the step's weights and
+        (first, last) are the steps to make; STOP: None; FAILED: TrainersFailed (the failing
+        trainers skip the final barrier, so leave now)."""
+        self._finish_sends()
+        dist.broadcast(self.control, src=0, group=self.groups.weights)
+        word, step, first, last = self.control.tolist()
+        if word == FAILED:
+            raise TrainersFailed("the trainers ended with an error (see trainer 0's log); "
+                                 "this attack rank ends with them")
+        if word == STOP:
+            self.terminated = bool(step)  # the stop word's second field
+            return None
+        dist.broadcast(self.flat, src=0, group=self.groups.weights)
+        unflatten_into(self.flat, self.parameters)
+        return first, last
 
-        cfg, device = self.cfg, self.device
-        attackers = self.env.world_size - self.trainers
-        plan = plan_batch(cfg.train, self.trainers)
-        configure_determinism(cfg.train.deterministic)
-        served = served_by(self.env.rank, self.trainers, attackers)
-        self.streams = {r: build_train_stream(cfg.data, self.trainers, r, plan.per_device,
-                                              plan.accumulation, cfg.train.seed, device)
-                        for r in served}
-        num_classes = cfg.model.num_classes or next(iter(self.streams.values())).num_classes
-        model = build_model(cfg.model, num_classes).to(device)
-        autocast = autocast_factory(device, autocast_dtype(cfg.train.precision, device))
-        # the trainers' engine, for its BatchNorm routes and its attack (run inline here)
-        engine = build_engine(dataclasses.replace(cfg.adv, executor="sequential"), model,
-                              EngineContext(device=device, num_classes=num_classes,
-                                            seed=cfg.train.seed, accumulation=plan.accumulation,
-                                            channels_last=cfg.model.channels_last,
-                                            second_view=cfg.data.second_view,
-                                            autocast=autocast, compile=cfg.train.compile))
-        model.train()  # the attack normalises with batch statistics, as on the trainers
-        parameters = list(model.parameters())
-        flat = torch.empty(sum(p.numel() for p in parameters),
-                           dtype=WEIGHT_DTYPES[cfg.adv.attack_weights], device=device)
-        control = torch.zeros(4, dtype=torch.int64, device=device)
-        positioned, served_steps = False, 0
-        while True:
-            dist.broadcast(control, src=0, group=self.groups.weights)
-            word, step, first, last = control.tolist()
-            if word == FAILED:  # leave now: the failing trainers skip the final barrier
-                raise TrainersFailed("the trainers ended with an error (see trainer 0's log); "
-                                     "this attack rank ends with them")
-            if word == STOP:
-                return served_steps, bool(step)  # the stop word's second field: terminated
-            dist.broadcast(flat, src=0, group=self.groups.weights)
-            unflatten_into(flat, parameters)
-            if not positioned:
-                for stream in self.streams.values():
-                    stream.seek(first)
-                positioned = True
-            sends = []
-            for _ in range(first, last + 1):
-                for trainer, stream in self.streams.items():
-                    for _ in range(plan.accumulation):
-                        batch, key = stream.next()
-                        moved = batch_to_device(batch, device, cfg.model.channels_last)
-                        adv = engine.make_adversarial(model, moved["image"], moved["label"],
-                                                      key).contiguous()
-                        sends.append((dist.isend(adv, dst=trainer), adv))
-            for work, _ in sends:
-                work.wait()
-            served_steps += 1
+    def send(self, images: Tensor, trainer: int) -> None:
+        """One micro-batch's adversarial views to the trainer that asked for them (in the
+        order it asks)."""
+        images = images.contiguous()
+        self._sends.append((dist.isend(images, dst=trainer), images))
 
-
-def run_attack_rank(cfg: RunConfig, env: DistEnv, device: torch.device, groups: JobGroups,
-                    trainers: int) -> dict[str, Any]:
-    """The body of an attack rank's process."""
-    steps, terminated = AttackRank(cfg, env, device, groups, trainers).run()
-    return {"terminated": terminated, "attack_rank": env.rank, "steps_served": steps}
+    def _finish_sends(self) -> None:
+        for work, _ in self._sends:
+            work.wait()
+        self._sends.clear()
 
 
 def trainer_env(env: DistEnv, trainers: int) -> DistEnv:

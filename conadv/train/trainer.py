@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from conadv.adversarial import EngineContext, build_engine
-from conadv.adversarial.attack_ranks import AttackLink, run_attack_rank, trainer_env
+from conadv.adversarial.attack_ranks import AttackLink, trainer_env
 from conadv.checkpoints.format import list_checkpoints, load_state_everywhere
 from conadv.checkpoints.weights import load_into, read_weights
 from conadv.config import (
@@ -49,6 +49,7 @@ from conadv.optim import build_optimizer, build_scheduler, scaled_lr
 from conadv.report import build_report
 from conadv.telemetry import Telemetry, setup_logging
 from conadv.trackers import Trackers
+from conadv.train.attack_rank import run_attack_rank
 from conadv.train.cadence import Cadence
 from conadv.train.checkpoint import CheckpointManager, host_copy
 from conadv.train.ema import WeightEma
@@ -101,11 +102,10 @@ def _train_beside_attack_ranks(cfg: RunConfig, env: DistEnv, device: torch.devic
                                stop_request: StopRequest) -> dict[str, Any]:
     """A trainer of a job with attack ranks: whatever ends the run (the last step, a stop
     signal, an error before or during the loop), trainer 0 tells the attack ranks."""
-    link = AttackLink(groups, env, trainers, cfg.adv.attack_weights, cfg.dist.timeout_s,
-                      device)
+    link = AttackLink(cfg.adv, groups, env, trainers, cfg.dist.timeout_s, device)
     if env.is_main:
         log.info("ranks 0-%d train; ranks %d-%d attack (weights sent in %s)", trainers - 1,
-                 trainers, env.world_size - 1, cfg.adv.attack_weights)
+                 trainers, env.world_size - 1, link.weights)
     failed = True
     try:
         summary = Trainer(cfg, trainer_env(env, trainers), device, link).fit(stop_request)
@@ -451,7 +451,7 @@ class Trainer:
         if self.link is not None:  # what the attack ranks cost this trainer, per step
             counters, steps = self.link.counters, max(1, self.link.counters.steps)
             summary["attack_link"] = {
-                "attack_ranks": self.link.attackers, "weights": self.cfg.adv.attack_weights,
+                "attack_ranks": self.link.attackers, "weights": self.link.weights,
                 "weights_out_bytes_per_step": counters.weights_out / steps,
                 "images_in_bytes_per_step": counters.images_in / steps,
                 "wait_s_per_step": counters.wait_s / steps}

@@ -1,0 +1,62 @@
+"""The body of an attack rank's process (adv.attack_ranks): the model, the trainers' engine and
+a data stream per trainer it serves, driven by the orders trainer 0 broadcasts. The protocol
+itself (orders, weights, sends) is conadv.adversarial.attack_ranks."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from conadv.adversarial import EngineContext, build_engine
+from conadv.adversarial.attack_ranks import AttackOrders, served_by
+from conadv.config import RunConfig, plan_batch
+from conadv.data import build_train_stream
+from conadv.data.device import batch_to_device
+from conadv.distributed import DistEnv, JobGroups
+from conadv.models import build_model
+from conadv.train.runtime import autocast_dtype, autocast_factory, configure_determinism
+
+
+def run_attack_rank(cfg: RunConfig, env: DistEnv, device: torch.device, groups: JobGroups,
+                    trainers: int) -> dict[str, Any]:
+    """Serve the trainers until trainer 0 says stop. An attack is a pure function of (weights,
+    batch, batch key), so this rank reads each served trainer's micro-batches through the
+    trainers' sampler and attacks them with the broadcast weights: the views it sends are the
+    ones the trainer would have made itself."""
+    plan = plan_batch(cfg.train, trainers)
+    configure_determinism(cfg.train.deterministic)
+    served = served_by(env.rank, trainers, env.world_size - trainers)
+    streams = {r: build_train_stream(cfg.data, trainers, r, plan.per_device, plan.accumulation,
+                                     cfg.train.seed, device)
+               for r in served}
+    num_classes = cfg.model.num_classes or next(iter(streams.values())).num_classes
+    model = build_model(cfg.model, num_classes).to(device)
+    autocast = autocast_factory(device, autocast_dtype(cfg.train.precision, device))
+    # the trainers' engine, for its BatchNorm routes and its attack (run inline here)
+    engine = build_engine(dataclasses.replace(cfg.adv, executor="sequential"), model,
+                          EngineContext(device=device, num_classes=num_classes,
+                                        seed=cfg.train.seed, accumulation=plan.accumulation,
+                                        channels_last=cfg.model.channels_last,
+                                        second_view=cfg.data.second_view,
+                                        autocast=autocast, compile=cfg.train.compile))
+    model.train()  # the attack normalises with batch statistics, as on the trainers
+    orders = AttackOrders(cfg.adv, groups, list(model.parameters()), device)
+    positioned, served_steps = False, 0
+    while (order := orders.next()) is not None:
+        first, last = order
+        if not positioned:  # the first order names the first step any trainer asks for
+            for stream in streams.values():
+                stream.seek(first)
+            positioned = True
+        for _ in range(first, last + 1):
+            for trainer, stream in streams.items():
+                for _ in range(plan.accumulation):
+                    batch, key = stream.next()
+                    moved = batch_to_device(batch, device, cfg.model.channels_last)
+                    orders.send(engine.make_adversarial(model, moved["image"], moved["label"],
+                                                        key), trainer)
+        served_steps += 1
+    return {"terminated": orders.terminated, "attack_rank": env.rank,
+            "steps_served": served_steps}
