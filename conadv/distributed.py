@@ -132,10 +132,14 @@ def pick_device(requested: str, env: DistEnv, backend: str = "auto") -> torch.de
 @dataclass(frozen=True)
 class JobGroups:
     """The groups of a job with attack ranks: the trainers (who own the batch and the
-    optimizer), and trainer 0 with the attack ranks (the weights go out over it)."""
+    optimizer), trainer 0 with the attack ranks (the weights go out over it), a gloo group
+    over every rank for the views' headers (checked on the host without touching the GPU),
+    and the job's store (trainer 0's heartbeat)."""
 
     trainers: Any
     weights: Any
+    headers: Any
+    store: Any
 
 
 # the group conadv's collectives run over: None (every rank) unless the job has attack ranks,
@@ -179,12 +183,13 @@ def process_group(env: DistEnv, device: torch.device, backend: str, timeout_s: i
                             timeout=timeout, device_id=device if device.type == "cuda" else None)
     groups = None
     if trainers is not None and trainers < env.world_size:
-        # every rank creates both groups, in the same order; the attack ranks wait for the
+        # every rank creates the groups, in the same order; the attack ranks wait for the
         # next step's weights through evaluations and checkpoints, so theirs has no deadline
-        # a long evaluation could reach (a dead trainer ends the job through the launcher)
+        # a long evaluation could reach (they watch trainer 0's heartbeat instead)
         groups = JobGroups(dist.new_group(list(range(trainers))),
                            dist.new_group([0, *range(trainers, env.world_size)],
-                                          timeout=max(timeout, timedelta(days=7))))
+                                          timeout=max(timeout, timedelta(days=7))),
+                           dist.new_group(backend="gloo", timeout=timeout), store)
         _trainers_group, _trainer_count = groups.trainers, trainers
     try:
         yield groups

@@ -12,9 +12,20 @@ optimizer), the last N attack (conadv.config.trainer_count says why the last). E
 2. attack rank a serves trainers r with r % N == a: it reads their micro-batches of steps
    first..last through the same sampler (a trainer's batch key fixes its images, labels and
    attack randomness), attacks each with the weights of step t and sends the adversarial
-   images to the trainer (point to point, in the order the trainer asks for them);
+   images to the trainer (point to point, in the order the trainer asks for them), each after
+   a header on the host (its batch key and a checksum of its labels) that the trainer checks
+   against the batch it trains, so attack ranks reading other data fail in one sentence
+   instead of training another image's views;
 3. the trainer posts the receive when it queues the batch (at step t, for step t + tau) and
    waits for it only when the batch is trained, tau steps later.
+
+Nobody waits forever: a trainer waits for a view at most 0.9 x dist.timeout_s from posting its
+receive (then one sentence names the attack rank, before NCCL's watchdog aborts the process);
+an attack rank waits dist.timeout_s for a trainer to take the views it sent (one sentence
+names the trainer), and for the next step without a deadline (it spans evaluations and
+checkpoints) but watching trainer 0's heartbeat in the job's store, so a trainer 0 that died
+or froze without a word (SIGKILL, an OOM kill, a watchdog abort, a node off the network)
+ends it within dist.timeout_s.
 
 An attack is a pure function of (weights of its source step, batch, batch key), so with fp32
 weights a run with attack ranks trains the same numbers as the same run without them. The
@@ -28,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,6 +59,7 @@ log = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # the control word's first field
 STOP, GO, FAILED = 0, 1, 2
+HEARTBEAT_KEY = "conadv/trainer0_heartbeat"
 
 
 class AttackRankLost(UserError):
@@ -54,7 +67,11 @@ class AttackRankLost(UserError):
 
 
 class TrainersFailed(UserError):
-    """The trainers ended with an error; the attack ranks leave too."""
+    """The trainers ended with an error (or trainer 0 is gone); the attack ranks leave too."""
+
+
+class ViewMismatch(UserError):
+    """An attack rank attacked another batch than the trainer trains: the two read other data."""
 
 
 def attacker_of(trainer: int, trainers: int, attackers: int) -> int:
@@ -75,20 +92,141 @@ def flatten(parameters: Iterable[Tensor], dtype: torch.dtype) -> Tensor:
 
 @torch.no_grad()
 def unflatten_into(flat: Tensor, parameters: Iterable[Tensor]) -> None:
+    """The inverse of flatten: the broadcast weights into the attack rank's parameters."""
     offset = 0
     for p in parameters:
         p.copy_(flat[offset:offset + p.numel()].view_as(p))
         offset += p.numel()
 
 
+def label_checksum(labels: Tensor) -> Tensor:
+    """A batch's labels in one int64 (on their device, no host sync) that changes when they
+    are reordered. Integer arithmetic, so any reduction order on any device gives the same
+    number; soft labels (mixup, cutmix) are quantised to 2^-16 first, hard labels compare by
+    value whatever their dtype."""
+    flat = labels.reshape(-1)
+    if flat.is_floating_point():
+        flat = (flat.to(torch.float64) * 65536).round()
+    weights = torch.arange(flat.numel(), device=flat.device) % 1021 + 1
+    return (flat.to(torch.int64) * weights).sum()
+
+
+def view_header(key: int, labels: Tensor) -> Tensor:
+    """What travels (on the host) ahead of a micro-batch's adversarial images."""
+    return torch.tensor([key, int(label_checksum(labels.cpu()))], dtype=torch.int64)
+
+
+@dataclass
+class ExpectedView:
+    """The batch key and label checksum a trainer trains; on a GPU the checksum reaches the
+    host by an asynchronous copy, read at consume time (tau steps later, long since done)."""
+
+    key: int
+    checksum: Tensor  # on the host
+    copied: Any = None  # the CUDA event after the copy (None on the CPU)
+
+    @classmethod
+    def of(cls, key: int, labels: Tensor) -> ExpectedView:
+        checksum = label_checksum(labels)
+        if checksum.device.type != "cuda":
+            return cls(key, checksum)
+        host = torch.empty((), dtype=torch.int64, pin_memory=True)
+        host.copy_(checksum, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(key, host, copied)
+
+    def value(self) -> tuple[int, int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.key, int(self.checksum)
+
+
+def check_header(header: Tensor, expected: ExpectedView, source: int, step: int) -> None:
+    """One sentence when an attack rank sent the views of another batch than the trainer's."""
+    key, checksum = header.tolist()
+    want_key, want_checksum = expected.value()
+    if (key, checksum) != (want_key, want_checksum):
+        mismatch = ViewMismatch(
+            f"attack rank {source} sent the views of batch key {key} (label checksum "
+            f"{checksum}) for step {step}'s batch key {want_key} (label checksum "
+            f"{want_checksum}): it reads other data than this trainer (another data index, "
+            "or an unreadable image skipped on one side only); give the attack ranks the "
+            "trainers' data and data.bad_images=fail")
+        log.error("%s", mismatch)
+        raise mismatch
+
+
+class Heartbeat:
+    """Trainer 0's pulse in the job's store, from a daemon thread. The attack ranks wait for
+    the next step without a deadline (evaluations and checkpoints come between steps), so the
+    pulse is how they tell a busy trainer 0 from one that died without running any cleanup."""
+
+    def __init__(self, store: Any, period_s: float) -> None:
+        self._store, self._period_s = store, period_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="conadv-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                self._store.add(HEARTBEAT_KEY, 1)
+            except Exception:  # the store is gone: the job is ending anyway
+                return
+            if self._stopped.wait(self._period_s):
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+
+class HeartbeatWatch:
+    """An attack rank's view of trainer 0's heartbeat: check() raises TrainersFailed once the
+    pulse has not moved for `timeout_s` on this rank's own clock (no clock is shared)."""
+
+    def __init__(self, store: Any, timeout_s: float, period_s: float) -> None:
+        self._store, self._timeout_s, self._period_s = store, timeout_s, period_s
+        self._seen: int | None = None
+        self._since = self._next_read = time.monotonic()
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now < self._next_read:
+            return
+        self._next_read = now + self._period_s
+        try:
+            beat = self._store.add(HEARTBEAT_KEY, 0)
+        except Exception as err:
+            raise TrainersFailed(f"the job's store is gone ({str(err)[:200]}); this attack "
+                                 "rank ends with the trainers") from err
+        if beat != self._seen:
+            self._seen, self._since = beat, now
+        elif now - self._since > self._timeout_s:
+            raise TrainersFailed(f"trainer 0 has not been heard from for "
+                                 f"{now - self._since:.0f} s (dist.timeout_s="
+                                 f"{self._timeout_s:.0f}): it died, froze or its node is gone; "
+                                 "this attack rank ends with it")
+
+
+def heartbeat_period(timeout_s: float) -> float:
+    """Ten pulses per timeout, at most one every 10 s (the store serves every attack rank)."""
+    return min(10.0, timeout_s / 10)
+
+
 @dataclass
 class Incoming:
-    """A posted receive of one micro-batch's adversarial images."""
+    """A posted receive of one micro-batch's adversarial images and their header."""
 
     images: Tensor
     work: Any
+    header: Tensor
+    header_work: Any
+    expected: ExpectedView  # what this trainer trains
     source: int  # the attack rank
     step: int  # the step whose weights make it
+    posted_at: float  # time.perf_counter() at the post: NCCL's watchdog counts from then
 
 
 @dataclass
@@ -116,6 +254,8 @@ class AttackLink:
         self.device = device
         self.counters = LinkCounters()
         self._outgoing: list[tuple[Any, Tensor]] = []  # trainer 0: broadcasts in flight
+        self._heartbeat = (Heartbeat(groups.store, heartbeat_period(timeout_s))
+                           if env.rank == 0 else None)
 
     def announce(self, step: int, first: int, last: int, parameters: Iterable[Tensor]) -> None:
         """Start of step `step`: the attack ranks make steps first..last with its weights."""
@@ -123,8 +263,8 @@ class AttackLink:
         if self.rank != 0:
             return
         self._finish_outgoing()
-        control = self._control([GO, step, first, last])
         flat = flatten(parameters, self.dtype)
+        control = self._control([GO, step, first, last, flat.numel()])
         for tensor in (control, flat):
             work = dist.broadcast(tensor, src=0, group=self.groups.weights, async_op=True)
             self._outgoing.append((work, tensor))
@@ -141,25 +281,34 @@ class AttackLink:
         self._outgoing.append((None, pinned))
         return pinned.to(self.device, non_blocking=True)
 
-    def receive(self, shape: torch.Size, step: int) -> Incoming:
+    def receive(self, batch: dict[str, Tensor], key: int, step: int) -> Incoming:
         """Post the receive of one micro-batch's adversarial images (made with the weights of
-        `step`); they arrive while the trainer works on earlier steps."""
-        images = torch.empty(shape, dtype=torch.float32, device=self.device)
+        `step`) and of their header; they arrive while the trainer works on earlier steps."""
+        header = torch.empty(2, dtype=torch.int64)
+        header_work = dist.irecv(header, src=self.source, group=self.groups.headers)
+        images = torch.empty(batch["image"].shape, dtype=torch.float32, device=self.device)
         work = dist.irecv(images, src=self.source)
         self.counters.images_in += images.numel() * images.element_size()
-        return Incoming(images, work, self.source, step)
+        return Incoming(images, work, header, header_work,
+                        ExpectedView.of(key, batch["label"]), self.source, step,
+                        time.perf_counter())
 
     def consume(self, incoming: Incoming) -> Tensor:
         """The adversarial images, once they are here (or one sentence naming the attack rank
-        that did not send them within dist.timeout_s)."""
+        that did not send them in time, or that attacked another batch)."""
         start = time.perf_counter()
-        # polled against a deadline shorter than the collective timeout, so this sentence
-        # comes before NCCL's watchdog aborts the process (a late view is rare: it was posted
-        # tau steps ago); then wait() orders the current stream after the receive
-        # (gloo completes a receive only inside wait(), which takes the timeout itself)
-        limit = 0.9 * self.timeout.total_seconds()
-        deadline = start + limit
+        # polled against a deadline shorter than the collective timeout, counted from the
+        # post as NCCL's watchdog counts, so this sentence comes before the watchdog aborts
+        # the process; then wait() orders the current stream after the receive (gloo
+        # completes a receive only inside wait(), which takes the time left itself)
+        deadline = incoming.posted_at + 0.9 * self.timeout.total_seconds()
+
+        def time_left() -> timedelta:
+            return timedelta(seconds=max(1.0, deadline - time.perf_counter()))
+
         try:
+            incoming.header_work.wait(time_left())
+            check_header(incoming.header, incoming.expected, incoming.source, incoming.step)
             if self.device.type == "cuda":
                 while not incoming.work.is_completed():
                     if time.perf_counter() > deadline:
@@ -167,10 +316,12 @@ class AttackLink:
                     time.sleep(0.0005)
                 incoming.work.wait()
             else:
-                incoming.work.wait(timedelta(seconds=limit))
+                incoming.work.wait(time_left())
         except RuntimeError as err:
-            raise _lost(f"attack rank {incoming.source} did not send the adversarial images "
-                        f"made at step {incoming.step} within 0.9 x dist.timeout_s="
+            others = (" (or another attack rank holding up trainer 0's weights broadcast)"
+                      if self.attackers > 1 else "")
+            raise _lost(f"attack rank {incoming.source}{others} did not send the adversarial "
+                        f"images made at step {incoming.step} within 0.9 x dist.timeout_s="
                         f"{self.timeout.total_seconds():.0f} s", err) from err
         self.counters.wait_s += time.perf_counter() - start
         return incoming.images
@@ -190,18 +341,24 @@ class AttackLink:
         word = FAILED if failed else STOP
         try:
             self._finish_outgoing()
-            dist.broadcast(self._control([word, int(terminated), 0, 0]), src=0,
+            dist.broadcast(self._control([word, int(terminated), 0, 0, 0]), src=0,
                            group=self.groups.weights)
         except (RuntimeError, AttackRankLost):
             if not failed:
                 raise
             log.warning("could not tell the attack ranks to stop; they end with the job")
+        finally:
+            self._heartbeat.stop()
 
     def _finish_outgoing(self) -> None:
         try:
             for work, _ in self._outgoing:
-                if work is not None:
+                if work is None:
+                    continue
+                if self.device.type == "cuda":  # orders the stream; the watchdog times it
                     work.wait()
+                else:  # the weights group has no deadline of its own (see distributed.py)
+                    work.wait(self.timeout)
         except RuntimeError as err:
             last = self.trainers + self.attackers - 1
             ranks = f"rank {last}" if self.attackers == 1 else f"ranks {self.trainers}-{last}"
@@ -224,40 +381,61 @@ class AttackOrders:
     weights to attack with) and the sends of the adversarial views back to the trainers."""
 
     def __init__(self, adv: AdvConfig, groups: JobGroups, parameters: list[Tensor],
-                 device: torch.device) -> None:
+                 timeout_s: int, device: torch.device) -> None:
         self.groups, self.parameters = groups, parameters
         self.flat = torch.empty(sum(p.numel() for p in parameters),
                                 dtype=WEIGHT_DTYPES[adv.attack_weights], device=device)
-        self.control = torch.zeros(4, dtype=torch.int64, device=device)
+        self.control = torch.zeros(5, dtype=torch.int64, device=device)
         self.terminated = False  # whether a stop signal ended the run (known at STOP)
-        self._sends: list[tuple[Any, Tensor]] = []
+        self.timeout_s = timeout_s
+        self._trainer0 = HeartbeatWatch(groups.store, timeout_s, heartbeat_period(timeout_s))
+        self._sends: list[tuple[Any, Tensor, int]] = []  # in flight, with their trainer
 
     def next(self) -> tuple[int, int] | None:
         """Wait for trainer 0's next word. GO: the parameters now hold the step's weights and
         (first, last) are the steps to make; STOP: None; FAILED: TrainersFailed (the failing
         trainers skip the final barrier, so leave now)."""
         self._finish_sends()
-        dist.broadcast(self.control, src=0, group=self.groups.weights)
-        word, step, first, last = self.control.tolist()
+        work = dist.broadcast(self.control, src=0, group=self.groups.weights, async_op=True)
+        while not work.is_completed():
+            self._trainer0.check()
+            time.sleep(0.001)
+        work.wait()
+        word, step, first, last, size = self.control.tolist()
         if word == FAILED:
             raise TrainersFailed("the trainers ended with an error (see trainer 0's log); "
                                  "this attack rank ends with them")
         if word == STOP:
             self.terminated = bool(step)  # the stop word's second field
             return None
+        if size != self.flat.numel():
+            raise TrainersFailed(f"trainer 0 sends {size} weights but this attack rank's "
+                                 f"model has {self.flat.numel()}: the ranks run different "
+                                 "model configs or code versions")
         dist.broadcast(self.flat, src=0, group=self.groups.weights)
         unflatten_into(self.flat, self.parameters)
         return first, last
 
-    def send(self, images: Tensor, trainer: int) -> None:
-        """One micro-batch's adversarial views to the trainer that asked for them (in the
-        order it asks)."""
+    def send(self, images: Tensor, header: Tensor, trainer: int) -> None:
+        """One micro-batch's adversarial views (and their view_header) to the trainer that
+        asked for them, in the order it asks."""
         images = images.contiguous()
-        self._sends.append((dist.isend(images, dst=trainer), images))
+        self._sends.append((dist.isend(header, dst=trainer, group=self.groups.headers), header,
+                            trainer))
+        self._sends.append((dist.isend(images, dst=trainer), images, trainer))
 
     def _finish_sends(self) -> None:
-        for work, _ in self._sends:
-            work.wait()
+        """The views sent for the last order are taken, or one sentence naming the trainer
+        that did not take them within dist.timeout_s (gloo times the send out; under NCCL the
+        watchdog aborts the process instead)."""
+        for work, _, trainer in self._sends:
+            try:
+                work.wait()
+            except RuntimeError as err:
+                raise TrainersFailed(
+                    f"trainer {trainer} did not take its adversarial views within "
+                    f"dist.timeout_s={self.timeout_s} s ({str(err).splitlines()[0][:200]}): it "
+                    "died, froze or its node is gone; this attack rank ends with it") from err
         self._sends.clear()
 
 

@@ -278,7 +278,7 @@ class LookaheadEngine(ViewEngine):
     def feed(self, batch: Batch, key: int, step: int) -> None:
         if self.link is not None and not self._replay:
             self._keep_weights(self.model, step)  # a checkpoint saves what the attack used
-            incoming = self.link.receive(batch["image"].shape, step)
+            incoming = self.link.receive(batch, key, step)
             self.queue.append(_Pending(Launched({}), key, step, batch, incoming))
             return
         if self._replay:  # rebuilding the queue of a checkpoint: attack with the saved weights

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from conadv.adversarial import EngineContext, build_engine
-from conadv.adversarial.attack_ranks import AttackOrders, served_by
+from conadv.adversarial.attack_ranks import AttackOrders, served_by, view_header
 from conadv.config import RunConfig, plan_batch
 from conadv.data import build_train_stream
 from conadv.data.device import batch_to_device
@@ -42,7 +42,7 @@ def run_attack_rank(cfg: RunConfig, env: DistEnv, device: torch.device, groups: 
                                         second_view=cfg.data.second_view,
                                         autocast=autocast, compile=cfg.train.compile))
     model.train()  # the attack normalises with batch statistics, as on the trainers
-    orders = AttackOrders(cfg.adv, groups, list(model.parameters()), device)
+    orders = AttackOrders(cfg.adv, groups, list(model.parameters()), cfg.dist.timeout_s, device)
     positioned, served_steps = False, 0
     while (order := orders.next()) is not None:
         first, last = order
@@ -54,9 +54,10 @@ def run_attack_rank(cfg: RunConfig, env: DistEnv, device: torch.device, groups: 
             for trainer, stream in streams.items():
                 for _ in range(plan.accumulation):
                     batch, key = stream.next()
+                    header = view_header(key, batch["label"])  # before the attack is queued
                     moved = batch_to_device(batch, device, cfg.model.channels_last)
-                    orders.send(engine.make_adversarial(model, moved["image"], moved["label"],
-                                                        key), trainer)
+                    images = engine.make_adversarial(model, moved["image"], moved["label"], key)
+                    orders.send(images, header, trainer)
         served_steps += 1
     return {"terminated": orders.terminated, "attack_rank": env.rank,
             "steps_served": served_steps}
