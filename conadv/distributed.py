@@ -129,12 +129,30 @@ def pick_device(requested: str, env: DistEnv, backend: str = "auto") -> torch.de
     return torch.device("cpu")
 
 
+def attacker_of(trainer: int, trainers: int, attackers: int) -> int:
+    """The global rank of the attack rank that serves `trainer` (the last ranks attack)."""
+    return trainers + trainer % attackers
+
+
+def served_by(attacker: int, trainers: int, attackers: int) -> list[int]:
+    """The trainers the attack rank of global rank `attacker` serves."""
+    return [r for r in range(trainers) if attacker_of(r, trainers, attackers) == attacker]
+
+
+def my_attack_team(rank: int, trainers: int, world_size: int) -> list[int]:
+    """This rank's attack rank and the trainers it serves, in rank order."""
+    attackers = world_size - trainers
+    attacker = rank if rank >= trainers else attacker_of(rank, trainers, attackers)
+    return sorted([attacker, *served_by(attacker, trainers, attackers)])
+
+
 @dataclass(frozen=True)
 class JobGroups:
     """The groups of a job with attack ranks: the trainers (who own the batch and the
-    optimizer), trainer 0 with the attack ranks (the weights go out over it), a gloo group
-    over every rank for the views' headers (checked on the host without touching the GPU),
-    and the job's store (trainer 0's heartbeat)."""
+    optimizer), trainer 0 with the attack ranks (the weights go out over it), this rank's
+    attack team on gloo (an attack rank and its trainers: the views' headers, checked on the
+    host; a few ranks each, so no rank opens a connection to every other), and the job's
+    store (trainer 0's heartbeat)."""
 
     trainers: Any
     weights: Any
@@ -183,13 +201,17 @@ def process_group(env: DistEnv, device: torch.device, backend: str, timeout_s: i
                             timeout=timeout, device_id=device if device.type == "cuda" else None)
     groups = None
     if trainers is not None and trainers < env.world_size:
-        # every rank creates the groups, in the same order; the attack ranks wait for the
-        # next step's weights through evaluations and checkpoints, so theirs has no deadline
-        # a long evaluation could reach (they watch trainer 0's heartbeat instead)
+        # every rank creates the first two groups, in the same order, and only its own team's
+        # (local synchronisation); the attack ranks wait for the next step's weights through
+        # evaluations and checkpoints, so theirs has no deadline a long evaluation could reach
+        # (they watch trainer 0's heartbeat instead)
         groups = JobGroups(dist.new_group(list(range(trainers))),
                            dist.new_group([0, *range(trainers, env.world_size)],
                                           timeout=max(timeout, timedelta(days=7))),
-                           dist.new_group(backend="gloo", timeout=timeout), store)
+                           dist.new_group(my_attack_team(env.rank, trainers, env.world_size),
+                                          backend="gloo", timeout=timeout,
+                                          use_local_synchronization=True),
+                           store)
         _trainers_group, _trainer_count = groups.trainers, trainers
     try:
         yield groups

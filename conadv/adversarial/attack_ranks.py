@@ -5,27 +5,30 @@ so it can run on another device while the trainers compute step t. A job with N 
 splits its world: ranks 0..T-1 train (data parallel, they own the global batch and the
 optimizer), the last N attack (conadv.config.trainer_count says why the last). Every step:
 
-1. at the start of step t, trainer 0 broadcasts a control word (go, t, first, last) and the
-   weights of step t (every parameter, auxiliary BatchNorm included; fp32 or bf16) to the
-   attack ranks over a group of their own (`JobGroups.weights`); at the end of the run it
-   broadcasts a stop word instead;
+1. at the start of step t, trainer 0 broadcasts a control word (go, t, first, last, weight
+   count) and the weights of step t (every parameter, auxiliary BatchNorm included; fp32 or
+   bf16) to the attack ranks over a group of their own (`JobGroups.weights`); at the end of
+   the run it broadcasts a stop word instead;
 2. attack rank a serves trainers r with r % N == a: it reads their micro-batches of steps
    first..last through the same sampler (a trainer's batch key fixes its images, labels and
    attack randomness), attacks each with the weights of step t and sends the adversarial
    images to the trainer (point to point, in the order the trainer asks for them), each after
-   a header on the host (its batch key and a checksum of its labels) that the trainer checks
-   against the batch it trains, so attack ranks reading other data fail in one sentence
-   instead of training another image's views;
-3. the trainer posts the receive when it queues the batch (at step t, for step t + tau) and
-   waits for it only when the batch is trained, tau steps later.
+   a header (batch key, checksums of the sample indices and labels) over the team's gloo group
+   (`JobGroups.headers`: the attack rank and its trainers), which the trainer checks on the
+   host against the micro-batch it trains, so attack ranks reading other data fail in one
+   sentence instead of training another image's views;
+3. the trainer posts the receives when it queues the batch (at step t, for step t + tau) and
+   waits for them only when the batch is trained, tau steps later.
 
-Nobody waits forever: a trainer waits for a view at most 0.9 x dist.timeout_s from posting its
-receive (then one sentence names the attack rank, before NCCL's watchdog aborts the process);
-an attack rank waits dist.timeout_s for a trainer to take the views it sent (one sentence
-names the trainer), and for the next step without a deadline (it spans evaluations and
-checkpoints) but watching trainer 0's heartbeat in the job's store, so a trainer 0 that died
-or froze without a word (SIGKILL, an OOM kill, a watchdog abort, a node off the network)
-ends it within dist.timeout_s.
+Nobody waits forever. A trainer waits for a view at most 0.9 x dist.timeout_s from posting its
+receive (then one sentence names the attack rank, before NCCL's watchdog aborts the process).
+An attack rank waits 0.9 x dist.timeout_s from a send for the trainer to take it (one sentence
+names the trainer; the header goes first, on gloo, so this comes before NCCL's watchdog too),
+and for the next step without a deadline (it spans evaluations and checkpoints) but watching
+trainer 0's heartbeat in the job's store, so a trainer 0 that died or froze without a word
+(SIGKILL, an OOM kill, a watchdog abort, a node off the network) ends it within dist.timeout_s
+and a heartbeat period or two (a store that no longer answers counts as no heartbeat, after the
+store's own timeout).
 
 An attack is a pure function of (weights of its source step, batch, batch key), so with fp32
 weights a run with attack ranks trains the same numbers as the same run without them. The
@@ -51,8 +54,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from conadv.config import AdvConfig
-from conadv.distributed import DistEnv, JobGroups
-from conadv.errors import UserError
+from conadv.distributed import DistEnv, JobGroups, attacker_of
+from conadv.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +77,6 @@ class ViewMismatch(UserError):
     """An attack rank attacked another batch than the trainer trains: the two read other data."""
 
 
-def attacker_of(trainer: int, trainers: int, attackers: int) -> int:
-    """The global rank of the attack rank that serves `trainer`."""
-    return trainers + trainer % attackers
-
-
-def served_by(attacker: int, trainers: int, attackers: int) -> list[int]:
-    """The trainers the attack rank of global rank `attacker` serves."""
-    return [r for r in range(trainers) if attacker_of(r, trainers, attackers) == attacker]
-
-
 def flatten(parameters: Iterable[Tensor], dtype: torch.dtype) -> Tensor:
     """Every parameter in one contiguous buffer of `dtype` (a copy: the optimizer may write the
     parameters while the buffer is sent)."""
@@ -99,68 +92,43 @@ def unflatten_into(flat: Tensor, parameters: Iterable[Tensor]) -> None:
         offset += p.numel()
 
 
-def label_checksum(labels: Tensor) -> Tensor:
-    """A batch's labels in one int64 (on their device, no host sync) that changes when they
-    are reordered. Integer arithmetic, so any reduction order on any device gives the same
-    number; soft labels (mixup, cutmix) are quantised to 2^-16 first, hard labels compare by
-    value whatever their dtype."""
-    flat = labels.reshape(-1)
-    if flat.is_floating_point():
-        flat = (flat.to(torch.float64) * 65536).round()
-    weights = torch.arange(flat.numel(), device=flat.device) % 1021 + 1
-    return (flat.to(torch.int64) * weights).sum()
+def checksum(values: Tensor) -> int:
+    """Integers (sample indices, class labels) in one number that changes when one of them
+    changes or they are reordered; integer arithmetic, so every dtype and reduction order gives
+    the same number. The loaders hand both over on the host, so this reads no GPU memory."""
+    flat = values.reshape(-1).to(torch.int64)
+    return int((flat * (torch.arange(flat.numel()) % 1021 + 1)).sum())
 
 
-def view_header(key: int, labels: Tensor) -> Tensor:
-    """What travels (on the host) ahead of a micro-batch's adversarial images."""
-    return torch.tensor([key, int(label_checksum(labels.cpu()))], dtype=torch.int64)
+def view_header(key: int, batch: dict[str, Tensor]) -> Tensor:
+    """What identifies a micro-batch: its key, and checksums of the sample indices the loader
+    served (an unreadable image skipped on one side only changes them) and of its labels."""
+    return torch.tensor([key, checksum(batch["index"]), checksum(batch["label"])],
+                        dtype=torch.int64)
 
 
-@dataclass
-class ExpectedView:
-    """The batch key and label checksum a trainer trains; on a GPU the checksum reaches the
-    host by an asynchronous copy, read at consume time (tau steps later, long since done)."""
-
-    key: int
-    checksum: Tensor  # on the host
-    copied: Any = None  # the CUDA event after the copy (None on the CPU)
-
-    @classmethod
-    def of(cls, key: int, labels: Tensor) -> ExpectedView:
-        checksum = label_checksum(labels)
-        if checksum.device.type != "cuda":
-            return cls(key, checksum)
-        host = torch.empty((), dtype=torch.int64, pin_memory=True)
-        host.copy_(checksum, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        return cls(key, host, copied)
-
-    def value(self) -> tuple[int, int]:
-        if self.copied is not None:
-            self.copied.synchronize()
-        return self.key, int(self.checksum)
-
-
-def check_header(header: Tensor, expected: ExpectedView, source: int, step: int) -> None:
-    """One sentence when an attack rank sent the views of another batch than the trainer's."""
-    key, checksum = header.tolist()
-    want_key, want_checksum = expected.value()
-    if (key, checksum) != (want_key, want_checksum):
-        mismatch = ViewMismatch(
-            f"attack rank {source} sent the views of batch key {key} (label checksum "
-            f"{checksum}) for step {step}'s batch key {want_key} (label checksum "
-            f"{want_checksum}): it reads other data than this trainer (another data index, "
-            "or an unreadable image skipped on one side only); give the attack ranks the "
-            "trainers' data and data.bad_images=fail")
-        log.error("%s", mismatch)
-        raise mismatch
+def check_header(header: Tensor, expected: Tensor, source: int, step: int) -> None:
+    """One sentence when an attack rank sent the views of another micro-batch than the one the
+    trainer trains (both headers from view_header)."""
+    if torch.equal(header, expected):
+        return
+    sent, wanted = header.tolist(), expected.tolist()
+    mismatch = ViewMismatch(
+        f"attack rank {source} sent the views of batch key {sent[0]} (index and label "
+        f"checksums {sent[1]}, {sent[2]}) for step {step}'s batch key {wanted[0]} "
+        f"({wanted[1]}, {wanted[2]}): it reads other data than this trainer (another data "
+        "index, or an unreadable image skipped on one side only); give the attack ranks the "
+        "trainers' data and data.bad_images=fail")
+    log.error("%s", mismatch)
+    raise mismatch
 
 
 class Heartbeat:
     """Trainer 0's pulse in the job's store, from a daemon thread. The attack ranks wait for
     the next step without a deadline (evaluations and checkpoints come between steps), so the
-    pulse is how they tell a busy trainer 0 from one that died without running any cleanup."""
+    pulse is how they tell a busy trainer 0 from one that died without running any cleanup.
+    A store that fails to answer is retried: a pulse that stopped for good would end the
+    attack ranks."""
 
     def __init__(self, store: Any, period_s: float) -> None:
         self._store, self._period_s = store, period_s
@@ -169,27 +137,32 @@ class Heartbeat:
         self._thread.start()
 
     def _beat(self) -> None:
-        while True:
+        warned = False
+        while not self._stopped.is_set():
             try:
                 self._store.add(HEARTBEAT_KEY, 1)
-            except Exception:  # the store is gone: the job is ending anyway
-                return
-            if self._stopped.wait(self._period_s):
-                return
+            except Exception as err:
+                if not warned:
+                    log.warning("trainer 0's heartbeat did not reach the job's store (%s); "
+                                "retrying", str(err).splitlines()[0][:200] if str(err) else err)
+                    warned = True
+            self._stopped.wait(self._period_s)
 
     def stop(self) -> None:
         self._stopped.set()
-        self._thread.join()
+        self._thread.join(timeout=self._period_s)
 
 
 class HeartbeatWatch:
     """An attack rank's view of trainer 0's heartbeat: check() raises TrainersFailed once the
-    pulse has not moved for `timeout_s` on this rank's own clock (no clock is shared)."""
+    pulse has not moved for `timeout_s` on this rank's own clock (no clock is shared). A read
+    that fails counts as no pulse, so a store that is gone ends the rank in the same time."""
 
     def __init__(self, store: Any, timeout_s: float, period_s: float) -> None:
         self._store, self._timeout_s, self._period_s = store, timeout_s, period_s
         self._seen: int | None = None
         self._since = self._next_read = time.monotonic()
+        self._store_error = ""
 
     def check(self) -> None:
         now = time.monotonic()
@@ -198,16 +171,19 @@ class HeartbeatWatch:
         self._next_read = now + self._period_s
         try:
             beat = self._store.add(HEARTBEAT_KEY, 0)
+            self._store_error = ""
         except Exception as err:
-            raise TrainersFailed(f"the job's store is gone ({str(err)[:200]}); this attack "
-                                 "rank ends with the trainers") from err
+            beat = self._seen
+            self._store_error = str(err).splitlines()[0][:200] if str(err) else repr(err)
         if beat != self._seen:
             self._seen, self._since = beat, now
         elif now - self._since > self._timeout_s:
+            store = (f"; the job's store does not answer: {self._store_error}"
+                     if self._store_error else "")
             raise TrainersFailed(f"trainer 0 has not been heard from for "
                                  f"{now - self._since:.0f} s (dist.timeout_s="
-                                 f"{self._timeout_s:.0f}): it died, froze or its node is gone; "
-                                 "this attack rank ends with it")
+                                 f"{self._timeout_s:.0f}{store}): it died, froze or its node is "
+                                 "gone; this attack rank ends with it")
 
 
 def heartbeat_period(timeout_s: float) -> float:
@@ -223,7 +199,7 @@ class Incoming:
     work: Any
     header: Tensor
     header_work: Any
-    expected: ExpectedView  # what this trainer trains
+    expected: Tensor  # the view_header of the micro-batch this trainer trains
     source: int  # the attack rank
     step: int  # the step whose weights make it
     posted_at: float  # time.perf_counter() at the post: NCCL's watchdog counts from then
@@ -284,14 +260,13 @@ class AttackLink:
     def receive(self, batch: dict[str, Tensor], key: int, step: int) -> Incoming:
         """Post the receive of one micro-batch's adversarial images (made with the weights of
         `step`) and of their header; they arrive while the trainer works on earlier steps."""
-        header = torch.empty(2, dtype=torch.int64)
+        header = torch.empty(3, dtype=torch.int64)
         header_work = dist.irecv(header, src=self.source, group=self.groups.headers)
         images = torch.empty(batch["image"].shape, dtype=torch.float32, device=self.device)
         work = dist.irecv(images, src=self.source)
         self.counters.images_in += images.numel() * images.element_size()
-        return Incoming(images, work, header, header_work,
-                        ExpectedView.of(key, batch["label"]), self.source, step,
-                        time.perf_counter())
+        return Incoming(images, work, header, header_work, view_header(key, batch), self.source,
+                        step, time.perf_counter())
 
     def consume(self, incoming: Incoming) -> Tensor:
         """The adversarial images, once they are here (or one sentence naming the attack rank
@@ -389,29 +364,37 @@ class AttackOrders:
         self.terminated = False  # whether a stop signal ended the run (known at STOP)
         self.timeout_s = timeout_s
         self._trainer0 = HeartbeatWatch(groups.store, timeout_s, heartbeat_period(timeout_s))
-        self._sends: list[tuple[Any, Tensor, int]] = []  # in flight, with their trainer
+        self._sends: list[_Send] = []  # in flight
 
     def next(self) -> tuple[int, int] | None:
         """Wait for trainer 0's next word. GO: the parameters now hold the step's weights and
         (first, last) are the steps to make; STOP: None; FAILED: TrainersFailed (the failing
         trainers skip the final barrier, so leave now)."""
-        self._finish_sends()
+        # the word is posted before the last sends are awaited: a trainer that failed never
+        # takes them, and then the FAILED word, not a send timeout, says why
         work = dist.broadcast(self.control, src=0, group=self.groups.weights, async_op=True)
+        try:
+            self._finish_sends()
+        except TrainersFailed:
+            if work.is_completed():
+                work.wait()
+                if int(self.control[0]) == FAILED:
+                    raise _trainers_failed() from None
+            raise
         while not work.is_completed():
             self._trainer0.check()
             time.sleep(0.001)
         work.wait()
         word, step, first, last, size = self.control.tolist()
         if word == FAILED:
-            raise TrainersFailed("the trainers ended with an error (see trainer 0's log); "
-                                 "this attack rank ends with them")
+            raise _trainers_failed()
         if word == STOP:
             self.terminated = bool(step)  # the stop word's second field
             return None
         if size != self.flat.numel():
-            raise TrainersFailed(f"trainer 0 sends {size} weights but this attack rank's "
-                                 f"model has {self.flat.numel()}: the ranks run different "
-                                 "model configs or code versions")
+            raise ConfigError(f"trainer 0 sends {size} weights but this attack rank's model has "
+                              f"{self.flat.numel()}: the ranks run different model configs or "
+                              "code versions")
         dist.broadcast(self.flat, src=0, group=self.groups.weights)
         unflatten_into(self.flat, self.parameters)
         return first, last
@@ -419,24 +402,47 @@ class AttackOrders:
     def send(self, images: Tensor, header: Tensor, trainer: int) -> None:
         """One micro-batch's adversarial views (and their view_header) to the trainer that
         asked for them, in the order it asks."""
-        images = images.contiguous()
-        self._sends.append((dist.isend(header, dst=trainer, group=self.groups.headers), header,
-                            trainer))
-        self._sends.append((dist.isend(images, dst=trainer), images, trainer))
+        images, now = images.contiguous(), time.perf_counter()
+        self._sends.append(_Send(dist.isend(header, dst=trainer, group=self.groups.headers),
+                                 header, trainer, now, on_host=True))
+        self._sends.append(_Send(dist.isend(images, dst=trainer), images, trainer, now,
+                                 on_host=images.device.type != "cuda"))
 
     def _finish_sends(self) -> None:
         """The views sent for the last order are taken, or one sentence naming the trainer
-        that did not take them within dist.timeout_s (gloo times the send out; under NCCL the
-        watchdog aborts the process instead)."""
-        for work, _, trainer in self._sends:
+        that did not take them within 0.9 x dist.timeout_s of the send. The header goes first
+        and on gloo, so under NCCL too its deadline comes before the watchdog's; an image send
+        on a GPU is only waited for by the stream."""
+        for send in self._sends:
+            deadline = send.posted_at + 0.9 * self.timeout_s
             try:
-                work.wait()
+                if send.on_host:
+                    send.work.wait(timedelta(seconds=max(1.0, deadline - time.perf_counter())))
+                else:
+                    send.work.wait()
             except RuntimeError as err:
                 raise TrainersFailed(
-                    f"trainer {trainer} did not take its adversarial views within "
-                    f"dist.timeout_s={self.timeout_s} s ({str(err).splitlines()[0][:200]}): it "
-                    "died, froze or its node is gone; this attack rank ends with it") from err
+                    f"trainer {send.trainer} did not take its adversarial views within 0.9 x "
+                    f"dist.timeout_s={self.timeout_s} s ({str(err).splitlines()[0][:200]}): "
+                    "it failed, died, froze or its node is gone; this attack rank ends with "
+                    "it") from err
         self._sends.clear()
+
+
+@dataclass
+class _Send:
+    """A view (or its header) on its way to a trainer, kept alive until it is taken."""
+
+    work: Any
+    tensor: Tensor
+    trainer: int
+    posted_at: float
+    on_host: bool  # a gloo send, waited for on the host (else a CUDA stream waits for it)
+
+
+def _trainers_failed() -> TrainersFailed:
+    return TrainersFailed("the trainers ended with an error (see trainer 0's log); this attack "
+                          "rank ends with them")
 
 
 def trainer_env(env: DistEnv, trainers: int) -> DistEnv:

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 
 from conadv.adversarial import EngineContext, build_engine
-from conadv.adversarial.attack_ranks import AttackOrders, served_by, view_header
+from conadv.adversarial.attack_ranks import AttackOrders, view_header
 from conadv.config import RunConfig, plan_batch
 from conadv.data import build_train_stream
 from conadv.data.device import batch_to_device
-from conadv.distributed import DistEnv, JobGroups
+from conadv.distributed import DistEnv, JobGroups, served_by
 from conadv.models import build_model
 from conadv.train.runtime import autocast_dtype, autocast_factory, configure_determinism
 
@@ -54,7 +54,7 @@ def run_attack_rank(cfg: RunConfig, env: DistEnv, device: torch.device, groups: 
             for trainer, stream in streams.items():
                 for _ in range(plan.accumulation):
                     batch, key = stream.next()
-                    header = view_header(key, batch["label"])  # before the attack is queued
+                    header = view_header(key, batch)  # read on the host, before the attack
                     moved = batch_to_device(batch, device, cfg.model.channels_last)
                     images = engine.make_adversarial(model, moved["image"], moved["label"], key)
                     orders.send(images, header, trainer)
