@@ -346,3 +346,45 @@ def test_an_attack_rank_leaves_in_one_sentence_when_trainer_0_freezes(tmp_path, 
     assert 15 <= noticed < 30, (when, noticed)
     errors = [line for line in log_path.read_text().splitlines() if "error:" in line]
     assert len(errors) == 1 and re.search(sentence, errors[0]), errors
+
+
+def _team_member(rank: int, port: int, queue) -> None:
+    """One rank of a 3 trainer + 2 attack rank job: the groups as the job makes them, then a
+    header from each attack rank to each trainer it serves and one weights broadcast."""
+    from conadv.distributed import process_group
+
+    env = DistEnv("torchrun", rank, 5, rank, "127.0.0.1", port)
+    with process_group(env, torch.device("cpu"), "gloo", 30, trainers=3) as groups:
+        if rank >= 3:
+            for trainer in served_by(rank, 3, 2):
+                dist.send(torch.tensor([rank, trainer, 0]), dst=trainer, group=groups.headers)
+            got = None
+        else:
+            got = torch.empty(3, dtype=torch.int64)
+            dist.recv(got, src=attacker_of(rank, 3, 2), group=groups.headers)
+            got = got.tolist()
+        weights = torch.tensor([float(rank == 0)])
+        if rank == 0 or rank >= 3:
+            dist.broadcast(weights, src=0, group=groups.weights)
+        queue.put((rank, got, float(weights), dist.get_world_size(groups.headers)))
+
+
+def test_each_attack_rank_and_its_trainers_share_a_small_header_group():
+    # teams [0, 2, 3] and [1, 4]: each rank makes only its own team's gloo group, so no rank
+    # opens a connection to every other; the views' headers reach the right trainers
+    import torch.multiprocessing as mp
+
+    ctx, port = mp.get_context("spawn"), free_port()
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_team_member, args=(r, port, queue)) for r in range(5)]
+    for proc in procs:
+        proc.start()
+    results = {rank: (got, weight, team) for rank, got, weight, team in
+               (queue.get(timeout=120) for _ in procs)}
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    assert {r: got for r, (got, _, _) in results.items()} == {
+        0: [3, 0, 0], 1: [4, 1, 0], 2: [3, 2, 0], 3: None, 4: None}
+    assert {r: team for r, (_, _, team) in results.items()} == {0: 3, 1: 2, 2: 3, 3: 3, 4: 2}
+    assert [results[r][1] for r in (0, 3, 4)] == [1.0, 1.0, 1.0]
