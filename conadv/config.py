@@ -18,7 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from conadv.errors import ConfigError
+from conadv.errors import ConfigError, first_line
 
 
 def knob(default: Any, doc: str, *, choices: tuple | None = None, low: float | None = None,
@@ -336,7 +336,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except OSError as err:
             raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
         except (yaml.YAMLError, ValueError) as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {_first_line(err)}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {first_line(err)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         layers.append((str(path), loaded))
@@ -459,10 +459,6 @@ def _field_type(full_key: str) -> str:
             type_name = type_name.removeprefix("list[").removesuffix("]")
         schema = _dataclass_of(type_name)
     return type_name
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0]
 
 
 # --------------------------------------------------------------------------- validation

@@ -27,3 +27,10 @@ class TrainingDiverged(UserError):
 
 class ExportError(UserError):
     """An exported model does not compute what the PyTorch model computes."""
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """An underlying error quoted inside one of ours: its first line, cut at `limit`
+    characters (torch's and gloo's messages run to many lines), or its type when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from conadv.config import AdvConfig
 from conadv.distributed import DistEnv, JobGroups, attacker_of
-from conadv.errors import ConfigError, UserError
+from conadv.errors import ConfigError, UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Heartbeat:
             except Exception as err:
                 if not warned:
                     log.warning("trainer 0's heartbeat did not reach the job's store (%s); "
-                                "retrying", str(err).splitlines()[0][:200] if str(err) else err)
+                                "retrying", first_line(err))
                     warned = True
             self._stopped.wait(self._period_s)
 
@@ -174,7 +174,7 @@ class HeartbeatWatch:
             self._store_error = ""
         except Exception as err:
             beat = self._seen
-            self._store_error = str(err).splitlines()[0][:200] if str(err) else repr(err)
+            self._store_error = first_line(err)
         if beat != self._seen:
             self._seen, self._since = beat, now
         elif now - self._since > self._timeout_s:
@@ -277,12 +277,8 @@ class AttackLink:
         # the process; then wait() orders the current stream after the receive (gloo
         # completes a receive only inside wait(), which takes the time left itself)
         deadline = incoming.posted_at + 0.9 * self.timeout.total_seconds()
-
-        def time_left() -> timedelta:
-            return timedelta(seconds=max(1.0, deadline - time.perf_counter()))
-
         try:
-            incoming.header_work.wait(time_left())
+            incoming.header_work.wait(_time_left(deadline))
             check_header(incoming.header, incoming.expected, incoming.source, incoming.step)
             if self.device.type == "cuda":
                 while not incoming.work.is_completed():
@@ -291,7 +287,7 @@ class AttackLink:
                     time.sleep(0.0005)
                 incoming.work.wait()
             else:
-                incoming.work.wait(time_left())
+                incoming.work.wait(_time_left(deadline))
         except RuntimeError as err:
             others = (" (or another attack rank holding up trainer 0's weights broadcast)"
                       if self.attackers > 1 else "")
@@ -341,11 +337,16 @@ class AttackLink:
         self._outgoing.clear()
 
 
+def _time_left(deadline: float) -> timedelta:
+    """A gloo wait's timeout to a time.perf_counter() deadline (at least 1 s: a wait of 0
+    would fail a transfer that is done but not yet collected)."""
+    return timedelta(seconds=max(1.0, deadline - time.perf_counter()))
+
+
 def _lost(what: str, err: RuntimeError) -> AttackRankLost:
     """The one sentence a trainer ends with when an attack rank is gone, logged at once (the
     launcher may kill this process before the error reaches the command line)."""
-    reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-    lost = AttackRankLost(f"{what} ({reason}); the job ends and resumes from its newest "
+    lost = AttackRankLost(f"{what} ({first_line(err)}); the job ends and resumes from its newest "
                           "checkpoint under a restarting launcher")
     log.error("%s", lost)
     return lost
@@ -417,13 +418,13 @@ class AttackOrders:
             deadline = send.posted_at + 0.9 * self.timeout_s
             try:
                 if send.on_host:
-                    send.work.wait(timedelta(seconds=max(1.0, deadline - time.perf_counter())))
+                    send.work.wait(_time_left(deadline))
                 else:
                     send.work.wait()
             except RuntimeError as err:
                 raise TrainersFailed(
                     f"trainer {send.trainer} did not take its adversarial views within 0.9 x "
-                    f"dist.timeout_s={self.timeout_s} s ({str(err).splitlines()[0][:200]}): "
+                    f"dist.timeout_s={self.timeout_s} s ({first_line(err)}): "
                     "it failed, died, froze or its node is gone; this attack rank ends with "
                     "it") from err
         self._sends.clear()

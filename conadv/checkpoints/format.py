@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from conadv.distributed import broadcast_object, broadcast_state, rank
-from conadv.errors import CheckpointError, UserError
+from conadv.errors import CheckpointError, UserError, first_line
 from conadv.fileio import file_sha256
 
 log = logging.getLogger(__name__)
@@ -113,15 +113,10 @@ def load_state(path: Path) -> dict[str, Any]:
                               "does; it was not loaded (loading it could run code)") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path / STATE} cannot be read as a checkpoint "
-                              f"({_first_line(err)})") from None
+                              f"({first_line(err)})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path / STATE} does not hold a conadv run state")
     return state
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def load_state_everywhere(path: Path | None, device: torch.device) -> dict[str, Any]:
