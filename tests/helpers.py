@@ -44,10 +44,12 @@ def run_module(module: str, *args: str, timeout: float = 300, **env: str):
                           capture_output=True, timeout=timeout, env=subprocess_env(**env))
 
 
-def run_torchrun(nproc: int, *args: str, extra: tuple[str, ...] = (), timeout: float = 300):
+def run_torchrun(nproc: int, *args: str, extra: tuple[str, ...] = (), timeout: float = 300,
+                 module: str = "conadv.cli.train"):
+    """torchrun of `module` (conadv-train; tests.checked_train checks its stream order)."""
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--nnodes=1", f"--master-port={port}", *extra, "-m", "conadv.cli.train", *args]
+           "--nnodes=1", f"--master-port={port}", *extra, "-m", module, *args]
     return subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=timeout,
                           env=subprocess_env())
 

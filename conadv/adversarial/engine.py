@@ -230,6 +230,7 @@ class _Pending:
     key: int
     source_step: int
     batch: Batch  # the clean batch as loaded (uint8, pinned on CUDA): on the host until taken
+    remote: bool = False  # made on an attack rank
     incoming: Any = None  # attack ranks: the posted receive of the adversarial images
 
 
@@ -264,6 +265,7 @@ class LookaheadEngine(ViewEngine):
         self._replay: deque[int] = deque()
         self._restored: dict[int, Weights] = {}
         self._replica: tuple[int, nn.Module] | None = None
+        self._taken = 0  # micro-batches taken in this optimizer step
 
     def wants_batch(self) -> bool:
         return len(self.queue) < self.lookahead * self.accumulation + 1
@@ -271,15 +273,30 @@ class LookaheadEngine(ViewEngine):
     def begin_step(self, step: int) -> None:
         """Attack ranks: announce which steps this step feeds fresh (its weights attack them):
         all up to step + tau that are neither queued nor to be replayed."""
+        self._taken = 0
         if self.link is not None:
             first = step + (len(self.queue) + len(self._replay)) // self.accumulation
             self.link.announce(step, first, step + self.lookahead, self.model.parameters())
+            self._post_due_receives()
+
+    def _post_due_receives(self) -> None:
+        """Post the receives of the views trained in this optimizer step or the next, in queue
+        order (the order the attack ranks send in). Posting them all tau steps ahead would keep
+        tau x A receives pending on the point-to-point communicator beside DDP's all-reduces
+        (on NCCL, each a kernel that holds its GPU resources while it waits); one step ahead
+        still gives a view a whole step to arrive before it is trained."""
+        for index, pending in enumerate(self.queue):
+            if (self._taken + index) // self.accumulation > 1:
+                break
+            if pending.remote and pending.incoming is None:
+                pending.incoming = self.link.receive(pending.batch, pending.key,
+                                                     pending.source_step)
 
     def feed(self, batch: Batch, key: int, step: int) -> None:
         if self.link is not None and not self._replay:
             self._keep_weights(self.model, step)  # a checkpoint saves what the attack used
-            incoming = self.link.receive(batch, key, step)
-            self.queue.append(_Pending(Launched({}), key, step, batch, incoming))
+            self.queue.append(_Pending(Launched({}), key, step, batch, remote=True))
+            self._post_due_receives()
             return
         if self._replay:  # rebuilding the queue of a checkpoint: attack with the saved weights
             source = self._replay.popleft()
@@ -299,15 +316,18 @@ class LookaheadEngine(ViewEngine):
         self.queue.append(_Pending(launched, key, source, batch))
 
     def take(self) -> TrainInputs:
+        self._post_due_receives()  # (posted already, unless fed in this very step)
         pending = self.queue.popleft()
-        made = self.executor.consume(pending.launched)
-        seconds = pending.launched.seconds
-        if pending.incoming is not None:  # made on an attack rank: wait for it if need be
+        self._taken += 1
+        if pending.remote:  # made on an attack rank: wait for it if need be
+            # (nothing ran on the executor: its receive is ordered by the link alone)
             start = time.perf_counter()
             adv = self.link.consume(pending.incoming)
             if self.context.channels_last:
                 adv = adv.contiguous(memory_format=torch.channels_last)
             made, seconds = {"adv": adv}, time.perf_counter() - start
+        else:
+            made, seconds = self.executor.consume(pending.launched), pending.launched.seconds
         moved = batch_to_device(pending.batch, self.device, self.context.channels_last)
         inputs = self._assemble(moved, pending.key, made.get("adv"), made.get("soft"),
                                 pending.source_step if self.spec is not None else None)
@@ -328,7 +348,12 @@ class LookaheadEngine(ViewEngine):
 
     def drain(self) -> None:
         if self.link is not None:  # the attack ranks' sends must complete
-            self.link.drain([p.incoming for p in self.queue if p.incoming is not None])
+            remote = [p for p in self.queue if p.remote]
+            for pending in remote:  # the attack ranks sent them all: take them in order
+                if pending.incoming is None:
+                    pending.incoming = self.link.receive(pending.batch, pending.key,
+                                                         pending.source_step)
+            self.link.drain([p.incoming for p in remote])
 
     def attack_events(self) -> tuple[Any, Any] | None:
         return self._last_events

@@ -1,0 +1,135 @@
+"""The feature matrix under the stand-in streams: every training mode runs its CUDA path (the
+stream executor, the stop agreement's pinned flag, the attack ranks' receives) under the
+ordering checker of tests/stream_order.py and must give the sequential executor's numbers bit
+for bit. A mode that passes only in the combinations someone listed is how a user's first GPU
+step crashed (attack ranks with the stream executor).
+
+Covered elsewhere, with the checker on: ConAdv tau 0/1/2 with accumulation 2 and resumes
+inside and after the first tau steps, the teachers (with and without ConAdv), DALI batches
+(tests/test_stream_order.py).
+
+Combinations the config refuses in one sentence (tested at the bottom): MixUp/CutMix with
+ConAdv (the adversarial view has hard labels), attack ranks without staleness (tau 0 or
+vanilla), the stream executor without a device that has streams."""
+
+from __future__ import annotations
+
+import pytest
+
+from conadv.config import load_config
+from conadv.errors import ConfigError
+from conadv.train.trainer import train
+from tests.helpers import (
+    TINY,
+    assert_same_run_state,
+    checkpoint_state,
+    run_torchrun,
+    teacher_files,
+    tiny_config,
+)
+from tests.stream_order import checked_streams
+from tests.test_attack_ranks import LAYOUT
+
+CONADV = ["adv.enabled=true", "adv.tau=1"]
+MODES: dict[str, list[str]] = {
+    "vanilla": ["adv.enabled=false"],
+    "vanilla-autoaugment-view-mixup-cutmix": [
+        "adv.enabled=false", "data.augment=autoaugment", "data.second_view=true",
+        "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0"],
+    "conadv-autoaugment-view": [*CONADV, "data.augment=autoaugment", "data.second_view=true"],
+    "conadv-weight-ema": [*CONADV, "train.ema_decay=0.9"],
+    "conadv-bf16-autocast": [*CONADV, "train.precision=bf16"],
+    "conadv-fp16-autocast": [*CONADV, "train.precision=fp16"],
+    "distillation-discriminator-tau-2": ["adv.enabled=true", "adv.tau=2", "distill.enabled=true",
+                                         "distill.discriminator=true"],
+}
+
+
+def _run(run_dir, executor: str, *overrides: str) -> dict:
+    cfg = tiny_config(run_dir, f"adv.executor={executor}", "train.max_steps=3", *overrides)
+    if executor == "sequential":
+        return train(cfg)
+    with checked_streams(watch_host_reads=False) as checker, checker.host_data():
+        return train(cfg)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_each_mode_keeps_the_stream_rules_and_the_sequential_numbers(tmp_path, mode):
+    overrides = list(MODES[mode])
+    if "distill.enabled=true" in overrides:
+        overrides.append(teacher_files(tmp_path))
+    _run(tmp_path / "stream", "stream", *overrides)
+    _run(tmp_path / "sequential", "sequential", *overrides)
+    assert_same_run_state(checkpoint_state(tmp_path / "sequential"),
+                          checkpoint_state(tmp_path / "stream"))
+
+
+def test_a_skipped_non_finite_step_keeps_the_stream_rules(tmp_path):
+    """on_nonfinite=skip with a NaN loss at step 2: the guard restores the weights while the
+    next attack may read them."""
+    from tests.test_failures import _poison_loss_at
+
+    skipped = []
+    for executor in ("stream", "sequential"):
+        with pytest.MonkeyPatch.context() as patch:
+            _poison_loss_at(patch, {1})
+            summary = _run(tmp_path / executor, executor, *CONADV, "train.on_nonfinite=skip",
+                           "train.max_steps=4")
+        skipped.append(summary["skipped_steps"])
+    assert skipped == [1, 1]
+    assert_same_run_state(checkpoint_state(tmp_path / "sequential"),
+                          checkpoint_state(tmp_path / "stream"))
+
+
+@pytest.mark.slow
+def test_compiled_conadv_keeps_the_stream_rules(tmp_path, monkeypatch):
+    """train.compile on dynamo's graphs (aot_eager: inductor's C++ build takes minutes here)."""
+    import functools
+
+    import torch
+    import torch._dynamo
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    _run(tmp_path / "stream", "stream", *CONADV, "train.compile=true",
+         "train.deterministic=false")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tau, stop_at", [(1, None), (2, 1)], ids=["tau-1", "tau-2-resumed"])
+def test_attack_ranks_on_the_stream_executor_keep_the_rules_and_the_inline_numbers(
+        tmp_path, tau, stop_at):
+    """1 trainer + 1 attack rank through torchrun, every rank under the checker, the trainer
+    with the stream executor (what adv.executor=auto picks on a GPU): the views arrive by
+    asynchronous receives that the checker runs on streams of their own. tau 2 stops inside
+    its first tau steps and resumes."""
+    run = [*LAYOUT, "train.global_batch=16", f"adv.tau={tau}", "train.max_steps=4"]
+    inline = run_torchrun(1, *run, f"log.run_dir={tmp_path / 'inline'}",
+                          "adv.executor=sequential")
+    assert inline.returncode == 0, inline.stderr[-3000:]
+    remote = [*run, f"log.run_dir={tmp_path / 'remote'}", "adv.attack_ranks=1",
+              "adv.executor=stream"]
+    if stop_at is not None:
+        first = run_torchrun(2, *remote, f"train.stop_at_step={stop_at}",
+                             module="tests.checked_train")
+        assert first.returncode == 0, first.stderr[-3000:]
+        remote.append("checkpoint.resume=auto")
+    checked = run_torchrun(2, *remote, module="tests.checked_train")
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert checked.stderr.count("stream order checked: no violation") == 2
+    assert_same_run_state(checkpoint_state(tmp_path / "remote"),
+                          checkpoint_state(tmp_path / "inline"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["adv.enabled=true", "train.mixup_alpha=0.2"], "must be 0 with adv.enabled"),
+    (["adv.enabled=true", "adv.tau=0", "adv.attack_ranks=1"], "needs ConAdv with adv.tau >= 1"),
+])
+def test_combinations_that_cannot_work_are_refused_in_one_sentence(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*TINY, *overrides])
+
+
+def test_the_stream_executor_without_streams_is_refused_in_one_sentence(tmp_path):
+    with pytest.raises(ConfigError, match="adv.executor=stream needs a CUDA device"):
+        train(tiny_config(tmp_path, "adv.enabled=true", "adv.executor=stream"))
