@@ -41,7 +41,21 @@ class DeviceStreams(Protocol):
 
     def keep_alive(self, tensor: torch.Tensor, stream: Any) -> None: ...
 
+    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of a host tensor in pinned memory, which streams copy to and from without
+        the host waiting (so the host must know a copy is done before it touches the
+        buffer)."""
+        ...
+
     def synchronize(self) -> None: ...
+
+
+def wait_for_current_stream(streams: DeviceStreams) -> None:
+    """Block the host until the current stream's work so far is done, and no other stream's
+    (a device-wide synchronize would also wait for a side stream's attack or a receive)."""
+    done = streams.new_event()
+    done.record(streams.current())
+    done.synchronize()
 
 
 class CudaStreams:
@@ -65,6 +79,9 @@ class CudaStreams:
     def keep_alive(self, tensor: torch.Tensor, stream: torch.cuda.Stream) -> None:
         if tensor.is_cuda:
             tensor.record_stream(stream)
+
+    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory()
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)

@@ -20,6 +20,19 @@ checker never saw made (torch.tensor, torch.load) counts as host memory inside `
 device memory elsewhere. A `.to(device)`
 is a no-op on the CPU, so a host batch stays a host tensor where a GPU run would copy it.
 
+Asynchronous collectives (`isend`, `irecv`, and any collective called with `async_op=True`)
+run on a stream of their own, as NCCL's do: it starts after what the calling stream queued,
+touches the collective's tensors, and is joined by `work.wait()` (the current stream only, as
+on NCCL; the host as well when every tensor is host memory, as gloo's CPU path does) or by a
+`work.is_completed()` that returned True (the host). Synchronous collectives and the ones DDP
+waits for inside C++ are charged to the calling stream, which they block on a GPU too.
+
+Pinned host memory (`DeviceStreams.pin`) is host memory that streams copy to and from without
+the host waiting: a stream that writes it (a `non_blocking` device-to-host copy) must be known
+finished by the host (an event synchronised, `synchronize()`) before the host reads it, and a
+stream that reads it (a `non_blocking` host-to-device copy, `.to(device)` of a pinned tensor)
+must be known finished before the host writes it again.
+
 `no_host_sync()` also records every read of a device value by the host (item, bool, tolist,
 numpy, cpu, `.to("cpu")`, printing, nonzero, equal...), the CPU's stand-in for
 torch.cuda.set_sync_debug_mode.
@@ -136,6 +149,8 @@ class _Storage:
     write: tuple[int, int] | None = None  # (stream, position) of the last write
     reads: dict[int, int] = field(default_factory=dict)  # stream -> position of its last read
     kept: set[int] = field(default_factory=set)  # streams it was keep_alive'd for
+    # host memory a collective writes in the background: (its stream, position)
+    collective: tuple[int, int] | None = None
 
 
 class OrderChecker(TorchDispatchMode):
@@ -152,6 +167,9 @@ class OrderChecker(TorchDispatchMode):
         self.host_reads: list[str] = []  # host reads of device values inside no_host_sync()
         self._watching_host_reads = 0
         self.marks: dict[str, int] = {}  # counters a test keeps (e.g. steps), for messages
+        self._pinned: set[int] = set()  # storages of pinned host memory
+        # id(Work) -> (the work, its stream, whether all its tensors are host memory)
+        self._works: dict[int, tuple[Any, SimStream, bool]] = {}
 
     # the DeviceStreams interface ----------------------------------------------------------
     def _stack(self) -> list:
@@ -186,6 +204,68 @@ class OrderChecker(TorchDispatchMode):
     def synchronize(self) -> None:
         for stream in self.streams:
             self.host_learns(stream.clock)
+
+    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A pinned host copy: host memory whose stream copies the checker orders."""
+        with self.host():
+            pinned = tensor.clone()
+        self._pinned.add(self._key(pinned))
+        return pinned
+
+    def is_pinned(self, tensor: torch.Tensor) -> bool:
+        try:
+            return self._key(tensor) in self._pinned
+        except (RuntimeError, NotImplementedError):
+            return False
+
+    # asynchronous collectives -------------------------------------------------------------
+    @contextmanager
+    def collective(self) -> Iterator[None]:
+        """A Python-level asynchronous collective: its c10d op runs on a stream of its own."""
+        self._local.collective = getattr(self._local, "collective", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.collective -= 1
+
+    def _run_collective(self, func, args, kwargs, inputs, written):
+        """The c10d op on a new stream that starts after the calling stream's work; the
+        returned Work is registered so that wait()/is_completed() join that stream."""
+        from torch._C._distributed_c10d import Work
+
+        caller = self.current()
+        work_stream = SimStream(self, f"{func.__name__.split('.')[0]} work")
+        work_stream.merge(caller.clock)
+        work_stream.merge(self.host_clock)
+        position = work_stream.position()
+        host_only = not any(self._is_device(t) for t in inputs)
+        for tensor in inputs:
+            if host_only:  # gloo on a GPU run: the host's memory, written in the background
+                record = self._record_of(tensor, HOST)
+                if any(tensor is w for w in written):
+                    record.collective = (work_stream.id, position)
+            else:
+                self._access(tensor, work_stream, position, any(tensor is w for w in written))
+                # c10d keeps its tensors alive until the work is done (record_stream)
+                self._record_of(tensor, work_stream.id).kept.add(work_stream.id)
+        out = func(*args, **kwargs)
+        work_stream.clock[work_stream.id] += 1
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.ScriptObject):
+                work = Work.unbox(item)
+                self._works[id(work)] = (work, work_stream, host_only)
+        return out
+
+    def joined(self, work: Any, completed: bool) -> None:
+        """`work.wait()` returned (completed=False) or `work.is_completed()` said True."""
+        entry = self._works.get(id(work))
+        if entry is None or entry[0] is not work:
+            return
+        _, work_stream, host_only = entry
+        if completed or host_only:
+            self.host_learns(work_stream.clock)
+        if not completed:
+            self.current().merge(work_stream.clock)
 
     # test-side controls -----------------------------------------------------------------
     @contextmanager
@@ -268,6 +348,8 @@ class OrderChecker(TorchDispatchMode):
             return False
         if record is None:
             return not self._in_host_mode()
+        if record.allocator == HOST and self._key(tensor) in self._pinned:
+            return False  # pinned host memory, whichever stream copied into it
         return record.allocator != HOST or record.write is not None
 
     def _violation(self, message: str) -> None:
@@ -301,11 +383,19 @@ class OrderChecker(TorchDispatchMode):
                 self._is_device(t) for t in inputs):
             self.host_reads.append(f"{name} {self.marks} at {_where()}")
 
+        if func.namespace == "c10d" and getattr(self._local, "collective", 0):
+            return self._run_collective(func, args, kwargs, inputs, written)
         explicit = [s for s in self._stack() if s is not HOST]
         host_mode = self._in_host_mode()
-        on_host = host_mode or (not explicit and inputs and not any(
-            self._is_device(t) for t in inputs))
+        device_copy = getattr(self._local, "device_copy", False)
+        on_host = not device_copy and (host_mode or (not explicit and inputs and not any(
+            self._is_device(t) for t in inputs)))
         stream = None if on_host else self.current()
+        if stream is None:
+            for tensor in inputs:
+                record = self._storages.get(self._key(tensor))
+                if record is not None and (self.is_pinned(tensor) or record.collective):
+                    self._check_host_access(tensor, record, any(tensor is w for w in written))
         if stream is not None:
             stream.merge(self.host_clock)  # enqueued after everything the host waited for
             position = stream.position()
@@ -322,6 +412,24 @@ class OrderChecker(TorchDispatchMode):
         if stream is not None:
             stream.clock[stream.id] += 1
         return out
+
+    def _check_host_access(self, tensor: torch.Tensor, record: _Storage, write: bool) -> None:
+        """The host touches host memory (pinned, or a gloo collective's): the streams that
+        copy it must be known done."""
+        what = record.description  # the buffer, not the view of it that the op touches
+        for writer, at in (w for w in (record.write, record.collective) if w is not None):
+            if self.host_clock.get(writer, 0) <= at:
+                verb = "overwrites" if write else "reads"
+                self._violation(f"the host {verb} a pinned {what} buffer that "
+                                f"{self.streams[writer]} may still be writing (a non_blocking "
+                                "copy or a collective: synchronise an event recorded after it)")
+        if write:
+            for reader, at in record.reads.items():
+                if reader != HOST and self.host_clock.get(reader, 0) <= at:
+                    self._violation(f"the host overwrites a pinned {what} buffer that "
+                                    f"{self.streams[reader]} may still be copying from (a "
+                                    "non_blocking copy: synchronise an event recorded after it)")
+            record.write, record.reads, record.collective = None, {}, None
 
     def _access(self, tensor: torch.Tensor, stream: SimStream, position: int,
                 write: bool) -> None:
@@ -349,7 +457,11 @@ def _describe(tensor: torch.Tensor) -> str:
 
 
 def _written_arguments(func, args, kwargs) -> list[torch.Tensor]:
-    """The tensors an op writes in place (schema arguments marked `(a!)`)."""
+    """The tensors an op writes in place (schema arguments marked `(a!)`; c10d's schemas mark
+    none, its in-place ops (allreduce_, broadcast_, recv_, allgather_...) write their first)."""
+    if func.namespace == "c10d":
+        first = tree_flatten(args[:1])[0] if func.__name__.split(".")[0].endswith("_") else []
+        return [t for t in first if isinstance(t, torch.Tensor)]
     written: list[torch.Tensor] = []
     for index, argument in enumerate(func._schema.arguments):
         if argument.alias_info is None or not argument.alias_info.is_write:
@@ -373,12 +485,12 @@ def checked_streams(watch_host_reads: bool = True) -> Iterator[OrderChecker]:
 
     checker = OrderChecker()
     originals: dict[str, Any] = {}
-    if watch_host_reads:
-        for method in (*_METHODS_THAT_READ_ON_THE_HOST, "to"):
-            originals[method] = getattr(torch.Tensor, method)
-            setattr(torch.Tensor, method, _watched(checker, method, originals[method]))
+    methods = (*_METHODS_THAT_READ_ON_THE_HOST, "to") if watch_host_reads else ("to",)
+    for method in methods:
+        originals[method] = getattr(torch.Tensor, method)
+        setattr(torch.Tensor, method, _watched(checker, method, originals[method]))
     try:
-        with stand_in(checker), checker:
+        with stand_in(checker), _collectives_watched(checker), checker:
             yield checker
     finally:
         for method, original in originals.items():
@@ -386,8 +498,72 @@ def checked_streams(watch_host_reads: bool = True) -> Iterator[OrderChecker]:
     checker.check()
 
 
+# the Python-level collectives that hand their Work back (isend/irecv always, the rest with
+# async_op=True); their c10d ops run on a stream of their own
+_ASYNC_COLLECTIVES = ("isend", "irecv", "broadcast", "all_reduce", "all_gather",
+                      "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
+
+
+@contextmanager
+def _collectives_watched(checker: OrderChecker) -> Iterator[None]:
+    import torch.distributed as dist
+    from torch._C._distributed_c10d import Work
+    from torch.distributed import distributed_c10d
+
+    patched: list[tuple[Any, str, Any]] = []
+
+    def collective(original: Callable, always_async: bool) -> Callable:
+        def wrapper(*args, **kwargs):
+            if not (always_async or kwargs.get("async_op", False)):
+                return original(*args, **kwargs)
+            with checker.collective():
+                return original(*args, **kwargs)
+        return wrapper
+
+    def wait(self, *args, **kwargs):
+        result = original_wait(self, *args, **kwargs)
+        checker.joined(self, completed=False)
+        return result
+
+    def is_completed(self):
+        done = original_is_completed(self)
+        if done:
+            checker.joined(self, completed=True)
+        return done
+
+    for name in _ASYNC_COLLECTIVES:
+        original = getattr(distributed_c10d, name)
+        wrapped = collective(original, name in ("isend", "irecv"))
+        for owner in (dist, distributed_c10d):
+            patched.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, wrapped)
+    original_wait, original_is_completed = Work.wait, Work.is_completed
+    patched += [(Work, "wait", original_wait), (Work, "is_completed", original_is_completed)]
+    Work.wait, Work.is_completed = wait, is_completed
+    try:
+        yield
+    finally:
+        for owner, name, original in reversed(patched):
+            setattr(owner, name, original)
+
+
+def _moves_to_a_device(args: tuple, kwargs: dict) -> bool:
+    """`.to(...)` names a device (on the CPU stand-in a pinned tensor's only destination)."""
+    return any(isinstance(a, torch.device) or (isinstance(a, str) and a != "cpu")
+               for a in (*args, kwargs.get("device")))
+
+
 def _watched(checker: OrderChecker, method: str, original: Callable) -> Callable:
     def wrapper(self, *args, **kwargs):
+        if method == "to" and checker.is_pinned(self) and _moves_to_a_device(args, kwargs):
+            # a host-to-device copy (a no-op on the CPU): a copy on the current stream
+            checker._local.device_copy = True
+            try:
+                return original(self, *args, **{**kwargs, "copy": True})
+            finally:
+                checker._local.device_copy = False
+        if method not in _METHODS_THAT_READ_ON_THE_HOST and method != "to":
+            return original(self, *args, **kwargs)
         if checker._watching_host_reads and checker._is_device(self):
             to_host = method != "to" or any(
                 isinstance(a, str) and a == "cpu" for a in (*args, kwargs.get("device")))

@@ -388,3 +388,69 @@ def test_each_attack_rank_and_its_trainers_share_a_small_header_group():
         0: [3, 0, 0], 1: [4, 1, 0], 2: [3, 2, 0], 3: None, 4: None}
     assert {r: team for r, (_, _, team) in results.items()} == {0: 3, 1: 2, 2: 3, 3: 3, 4: 2}
     assert [results[r][1] for r in (0, 3, 4)] == [1.0, 1.0, 1.0]
+
+
+class _NeverDone:
+    """Collective work whose peer never comes (a frozen process or a vanished node)."""
+
+    def __init__(self) -> None:
+        self.timeouts = []
+
+    def is_completed(self):
+        return False
+
+    def wait(self, timeout=None):
+        self.timeouts.append(timeout)
+        raise RuntimeError("Timed out waiting for the broadcast to complete")
+
+
+def test_trainer_0s_stop_word_has_a_deadline(monkeypatch):
+    """The weights group waits up to 7 days (it spans evaluations): the final broadcast gets
+    0.9 x dist.timeout_s and one sentence, not the group's timeout."""
+    never = _NeverDone()
+    monkeypatch.setattr(dist, "broadcast", lambda *args, **kwargs: never)
+    env = DistEnv("torchrun", 0, 2, 0, "127.0.0.1", 1)
+
+    class Store:
+        def add(self, key, value):
+            return 0
+
+    groups = JobGroups(trainers=None, weights=None, headers=None, store=Store())
+    link = AttackLink(load_config(None, []).adv, groups, env, 1, 100, torch.device("cpu"))
+    with pytest.raises(AttackRankLost, match="an attack rank did not take the stop word"):
+        link.stop(failed=False)
+    assert never.timeouts[0].total_seconds() == pytest.approx(90, abs=1)
+
+
+def test_an_attack_rank_waiting_for_the_weights_watches_trainer_0s_heartbeat(monkeypatch):
+    """Trainer 0 froze between the control word and the weights: the attack rank notices
+    within the heartbeat's timeout instead of waiting on the 7-day weights group."""
+    class Done:
+        def is_completed(self):
+            return True
+
+        def wait(self, timeout=None):
+            return True
+
+    calls = []
+
+    def broadcast(tensor, src, group, async_op=False):
+        calls.append(tensor)
+        if len(calls) == 1:  # the control word arrives
+            tensor.copy_(torch.tensor([GO, 3, 4, 4, 10]))
+            return Done()
+        return _NeverDone()  # the weights never do
+
+    class SilentStore:
+        def add(self, key, value):
+            return 7  # trainer 0's pulse stopped moving
+
+    monkeypatch.setattr(dist, "broadcast", broadcast)
+    groups = JobGroups(trainers=None, weights=None, headers=None, store=SilentStore())
+    orders = AttackOrders(load_config(None, []).adv, groups, [torch.zeros(10)], 1,
+                          torch.device("cpu"))
+    started = time.monotonic()
+    with pytest.raises(TrainersFailed, match="trainer 0 (has not been heard from|did not send "
+                                             "step 3's weights)"):
+        orders.next()
+    assert len(calls) == 2 and time.monotonic() - started < 2 * 1

@@ -4,6 +4,8 @@ checker of tests/stream_order.py, which fails on any cross-stream access that a 
 order, and give the sequential executor's numbers bit for bit. Also the host-read proxy: the
 training step reads no device value on the host, and fit() only at logging steps."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -42,7 +44,9 @@ def test_the_checker_fails_a_missing_edge(tmp_path, monkeypatch, broken):
     method, replacement = BROKEN[broken]
     monkeypatch.setattr(executors.StreamExecutor, method, replacement)
     with pytest.raises(StreamOrderError):
-        checked_train(tmp_path, "adv.enabled=true", "train.max_steps=3")
+        # no logging step in between: the host waiting for the main stream there orders
+        # every later launch after it, as on a GPU
+        checked_train(tmp_path, "adv.enabled=true", "train.max_steps=3", "log.every_steps=10")
 
 
 @pytest.mark.parametrize("tau", [0, 1, 2])
@@ -145,3 +149,133 @@ def test_fit_reads_device_values_on_the_host_only_at_logging_steps(tmp_path, mon
     steps = {read.split("'step': ")[1].split("}")[0] for read in checker.host_reads}
     assert checker.host_reads and steps <= {"4", "8", "9"}, checker.host_reads
     assert not [r for r in checker.host_reads if "in a step" in r], checker.host_reads
+
+
+# ------------------------------------------------------------------ asynchronous work and
+# pinned host memory: each rule of the checker fails a deliberately broken line of the project
+
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group: the collectives' code paths, in this process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _agree_three_times() -> None:
+    from conadv.train.preemption import _Agreement
+
+    agreement = _Agreement(CPU)
+    for level in (0, 2, 0):
+        agreement.exchange(level)
+    agreement.finish(wait=True)
+
+
+def test_the_stop_agreement_keeps_the_rules_of_async_work_and_pinned_memory(one_rank_group):
+    with checked_streams(watch_host_reads=False):
+        _agree_three_times()
+
+
+def _exchange_without_waiting_for_the_all_reduce(self, level):
+    """conadv/train/preemption.py's _Agreement.exchange without `self.work.wait()`."""
+    from conadv.train.preemption import all_reduce_max_async
+
+    agreed = self._collect()
+    self.flag.fill_(level)
+    self.work = all_reduce_max_async(self.flag)
+    self.host.copy_(self.flag, non_blocking=True)
+    self.ready = self.streams.new_event()
+    self.ready.record(self.streams.current())
+    return agreed
+
+
+def _collect_without_the_event(self):
+    """_Agreement._collect reading the pinned copy without `self.ready.synchronize()`."""
+    if self.work is None:
+        return 0
+    value = int(self.host[0])
+    self.work = None
+    return value
+
+
+@pytest.mark.parametrize("method, broken, message", [
+    ("exchange", _exchange_without_waiting_for_the_all_reduce,
+     "stream 'main' reads a \\(1,\\) int32 tensor written on stream 'allreduce_ work'"),
+    ("_collect", _collect_without_the_event,
+     "the host reads a pinned \\(1,\\) int32 buffer that stream 'main' may still be writing"),
+], ids=["async-collective", "pinned-device-to-host"])
+def test_the_checker_fails_a_broken_stop_agreement(one_rank_group, monkeypatch, method, broken,
+                                                   message):
+    from conadv.train.preemption import _Agreement
+
+    monkeypatch.setattr(_Agreement, method, broken)
+    with pytest.raises(StreamOrderError, match=message):
+        with checked_streams(watch_host_reads=False):
+            _agree_three_times()
+
+
+class _Store:
+    def add(self, key, value):
+        return 0
+
+
+def _control_words_twice(link) -> None:
+    for step in (1, 2):
+        word = link._control([1, step, step, step, 10])
+        word + 1  # the broadcast reads it on the stream
+
+
+def _control_from_one_staging_buffer(self, words):
+    """AttackLink._control rewriting one pinned staging buffer instead of a fresh one."""
+    from conadv.streams import streams_for
+
+    if not hasattr(self, "_staging"):
+        self._staging = streams_for(self.device).pin(torch.zeros(len(words), dtype=torch.int64))
+    for index, word in enumerate(words):
+        self._staging[index].fill_(word)
+    return self._staging.to(self.device, non_blocking=True)
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["as-written", "one-staging-buffer"])
+def test_the_checker_fails_a_pinned_buffer_rewritten_under_its_copy(monkeypatch, broken):
+    from conadv.adversarial.attack_ranks import AttackLink
+    from conadv.distributed import JobGroups
+
+    if broken:
+        monkeypatch.setattr(AttackLink, "_control", _control_from_one_staging_buffer)
+    env = DistEnv("torchrun", 0, 2, 0, "127.0.0.1", 1)
+    groups = JobGroups(trainers=None, weights=None, headers=None, store=_Store())
+    link = AttackLink(tiny_config("/tmp", "adv.enabled=true").adv, groups, env, 1, 100, CPU)
+    try:
+        with pytest.raises(StreamOrderError, match="the host overwrites a pinned \\(5,\\) int64 "
+                                                   "buffer that stream 'main' may still be "
+                                                   "copying from") if broken else nullcontext():
+            with checked_streams(watch_host_reads=False):
+                _control_words_twice(link)
+    finally:
+        link._heartbeat.stop()
+
+
+def test_a_logging_step_waits_for_the_main_stream_and_nothing_else(tmp_path):
+    """window_record waits for the steps it times, not for the attacks in flight on the side
+    stream (a device-wide synchronize would)."""
+    from conadv.train.step_metrics import MetricWindow
+
+    with checked_streams(watch_host_reads=False) as checker, checker.host_data():
+        trainer = Trainer(tiny_config(tmp_path, "adv.enabled=true", "adv.tau=1",
+                                      "adv.executor=stream", "train.max_steps=4"), SINGLE, CPU)
+        window = MetricWindow(CPU)
+        for _ in range(2):
+            window.add(trainer.train_step())
+        side = trainer.engine.executor.stream
+        side_work_before = side.position()
+        trainer.engine.feed(*trainer.stream.next(), trainer.step)  # an attack in flight
+        assert side.position() > side_work_before
+        main_work, side_seen = checker.main.position(), checker.main.clock.get(side.id, 0)
+        trainer.window_record(window, 0)
+        assert checker.host_clock.get(checker.main.id, 0) >= main_work  # the steps are done
+        assert checker.host_clock.get(side.id, 0) <= side_seen  # the attack in flight is not

@@ -17,8 +17,9 @@ optimizer), the last N attack (conadv.config.trainer_count says why the last). E
    (`JobGroups.headers`: the attack rank and its trainers), which the trainer checks on the
    host against the micro-batch it trains, so attack ranks reading other data fail in one
    sentence instead of training another image's views;
-3. the trainer posts the receives when it queues the batch (at step t, for step t + tau) and
-   waits for them only when the batch is trained, tau steps later.
+3. the trainer queues the batch at step t (for step t + tau), posts its receives at the start
+   of the step before the one that trains it (so at most 2 x accumulation receives are pending
+   beside DDP's all-reduces, whatever tau) and waits for them only when the batch is trained.
 
 Nobody waits forever. A trainer waits for a view at most 0.9 x dist.timeout_s from posting its
 receive (then one sentence names the attack rank, before NCCL's watchdog aborts the process).
@@ -44,7 +45,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -56,6 +57,7 @@ from torch import Tensor
 from conadv.config import AdvConfig
 from conadv.distributed import DistEnv, JobGroups, attacker_of
 from conadv.errors import ConfigError, UserError, first_line
+from conadv.streams import streams_for
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +253,10 @@ class AttackLink:
         pageable memory would wait for the GPU every step): from pinned memory, kept alive with
         the broadcast that sends it."""
         host = torch.tensor(words, dtype=torch.int64)
-        if self.device.type != "cuda":
+        streams = streams_for(self.device)
+        if streams is None:
             return host
-        pinned = host.pin_memory()
+        pinned = streams.pin(host)
         self._outgoing.append((None, pinned))
         return pinned.to(self.device, non_blocking=True)
 
@@ -280,14 +283,7 @@ class AttackLink:
         try:
             incoming.header_work.wait(_time_left(deadline))
             check_header(incoming.header, incoming.expected, incoming.source, incoming.step)
-            if self.device.type == "cuda":
-                while not incoming.work.is_completed():
-                    if time.perf_counter() > deadline:
-                        raise RuntimeError("timed out")
-                    time.sleep(0.0005)
-                incoming.work.wait()
-            else:
-                incoming.work.wait(_time_left(deadline))
+            wait_until(incoming.work, deadline, polled=self.device.type == "cuda")
         except RuntimeError as err:
             others = (" (or another attack rank holding up trainer 0's weights broadcast)"
                       if self.attackers > 1 else "")
@@ -312,8 +308,14 @@ class AttackLink:
         word = FAILED if failed else STOP
         try:
             self._finish_outgoing()
-            dist.broadcast(self._control([word, int(terminated), 0, 0, 0]), src=0,
-                           group=self.groups.weights)
+            work = dist.broadcast(self._control([word, int(terminated), 0, 0, 0]), src=0,
+                                  group=self.groups.weights, async_op=True)
+            # the weights group has no deadline of its own (see distributed.py)
+            deadline = time.perf_counter() + 0.9 * self.timeout.total_seconds()
+            try:
+                wait_until(work, deadline, polled=self.device.type == "cuda")
+            except RuntimeError as err:
+                raise _lost("an attack rank did not take the stop word", err) from err
         except (RuntimeError, AttackRankLost):
             if not failed:
                 raise
@@ -322,19 +324,36 @@ class AttackLink:
             self._heartbeat.stop()
 
     def _finish_outgoing(self) -> None:
+        # the weights group has no deadline of its own (see distributed.py), so neither has
+        # NCCL's watchdog for it: polled against one here
+        deadline = time.perf_counter() + 0.9 * self.timeout.total_seconds()
         try:
             for work, _ in self._outgoing:
-                if work is None:
-                    continue
-                if self.device.type == "cuda":  # orders the stream; the watchdog times it
-                    work.wait()
-                else:  # the weights group has no deadline of its own (see distributed.py)
-                    work.wait(self.timeout)
+                if work is not None:
+                    wait_until(work, deadline, polled=self.device.type == "cuda")
         except RuntimeError as err:
             last = self.trainers + self.attackers - 1
             ranks = f"rank {last}" if self.attackers == 1 else f"ranks {self.trainers}-{last}"
             raise _lost(f"an attack rank ({ranks}) did not take the weights", err) from err
         self._outgoing.clear()
+
+
+def wait_until(work: Any, deadline: float, polled: bool,
+               watch: Callable[[], None] | None = None) -> None:
+    """Wait for asynchronous collective work until `deadline` (time.perf_counter()), else
+    RuntimeError. `polled`: poll is_completed() (a CUDA stream's work, whose wait() only orders
+    the stream, or a wait that must `watch` something meanwhile: trainer 0's heartbeat), then
+    wait() orders the current stream after it; otherwise gloo's wait with the time left."""
+    if not polled:
+        work.wait(_time_left(deadline))
+        return
+    while not work.is_completed():
+        if watch is not None:
+            watch()
+        if time.perf_counter() > deadline:
+            raise RuntimeError("timed out")
+        time.sleep(0.0005)
+    work.wait()
 
 
 def _time_left(deadline: float) -> timedelta:
@@ -396,7 +415,16 @@ class AttackOrders:
             raise ConfigError(f"trainer 0 sends {size} weights but this attack rank's model has "
                               f"{self.flat.numel()}: the ranks run different model configs or "
                               "code versions")
-        dist.broadcast(self.flat, src=0, group=self.groups.weights)
+        # trainer 0 sends the weights right after the word: watched like the word, and given
+        # 0.9 x dist.timeout_s (the weights group has no deadline of its own)
+        work = dist.broadcast(self.flat, src=0, group=self.groups.weights, async_op=True)
+        try:
+            wait_until(work, time.perf_counter() + 0.9 * self.timeout_s, polled=True,
+                       watch=self._trainer0.check)
+        except RuntimeError as err:
+            raise TrainersFailed(f"trainer 0 did not send step {step}'s weights within 0.9 x "
+                                 f"dist.timeout_s={self.timeout_s} s ({first_line(err)}); this "
+                                 "attack rank ends with it") from err
         unflatten_into(self.flat, self.parameters)
         return first, last
 

@@ -35,7 +35,7 @@ from conadv.checkpoints.format import (
 from conadv.distributed import broadcast_object
 from conadv.errors import CheckpointError, CheckpointWriteError
 from conadv.fileio import file_sha256
-from conadv.streams import streams_for
+from conadv.streams import streams_for, wait_for_current_stream
 from conadv.train.nonfinite import first_non_finite
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,10 @@ def host_copy(obj: Any) -> Any:
     so training may go on changing the originals while the copy is written."""
     devices: set[torch.device] = set()
     copied = _copy_to_host(obj, devices)
-    for device in devices:  # the non-blocking device-to-host copies have landed
-        streams = streams_for(device)
+    for device in devices:  # the non-blocking device-to-host copies (queued on the current
+        streams = streams_for(device)  # stream) have landed; other streams may go on
         if streams is not None:
-            streams.synchronize()
+            wait_for_current_stream(streams)
     return copied
 
 

@@ -152,7 +152,8 @@ class _Agreement:
     def __init__(self, device: torch.device) -> None:
         self.streams = streams_for(device)
         self.flag = torch.zeros(1, dtype=torch.int32, device=device)
-        self.host = torch.zeros(1, dtype=torch.int32, pin_memory=device.type == "cuda")
+        host = torch.zeros(1, dtype=torch.int32)
+        self.host = self.streams.pin(host) if self.streams is not None else host
         self.work: Any = None
         self.ready: Any = None
 

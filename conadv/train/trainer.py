@@ -47,6 +47,7 @@ from conadv.errors import ConfigError
 from conadv.models import build_model
 from conadv.optim import build_optimizer, build_scheduler, scaled_lr
 from conadv.report import build_report
+from conadv.streams import streams_for, wait_for_current_stream
 from conadv.telemetry import Telemetry, setup_logging
 from conadv.trackers import Trackers
 from conadv.train.attack_rank import run_attack_rank
@@ -465,8 +466,9 @@ class Trainer:
     def window_record(self, window: MetricWindow, skipped: int) -> dict[str, Any]:
         """The `train` record of the steps since the last one (a collective), and a new
         window."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        streams = streams_for(self.device)
+        if streams is not None:  # the window's steps are done (the main stream's work only)
+            wait_for_current_stream(streams)
         elapsed = time.perf_counter() - window.started
         record = {"epoch": round(self.epoch_progress, 4), "lr": self.scheduler.get_last_lr()[0],
                   **window.record(self.env.world_size),
