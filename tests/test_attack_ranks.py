@@ -54,9 +54,16 @@ LAYOUT = [*TINY, "train.global_batch=32", "train.accumulation=2", "train.max_ste
           "checkpoint.every_steps=100", "adv.enabled=true"]
 
 
-def _train(nproc: int, run_dir: Path, *extra: str):
-    result = run_torchrun(nproc, *LAYOUT, f"log.run_dir={run_dir}", *extra)
+def _train(nproc: int, run_dir: Path, *extra: str, checked: bool = False):
+    """`checked`: every rank under the stream-order checker, the trainers on the stream
+    executor (what adv.executor=auto picks on a GPU), their receives on streams of their own."""
+    if checked:
+        extra = (*extra, "adv.executor=stream")
+    result = run_torchrun(nproc, *LAYOUT, f"log.run_dir={run_dir}", *extra,
+                          module="tests.checked_train" if checked else "conadv.cli.train")
     assert result.returncode == 0, result.stderr[-3000:]
+    if checked:
+        assert result.stderr.count("stream order checked: no violation") == nproc
     return result
 
 
@@ -211,7 +218,7 @@ def test_a_store_that_does_not_answer_counts_as_no_heartbeat():
 @pytest.mark.slow
 def test_attack_ranks_train_bit_for_bit_what_the_trainers_would_with_tau_1(tmp_path):
     _train(2, tmp_path / "inline", "adv.tau=1")
-    remote = _train(3, tmp_path / "remote", "adv.tau=1", "adv.attack_ranks=1")
+    remote = _train(3, tmp_path / "remote", "adv.tau=1", "adv.attack_ranks=1", checked=True)
     assert "8 per device x 2 ranks x 2 accumulation" in remote.stderr
     assert_same_run_state(checkpoint_state(tmp_path / "remote"),
                           checkpoint_state(tmp_path / "inline"))
@@ -225,11 +232,13 @@ def test_attack_ranks_train_bit_for_bit_what_the_trainers_would_with_tau_1(tmp_p
 
 @pytest.mark.slow
 def test_attack_ranks_with_tau_2_stop_and_resume_on_the_same_trajectory(tmp_path):
+    """Stopped inside the first tau steps, on the stream executor under the checker."""
     _train(2, tmp_path / "inline", "adv.tau=2")
     run_dir = tmp_path / "remote"
-    _train(3, run_dir, "adv.tau=2", "adv.attack_ranks=1", "train.stop_at_step=3")
-    resumed = _train(3, run_dir, "adv.tau=2", "adv.attack_ranks=1", "checkpoint.resume=auto")
-    assert "resumed from" in resumed.stderr and "step-00000003" in resumed.stderr
+    _train(3, run_dir, "adv.tau=2", "adv.attack_ranks=1", "train.stop_at_step=1", checked=True)
+    resumed = _train(3, run_dir, "adv.tau=2", "adv.attack_ranks=1", "checkpoint.resume=auto",
+                     checked=True)
+    assert "resumed from" in resumed.stderr and "step-00000001" in resumed.stderr
     assert_same_run_state(checkpoint_state(run_dir), checkpoint_state(tmp_path / "inline"))
 
 

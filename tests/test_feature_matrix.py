@@ -5,8 +5,10 @@ for bit. A mode that passes only in the combinations someone listed is how a use
 step crashed (attack ranks with the stream executor).
 
 Covered elsewhere, with the checker on: ConAdv tau 0/1/2 with accumulation 2 and resumes
-inside and after the first tau steps, the teachers (with and without ConAdv), DALI batches
-(tests/test_stream_order.py).
+inside and after the first tau steps, the teachers with the discriminator (with and without
+ConAdv), DALI batches (tests/test_stream_order.py); attack ranks with tau 1, and with tau 2
+stopped inside its first tau steps and resumed, through torchrun with every rank checked
+(tests/test_attack_ranks.py).
 
 Combinations the config refuses in one sentence (tested at the bottom): MixUp/CutMix with
 ConAdv (the adversarial view has hard labels), attack ranks without staleness (tau 0 or
@@ -23,12 +25,9 @@ from tests.helpers import (
     TINY,
     assert_same_run_state,
     checkpoint_state,
-    run_torchrun,
-    teacher_files,
     tiny_config,
 )
 from tests.stream_order import checked_streams
-from tests.test_attack_ranks import LAYOUT
 
 CONADV = ["adv.enabled=true", "adv.tau=1"]
 MODES: dict[str, list[str]] = {
@@ -40,8 +39,6 @@ MODES: dict[str, list[str]] = {
     "conadv-weight-ema": [*CONADV, "train.ema_decay=0.9"],
     "conadv-bf16-autocast": [*CONADV, "train.precision=bf16"],
     "conadv-fp16-autocast": [*CONADV, "train.precision=fp16"],
-    "distillation-discriminator-tau-2": ["adv.enabled=true", "adv.tau=2", "distill.enabled=true",
-                                         "distill.discriminator=true"],
 }
 
 
@@ -55,9 +52,7 @@ def _run(run_dir, executor: str, *overrides: str) -> dict:
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_each_mode_keeps_the_stream_rules_and_the_sequential_numbers(tmp_path, mode):
-    overrides = list(MODES[mode])
-    if "distill.enabled=true" in overrides:
-        overrides.append(teacher_files(tmp_path))
+    overrides = MODES[mode]
     _run(tmp_path / "stream", "stream", *overrides)
     _run(tmp_path / "sequential", "sequential", *overrides)
     assert_same_run_state(checkpoint_state(tmp_path / "sequential"),
@@ -93,32 +88,6 @@ def test_compiled_conadv_keeps_the_stream_rules(tmp_path, monkeypatch):
     torch._dynamo.reset()
     _run(tmp_path / "stream", "stream", *CONADV, "train.compile=true",
          "train.deterministic=false")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("tau, stop_at", [(1, None), (2, 1)], ids=["tau-1", "tau-2-resumed"])
-def test_attack_ranks_on_the_stream_executor_keep_the_rules_and_the_inline_numbers(
-        tmp_path, tau, stop_at):
-    """1 trainer + 1 attack rank through torchrun, every rank under the checker, the trainer
-    with the stream executor (what adv.executor=auto picks on a GPU): the views arrive by
-    asynchronous receives that the checker runs on streams of their own. tau 2 stops inside
-    its first tau steps and resumes."""
-    run = [*LAYOUT, "train.global_batch=16", f"adv.tau={tau}", "train.max_steps=4"]
-    inline = run_torchrun(1, *run, f"log.run_dir={tmp_path / 'inline'}",
-                          "adv.executor=sequential")
-    assert inline.returncode == 0, inline.stderr[-3000:]
-    remote = [*run, f"log.run_dir={tmp_path / 'remote'}", "adv.attack_ranks=1",
-              "adv.executor=stream"]
-    if stop_at is not None:
-        first = run_torchrun(2, *remote, f"train.stop_at_step={stop_at}",
-                             module="tests.checked_train")
-        assert first.returncode == 0, first.stderr[-3000:]
-        remote.append("checkpoint.resume=auto")
-    checked = run_torchrun(2, *remote, module="tests.checked_train")
-    assert checked.returncode == 0, checked.stderr[-3000:]
-    assert checked.stderr.count("stream order checked: no violation") == 2
-    assert_same_run_state(checkpoint_state(tmp_path / "remote"),
-                          checkpoint_state(tmp_path / "inline"))
 
 
 @pytest.mark.parametrize("overrides, message", [
