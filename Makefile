@@ -33,9 +33,16 @@ demo: install
 	$(VENV)/bin/conadv-train --config configs/demo.yaml adv.enabled=false log.run_dir=runs/demo_vanilla
 	$(VENV)/bin/conadv-report runs/demo runs/demo_vanilla --out runs/demo_report
 
-# two workers: the suite's many multi-process tests wait on process start-up and rendezvous
+# two workers: the suite's many multi-process tests wait on process start-up and rendezvous.
+# The suite's line coverage of conadv/ (torchrun ranks and CLIs in subprocesses too) is
+# reported, and the whole suite checks that docs/UNEXECUTED.md names every line it never runs.
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup $(TEST_ARGS)
+	rm -f .coverage .coverage.*
+	COVERAGE_FILE=$(CURDIR)/.coverage $(PY) -m coverage run -m pytest -q -n 2 --dist loadgroup \
+		$(TEST_ARGS)
+	$(PY) -m coverage combine -q
+	$(PY) -m coverage report --precision=1 | tail -n 1
+	$(if $(TEST_ARGS),,$(PY) -m tests.unexecuted --check)
 
 # CPU benchmark suite (< 10 min on 2 cores) -> benchmarks/results/<machine>-<date>.json
 bench: install

@@ -24,8 +24,9 @@ setup(
         "ninja",  # builds the fused CPU LAMB kernel (conadv/optim/lamb_cpu.cpp) on first use
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "timm>=1.0", "hypothesis>=6"],
-        "dev": ["pytest>=7", "pytest-xdist>=3", "timm>=1.0", "hypothesis>=6", "ruff>=0.4"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "timm>=1.0", "hypothesis>=6", "coverage>=7.10"],
+        "dev": ["pytest>=7", "pytest-xdist>=3", "timm>=1.0", "hypothesis>=6", "ruff>=0.4",
+                "coverage>=7.10"],
         # GPU decoding (data.loader=dali); its CPU operators also run without a GPU
         "dali": ["nvidia-dali-cuda130>=2.4"],
         # conadv-eval --export-onnx: torch's exporter (onnxscript), checked with onnxruntime

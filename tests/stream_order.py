@@ -27,6 +27,10 @@ on NCCL; the host as well when every tensor is host memory, as gloo's CPU path d
 `work.is_completed()` that returned True (the host). Synchronous collectives and the ones DDP
 waits for inside C++ are charged to the calling stream, which they block on a GPU too.
 
+DALI's pipeline writes its outputs on a stream of its own into buffers that its next run
+reuses: `run()` returns once they are written (the host knows it), and the next `run()` may
+overwrite them only after every stream that read them (the loader's copy out) is known done.
+
 Pinned host memory (`DeviceStreams.pin`) is host memory that streams copy to and from without
 the host waiting: a stream that writes it (a `non_blocking` device-to-host copy) must be known
 finished by the host (an event synchronised, `synchronize()`) before the host reads it, and a
@@ -40,6 +44,7 @@ torch.cuda.set_sync_debug_mode.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import traceback
 import weakref
@@ -170,6 +175,8 @@ class OrderChecker(TorchDispatchMode):
         self._pinned: set[int] = set()  # storages of pinned host memory
         # id(Work) -> (the work, its stream, whether all its tensors are host memory)
         self._works: dict[int, tuple[Any, SimStream, bool]] = {}
+        # id(DALI pipeline) -> (its stream, the record of its reused output buffers, pipeline)
+        self._dali: dict[int, tuple[SimStream, _Storage, Any]] = {}
 
     # the DeviceStreams interface ----------------------------------------------------------
     def _stack(self) -> list:
@@ -209,7 +216,9 @@ class OrderChecker(TorchDispatchMode):
         """A pinned host copy: host memory whose stream copies the checker orders."""
         with self.host():
             pinned = tensor.clone()
-        self._pinned.add(self._key(pinned))
+        key = self._key(pinned)
+        self._pinned.add(key)
+        weakref.finalize(pinned.untyped_storage(), self._pinned.discard, key)
         return pinned
 
     def is_pinned(self, tensor: torch.Tensor) -> bool:
@@ -266,6 +275,30 @@ class OrderChecker(TorchDispatchMode):
             self.host_learns(work_stream.clock)
         if not completed:
             self.current().merge(work_stream.clock)
+
+    # DALI --------------------------------------------------------------------------------
+    def dali_run(self, pipe: Any) -> None:
+        """A pipeline run overwrites its output buffers on DALI's stream, which starts after
+        what the host knows; the run returns once they are written."""
+        if id(pipe) not in self._dali:
+            self._dali[id(pipe)] = (SimStream(self, "DALI"), _Storage("DALI output", HOST), pipe)
+        stream, record, _ = self._dali[id(pipe)]
+        stream.merge(self.host_clock)
+        position = stream.position()
+        for reader, at in record.reads.items():
+            if reader != stream.id and not stream.covers(reader, at):
+                self._violation(f"DALI's next run overwrites the output buffers that "
+                                f"{self.streams[reader]} may still be reading (synchronise an "
+                                "event recorded after that read before running the pipeline)")
+        record.write, record.reads = (stream.id, position), {}
+        stream.clock[stream.id] += 1
+        self.host_learns(stream.clock)
+
+    def dali_output(self, pipe: Any, tensor: torch.Tensor) -> None:
+        """`tensor` views the output buffers of the pipeline's last run."""
+        key = self._key(tensor)
+        self._storages[key] = self._dali[id(pipe)][1]
+        weakref.finalize(tensor.untyped_storage(), self._storages.pop, key, None)
 
     # test-side controls -----------------------------------------------------------------
     @contextmanager
@@ -490,12 +523,42 @@ def checked_streams(watch_host_reads: bool = True) -> Iterator[OrderChecker]:
         originals[method] = getattr(torch.Tensor, method)
         setattr(torch.Tensor, method, _watched(checker, method, originals[method]))
     try:
-        with stand_in(checker), _collectives_watched(checker), checker:
+        with stand_in(checker), _collectives_watched(checker), _dali_watched(checker), checker:
             yield checker
     finally:
         for method, original in originals.items():
             setattr(torch.Tensor, method, original)
     checker.check()
+
+
+@contextmanager
+def _dali_watched(checker: OrderChecker) -> Iterator[None]:
+    """Pipeline runs and the tensors taken out of their outputs (torch.from_dlpack)."""
+    try:
+        from nvidia.dali.pipeline import Pipeline
+    except ImportError:
+        yield
+        return
+    original_run, original_from_dlpack = Pipeline.run, torch.from_dlpack
+
+    def run(self, *args, **kwargs):
+        checker.dali_run(self)
+        outputs = original_run(self, *args, **kwargs)
+        checker._local.dali_pipe = self
+        return outputs
+
+    def from_dlpack(source, *args, **kwargs):
+        tensor = original_from_dlpack(source, *args, **kwargs)
+        pipe = getattr(checker._local, "dali_pipe", None)
+        if pipe is not None and type(source).__module__.startswith("nvidia.dali"):
+            checker.dali_output(pipe, tensor)
+        return tensor
+
+    Pipeline.run, torch.from_dlpack = run, from_dlpack
+    try:
+        yield
+    finally:
+        Pipeline.run, torch.from_dlpack = original_run, original_from_dlpack
 
 
 # the Python-level collectives that hand their Work back (isend/irecv always, the rest with
@@ -513,8 +576,12 @@ def _collectives_watched(checker: OrderChecker) -> Iterator[None]:
     patched: list[tuple[Any, str, Any]] = []
 
     def collective(original: Callable, always_async: bool) -> Callable:
+        signature = inspect.signature(original)
+
         def wrapper(*args, **kwargs):
-            if not (always_async or kwargs.get("async_op", False)):
+            asynchronous = always_async or signature.bind(*args, **kwargs).arguments.get(
+                "async_op", False)
+            if not asynchronous:
                 return original(*args, **kwargs)
             with checker.collective():
                 return original(*args, **kwargs)

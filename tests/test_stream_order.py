@@ -83,17 +83,21 @@ def test_teachers_on_the_side_stream_keep_the_rules(tmp_path, adv):
                           checkpoint_state(tmp_path / "stream"))
 
 
+def _dali_run(tmp_path) -> list[str]:
+    from tests.test_dali import THREE_VIEWS, photo_folder
+
+    photo_folder(tmp_path / "data")
+    return ["data.name=imagefolder", f"data.root={tmp_path / 'data'}", *THREE_VIEWS,
+            "data.image_size=32", "data.eval_resize=36", "train.global_batch=6",
+            "train.max_steps=4"]
+
+
 def test_dali_batches_are_waited_for_by_every_stream_that_reads_them(tmp_path):
     """On a GPU the DALI batch (the crops and the AutoAugment view made from them) is written
     on the loader's copy stream: the attack's side stream and the main stream each wait for
     its event."""
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
-    from tests.test_dali import THREE_VIEWS, photo_folder
-
-    photo_folder(tmp_path / "data")
-    run = ["data.name=imagefolder", f"data.root={tmp_path / 'data'}", *THREE_VIEWS,
-           "data.image_size=32", "data.eval_resize=36", "train.global_batch=6",
-           "train.max_steps=4"]
+    run = _dali_run(tmp_path)
     checked_train(tmp_path / "stream", *run)
     sequential_train(tmp_path / "sequential", *run)
     assert_same_run_state(checkpoint_state(tmp_path / "sequential"),
@@ -224,12 +228,13 @@ class _Store:
 
 
 def _control_words_twice(link) -> None:
+    kept = []  # the pinned buffers, alive until their broadcasts are done
     for step in (1, 2):
-        word = link._control([1, step, step, step, 10])
+        word = link._control([1, step, step, step, 10], kept)
         word + 1  # the broadcast reads it on the stream
 
 
-def _control_from_one_staging_buffer(self, words):
+def _control_from_one_staging_buffer(self, words, keep):
     """AttackLink._control rewriting one pinned staging buffer instead of a fresh one."""
     from conadv.streams import streams_for
 
@@ -279,3 +284,22 @@ def test_a_logging_step_waits_for_the_main_stream_and_nothing_else(tmp_path):
         trainer.window_record(window, 0)
         assert checker.host_clock.get(checker.main.id, 0) >= main_work  # the steps are done
         assert checker.host_clock.get(side.id, 0) <= side_seen  # the attack in flight is not
+
+
+def test_the_checker_fails_a_dali_run_that_overwrites_buffers_still_being_copied(tmp_path,
+                                                                               monkeypatch):
+    """conadv/data/dali.py's _Decoder.run without `self._cloned.synchronize()`: the next
+    pipeline run reuses DALI's buffers while the copy stream may still be cloning them."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    from conadv.data import dali
+
+    original = dali._Decoder.run
+
+    def run_without_waiting_for_the_clone(self, *args, **kwargs):
+        self._cloned = None  # the line that waits for it is skipped
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(dali._Decoder, "run", run_without_waiting_for_the_clone)
+    with pytest.raises(StreamOrderError, match="DALI's next run overwrites the output buffers "
+                                               "that stream 'side"):
+        checked_train(tmp_path / "stream", *_dali_run(tmp_path))

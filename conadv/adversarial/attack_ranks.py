@@ -11,15 +11,18 @@ optimizer), the last N attack (conadv.config.trainer_count says why the last). E
    the run it broadcasts a stop word instead;
 2. attack rank a serves trainers r with r % N == a: it reads their micro-batches of steps
    first..last through the same sampler (a trainer's batch key fixes its images, labels and
-   attack randomness), attacks each with the weights of step t and sends the adversarial
-   images to the trainer (point to point, in the order the trainer asks for them), each after
+   attack randomness), attacks each with the weights of step t, holds them, and sends the
+   views of steps up to t + 1 to their trainers (point to point, in the order the trainers
+   ask for them: views made tau steps ahead wait on the attack rank, not in sends that an
+   evaluation could leave unmatched past their deadline), each after
    a header (batch key, checksums of the sample indices and labels) over the team's gloo group
    (`JobGroups.headers`: the attack rank and its trainers), which the trainer checks on the
    host against the micro-batch it trains, so attack ranks reading other data fail in one
    sentence instead of training another image's views;
-3. the trainer queues the batch at step t (for step t + tau), posts its receives at the start
-   of the step before the one that trains it (so at most 2 x accumulation receives are pending
-   beside DDP's all-reduces, whatever tau) and waits for them only when the batch is trained.
+3. the trainer queues the batch at step t (for step t + tau), posts its receives during the
+   step before the one that trains it, when the attack rank sends (so at most 2 x accumulation
+   receives are pending beside DDP's all-reduces, whatever tau), and waits for them only when
+   the batch is trained.
 
 Nobody waits forever. A trainer waits for a view at most 0.9 x dist.timeout_s from posting its
 receive (then one sentence names the attack rank, before NCCL's watchdog aborts the process).
@@ -45,6 +48,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -231,7 +235,9 @@ class AttackLink:
         self.timeout = timedelta(seconds=timeout_s)
         self.device = device
         self.counters = LinkCounters()
-        self._outgoing: list[tuple[Any, Tensor]] = []  # trainer 0: broadcasts in flight
+        # trainer 0: the broadcasts in flight, one list per announce (kept alive until done)
+        self._outgoing: list[list[tuple[Any, Tensor]]] = []
+        self._nccl = is_nccl()
         self._heartbeat = (Heartbeat(groups.store, heartbeat_period(timeout_s))
                            if env.rank == 0 else None)
 
@@ -240,24 +246,28 @@ class AttackLink:
         self.counters.steps += 1
         if self.rank != 0:
             return
-        self._finish_outgoing()
+        # NCCL: the host waits (with a deadline) for the weights of two steps back, never for
+        # its GPU's current work; gloo: for the previous step's, which the attack ranks took
+        self._finish_outgoing(keep=1 if self._nccl else 0)
+        generation: list[tuple[Any, Tensor]] = []
         flat = flatten(parameters, self.dtype)
-        control = self._control([GO, step, first, last, flat.numel()])
+        control = self._control([GO, step, first, last, flat.numel()], generation)
         for tensor in (control, flat):
             work = dist.broadcast(tensor, src=0, group=self.groups.weights, async_op=True)
-            self._outgoing.append((work, tensor))
+            generation.append((work, tensor))
+        self._outgoing.append(generation)
         self.counters.weights_out += flat.numel() * flat.element_size()
 
-    def _control(self, words: list[int]) -> Tensor:
+    def _control(self, words: list[int], keep: list[tuple[Any, Tensor]]) -> Tensor:
         """The control word on the link's device without a host synchronisation (a copy from
-        pageable memory would wait for the GPU every step): from pinned memory, kept alive with
-        the broadcast that sends it."""
+        pageable memory would wait for the GPU every step): from pinned memory, kept alive in
+        `keep` with the broadcast that sends it."""
         host = torch.tensor(words, dtype=torch.int64)
         streams = streams_for(self.device)
         if streams is None:
             return host
         pinned = streams.pin(host)
-        self._outgoing.append((None, pinned))
+        keep.append((None, pinned))
         return pinned.to(self.device, non_blocking=True)
 
     def receive(self, batch: dict[str, Tensor], key: int, step: int) -> Incoming:
@@ -283,7 +293,7 @@ class AttackLink:
         try:
             incoming.header_work.wait(_time_left(deadline))
             check_header(incoming.header, incoming.expected, incoming.source, incoming.step)
-            wait_until(incoming.work, deadline, polled=self.device.type == "cuda")
+            wait_until(incoming.work, deadline, polled=self._nccl)
         except RuntimeError as err:
             others = (" (or another attack rank holding up trainer 0's weights broadcast)"
                       if self.attackers > 1 else "")
@@ -307,13 +317,14 @@ class AttackLink:
             return
         word = FAILED if failed else STOP
         try:
-            self._finish_outgoing()
-            work = dist.broadcast(self._control([word, int(terminated), 0, 0, 0]), src=0,
-                                  group=self.groups.weights, async_op=True)
+            self._finish_outgoing(keep=0)
+            pinned: list[tuple[Any, Tensor]] = []
+            work = dist.broadcast(self._control([word, int(terminated), 0, 0, 0], pinned),
+                                  src=0, group=self.groups.weights, async_op=True)
             # the weights group has no deadline of its own (see distributed.py)
             deadline = time.perf_counter() + 0.9 * self.timeout.total_seconds()
             try:
-                wait_until(work, deadline, polled=self.device.type == "cuda")
+                wait_until(work, deadline, polled=self._nccl)
             except RuntimeError as err:
                 raise _lost("an attack rank did not take the stop word", err) from err
         except (RuntimeError, AttackRankLost):
@@ -323,19 +334,28 @@ class AttackLink:
         finally:
             self._heartbeat.stop()
 
-    def _finish_outgoing(self) -> None:
-        # the weights group has no deadline of its own (see distributed.py), so neither has
-        # NCCL's watchdog for it: polled against one here
+    def _finish_outgoing(self, keep: int) -> None:
+        """Wait for the broadcasts of all but the newest `keep` announces. The weights group
+        has no deadline of its own (see distributed.py), so neither has NCCL's watchdog for
+        it: polled against one here."""
         deadline = time.perf_counter() + 0.9 * self.timeout.total_seconds()
         try:
-            for work, _ in self._outgoing:
-                if work is not None:
-                    wait_until(work, deadline, polled=self.device.type == "cuda")
+            while len(self._outgoing) > keep:
+                for work, _ in self._outgoing[0]:
+                    if work is not None:
+                        wait_until(work, deadline, polled=self._nccl)
+                self._outgoing.pop(0)
         except RuntimeError as err:
             last = self.trainers + self.attackers - 1
             ranks = f"rank {last}" if self.attackers == 1 else f"ranks {self.trainers}-{last}"
             raise _lost(f"an attack rank ({ranks}) did not take the weights", err) from err
-        self._outgoing.clear()
+
+
+def is_nccl(group: Any = None) -> bool:
+    """Whether `group` (the default one: None) runs on NCCL, whose work.wait() only orders the
+    current stream (gloo's blocks the host, and a gloo receive completes only inside wait(),
+    so polling is_completed() would spin to the deadline)."""
+    return dist.is_initialized() and dist.get_backend(group) == "nccl"
 
 
 def wait_until(work: Any, deadline: float, polled: bool,
@@ -385,6 +405,9 @@ class AttackOrders:
         self.timeout_s = timeout_s
         self._trainer0 = HeartbeatWatch(groups.store, timeout_s, heartbeat_period(timeout_s))
         self._sends: list[_Send] = []  # in flight
+        self._held: deque[tuple[int, Tensor, Tensor, int]] = deque()  # (step, views, header, to)
+        self.step = -1  # the step of the last order
+        self._nccl = is_nccl()
 
     def next(self) -> tuple[int, int] | None:
         """Wait for trainer 0's next word. GO: the parameters now hold the step's weights and
@@ -405,7 +428,8 @@ class AttackOrders:
             self._trainer0.check()
             time.sleep(0.001)
         work.wait()
-        word, step, first, last, size = self.control.tolist()
+        word, self.step, first, last, size = self.control.tolist()
+        step = self.step
         if word == FAILED:
             raise _trainers_failed()
         if word == STOP:
@@ -428,14 +452,24 @@ class AttackOrders:
         unflatten_into(self.flat, self.parameters)
         return first, last
 
-    def send(self, images: Tensor, header: Tensor, trainer: int) -> None:
-        """One micro-batch's adversarial views (and their view_header) to the trainer that
-        asked for them, in the order it asks."""
-        images, now = images.contiguous(), time.perf_counter()
-        self._sends.append(_Send(dist.isend(header, dst=trainer, group=self.groups.headers),
-                                 header, trainer, now, on_host=True))
-        self._sends.append(_Send(dist.isend(images, dst=trainer), images, trainer, now,
-                                 on_host=images.device.type != "cuda"))
+    def hold(self, step: int, images: Tensor, header: Tensor, trainer: int) -> None:
+        """One micro-batch's adversarial views for `step` (and their view_header), kept until
+        the trainer asks for them: a trainer posts the receives of a step's views one step
+        before it trains them, so views made tau steps ahead wait here (on the attack rank's
+        device), not in sends that an evaluation or a checkpoint on the trainers could leave
+        unmatched past their deadline."""
+        self._held.append((step, images.contiguous(), header, trainer))
+
+    def release(self) -> None:
+        """Send the held views the trainers asked for by now (trained at the last order's step
+        or the next), in the order they were made: the order each trainer receives in."""
+        while self._held and self._held[0][0] <= self.step + 1:
+            _, images, header, trainer = self._held.popleft()
+            now = time.perf_counter()
+            self._sends.append(_Send(dist.isend(header, dst=trainer, group=self.groups.headers),
+                                     header, trainer, now, on_host=True))
+            self._sends.append(_Send(dist.isend(images, dst=trainer), images, trainer, now,
+                                     on_host=not self._nccl))
 
     def _finish_sends(self) -> None:
         """The views sent for the last order are taken, or one sentence naming the trainer

@@ -281,10 +281,12 @@ class LookaheadEngine(ViewEngine):
 
     def _post_due_receives(self) -> None:
         """Post the receives of the views trained in this optimizer step or the next, in queue
-        order (the order the attack ranks send in). Posting them all tau steps ahead would keep
-        tau x A receives pending on the point-to-point communicator beside DDP's all-reduces
-        (on NCCL, each a kernel that holds its GPU resources while it waits); one step ahead
-        still gives a view a whole step to arrive before it is trained."""
+        order: the attack ranks send a step's views, in the same order, when the order of the
+        step before reaches them (AttackOrders.release), so both sides post in the same step.
+        Posting them all tau steps ahead would keep tau x A receives pending on the
+        point-to-point communicator beside DDP's all-reduces (on NCCL, each a kernel that holds
+        its GPU resources while it waits); one step ahead still gives a view a whole step to
+        arrive before it is trained."""
         for index, pending in enumerate(self.queue):
             if (self._taken + index) // self.accumulation > 1:
                 break
@@ -296,6 +298,7 @@ class LookaheadEngine(ViewEngine):
         if self.link is not None and not self._replay:
             self._keep_weights(self.model, step)  # a checkpoint saves what the attack used
             self.queue.append(_Pending(Launched({}), key, step, batch, remote=True))
+            self._last_events = None  # no attack on this device to time
             self._post_due_receives()
             return
         if self._replay:  # rebuilding the queue of a checkpoint: attack with the saved weights
@@ -348,12 +351,8 @@ class LookaheadEngine(ViewEngine):
 
     def drain(self) -> None:
         if self.link is not None:  # the attack ranks' sends must complete
-            remote = [p for p in self.queue if p.remote]
-            for pending in remote:  # the attack ranks sent them all: take them in order
-                if pending.incoming is None:
-                    pending.incoming = self.link.receive(pending.batch, pending.key,
-                                                         pending.source_step)
-            self.link.drain([p.incoming for p in remote])
+            # the views asked for (by now sent); the attack ranks drop the others at the end
+            self.link.drain([p.incoming for p in self.queue if p.incoming is not None])
 
     def attack_events(self) -> tuple[Any, Any] | None:
         return self._last_events

@@ -50,14 +50,15 @@ def run_attack_rank(cfg: RunConfig, env: DistEnv, device: torch.device, groups: 
             for stream in streams.values():
                 stream.seek(first)
             positioned = True
-        for _ in range(first, last + 1):
+        for step in range(first, last + 1):
             for trainer, stream in streams.items():
                 for _ in range(plan.accumulation):
                     batch, key = stream.next()
                     header = view_header(key, batch)  # read on the host, before the attack
                     moved = batch_to_device(batch, device, cfg.model.channels_last)
                     images = engine.make_adversarial(model, moved["image"], moved["label"], key)
-                    orders.send(images, header, trainer)
+                    orders.hold(step, images, header, trainer)
+        orders.release()
         served_steps += 1
     return {"terminated": orders.terminated, "attack_rank": env.rank,
             "steps_served": served_steps}

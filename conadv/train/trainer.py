@@ -47,7 +47,7 @@ from conadv.errors import ConfigError
 from conadv.models import build_model
 from conadv.optim import build_optimizer, build_scheduler, scaled_lr
 from conadv.report import build_report
-from conadv.streams import streams_for, wait_for_current_stream
+from conadv.streams import DeviceStreams, streams_for, wait_for_current_stream
 from conadv.telemetry import Telemetry, setup_logging
 from conadv.trackers import Trackers
 from conadv.train.attack_rank import run_attack_rank
@@ -116,9 +116,10 @@ def _train_beside_attack_ranks(cfg: RunConfig, env: DistEnv, device: torch.devic
     return summary
 
 
-def _record_event() -> torch.cuda.Event:
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
+def _record_event(streams: DeviceStreams) -> Any:
+    """A timing event on the current stream (the overlap measurement)."""
+    event = streams.new_event(timing=True)
+    event.record(streams.current())
     return event
 
 
@@ -301,9 +302,9 @@ class Trainer:
         """One optimizer step over `accumulation` micro-batches."""
         accumulation = self.plan.accumulation
         result = StepResult(loss=torch.zeros((), device=self.device))
-        timed = self.device.type == "cuda"
-        if timed:
-            result.cuda_events["train_begin"] = _record_event()
+        streams = streams_for(self.device)  # the step is timed on the device where it has some
+        if streams is not None:
+            result.cuda_events["train_begin"] = _record_event(streams)
         self.guard.begin_step()  # the forwards below write BatchNorm statistics
         self.engine.begin_step(self.step)  # attack ranks: the weights of this step go out
         for micro in range(accumulation):
@@ -328,8 +329,8 @@ class Trainer:
         self.engine.after_optimizer_step()  # later attacks read the new weights
         if self.ema is not None:  # after the guard: a skipped step's weights are restored
             self.ema.after_optimizer_step(self.progress.step + 1)
-        if timed:
-            result.cuda_events["train_end"] = _record_event()
+        if streams is not None:
+            result.cuda_events["train_end"] = _record_event(streams)
             launched = self.engine.attack_events()
             if launched is not None:
                 result.cuda_events["attack_begin"], result.cuda_events["attack_end"] = launched
