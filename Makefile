@@ -10,7 +10,7 @@ TEST_ARGS ?=
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.conadv-deps
 
-.PHONY: install demo test lint bench study study-distill clean
+.PHONY: install demo test fuzz lint bench study study-distill clean
 
 $(DEPS_STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,9 @@ install: $(DEPS_STAMP)
 # ConAdv (tau = 1) on the digits, then the same run without adversarial training, so the
 # clean and PGD accuracies of both are printed one above the other; then a report of the two.
 demo: install
-	$(VENV)/bin/conadv-train --config configs/demo.yaml log.run_dir=runs/demo
-	$(VENV)/bin/conadv-train --config configs/demo.yaml adv.enabled=false log.run_dir=runs/demo_vanilla
+	$(VENV)/bin/conadv-train --config configs/demo.yaml log.run_dir=runs/demo log.overwrite=true
+	$(VENV)/bin/conadv-train --config configs/demo.yaml adv.enabled=false \
+		log.run_dir=runs/demo_vanilla log.overwrite=true
 	$(VENV)/bin/conadv-report runs/demo runs/demo_vanilla --out runs/demo_report
 
 # two workers: the suite's many multi-process tests wait on process start-up and rendezvous.
@@ -43,6 +44,11 @@ test: install
 	$(PY) -m coverage combine -q
 	$(PY) -m coverage report --precision=1 | tail -n 1
 	$(if $(TEST_ARGS),,$(PY) -m tests.unexecuted --check)
+
+# The fuzzer at every door (tests/fuzz.py): 10,000 generated inputs through the entry points,
+# a table by door and outcome (a short budget of it runs in `make test`)
+fuzz: install
+	$(PY) -m tests.fuzz --cases 10000
 
 # CPU benchmark suite (< 10 min on 2 cores) -> benchmarks/results/<machine>-<date>.json
 bench: install

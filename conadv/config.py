@@ -34,6 +34,11 @@ def knob(default: Any, doc: str, *, choices: tuple | None = None, low: float | N
     return field(default=default, metadata=meta)
 
 
+# the largest image decoded by default: 64 megapixels (an 8000 x 8000 photo; ImageNet's
+# largest are about 12); a larger file costs gigabytes to decode
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
 @dataclass
 class DataConfig:
     name: str = knob("digits", "dataset: imagefolder (root/train, root/val), shards (made by "
@@ -67,6 +72,9 @@ class DataConfig:
     augment: str = knob("none", "extra augmentation policy (transforms.v2)",
                         choices=("none", "autoaugment", "randaugment", "trivialaugment"))
     second_view: bool = knob(False, "also yield an augmented view (augment policy) of each image")
+    max_pixels: int = knob(DEFAULT_MAX_PIXELS, "largest image (width x height) decoded; a larger "
+                           "file is unreadable (data.bad_images) instead of taking gigabytes",
+                           low=1)
     bad_images: str = knob("fail", "unreadable image policy: fail names the file, skip counts it",
                            choices=("fail", "skip"), free=True)
     workers: int = knob(4, "DataLoader worker processes per rank", low=0, free=True)
@@ -151,7 +159,8 @@ class TrainConfig:
     stop_at_step: int = knob(0, "end this invocation at this step with a checkpoint, to be "
                              "resumed later (e.g. a time-limited job); 0 runs to the end", low=0,
                              free=True)
-    global_batch: int = knob(256, "images per optimizer step over all ranks", low=1)
+    global_batch: int = knob(256, "images per optimizer step over all ranks", low=1,
+                             high=2**42)
     per_device_batch: int = knob(0, "images per rank per micro-step; 0 derives it", low=0,
                                  free=True)
     accumulation: int = knob(0, "micro-steps per optimizer step; 0 derives it", low=0, free=True)
@@ -359,8 +368,16 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """YAML's safe loader, but a key given twice in one mapping is an error: the last value
-    silently winning hides a typo'd edit of a config file."""
+    """YAML's safe loader, but a key given twice in one mapping is an error (the last value
+    silently winning hides a typo'd edit of a config file), and a document whose aliases
+    expand to more than MAX_CONFIG_NODES values is refused before it is built (an "alias
+    bomb" of a few hundred bytes grows ninefold per level)."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_CONFIG_NODES:
+            raise yaml.YAMLError(f"its aliases expand to more than {MAX_CONFIG_NODES:,} values")
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -371,6 +388,31 @@ class _StrictLoader(yaml.SafeLoader):
                     None, None, f"key '{key}' appears twice in one section", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+MAX_CONFIG_NODES = 100_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` stands for once its aliases are expanded (each shared node
+    counted once per use; computed once per node, so the check itself stays small). A value
+    that contains itself (`&a [*a]`) has no size: refused."""
+    if id(node) in sizes:
+        if sizes[id(node)] < 0:
+            raise yaml.YAMLError("an alias refers to the value that contains it")
+        return sizes[id(node)]
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    sizes[id(node)] = -1  # being measured
+    total = 1
+    for child in children:
+        total = min(total + _expanded_size(child, sizes), MAX_CONFIG_NODES + 1)
+    sizes[id(node)] = total
+    return total
 
 
 def _shown(value: Any, limit: int = 60) -> str:
@@ -470,6 +512,9 @@ def validate(cfg: RunConfig) -> None:
         values = getattr(cfg, section.name)
         for f in dataclasses.fields(values):
             _check_value(f"{section.name}.{f.name}", getattr(values, f.name), f.metadata)
+    if not cfg.log.run_dir.strip():
+        raise ConfigError("log.run_dir is empty; name the run's own directory (e.g. "
+                          "log.run_dir=runs/my_run), never the current folder")
     if cfg.data.name == "imagefolder" and not cfg.data.root:
         raise ConfigError("data.root must name the imagefolder directory (with train/ and val/)")
     if cfg.data.name == "shards" and not cfg.data.root:
@@ -624,8 +669,15 @@ def plan_batch(train: TrainConfig, world_size: int) -> BatchPlan:
         return BatchPlan(g, per_rank // a, a, w)
     # the fewest micro-steps whose per-device batch fits (a = per_rank always does)
     limit = train.max_per_device_batch or per_rank
-    a = next(a for a in range(1, per_rank + 1) if per_rank % a == 0 and per_rank // a <= limit)
+    a = min(a for a in _divisors(per_rank) if per_rank // a <= limit)
     return BatchPlan(g, per_rank // a, a, w)
+
+
+def _divisors(n: int) -> list[int]:
+    """Every divisor of n, by trial division up to its square root (a prime global batch of
+    10^12 takes a second, not a search through 10^12 candidates)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in small]
 
 
 def to_yaml(cfg: RunConfig) -> str:

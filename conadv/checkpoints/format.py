@@ -78,6 +78,11 @@ def problem(path: Path) -> str | None:
     other = other_format(path)
     if other:
         return other
+    named = STEP_DIR.match(path.name)
+    step = manifest.get("step") if isinstance(manifest, dict) else None
+    if named and step != int(named.group(1)):
+        return (f"its manifest is for step {step!r:.40}, not the step its folder names: a copy of, "
+                "or a link to, another checkpoint")
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if (not isinstance(files, dict) or STATE not in files or not all(
             isinstance(meta, dict) and {"bytes", "sha256"} <= meta.keys()

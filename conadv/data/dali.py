@@ -36,12 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, encode_jpeg
+from torchvision.io import encode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional._geometry import _compute_resized_output_size
 
 from conadv.config import DataConfig
 from conadv.data.dataset import MAX_CONSECUTIVE_BAD, unreadable
+from conadv.data.decode import check_decodable, decode_rgb
 from conadv.data.sources import ImageSource
 from conadv.data.transforms import build_policy
 from conadv.errors import ConfigError, DataError
@@ -215,10 +216,11 @@ class _Reader:
         screen and the host's decoder too (a JPEG with data after its end marker passes
         torchvision, so it is not skipped here either)."""
         data = self.source.read_bytes(index)
+        check_decodable(data, self.source.max_pixels)  # what could crash a decoder, DALI's too
         try:
             return data, image_size(data)
         except ValueError:
-            if not _decodes(data):
+            if not _decodes(data, self.source.max_pixels):
                 raise
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
@@ -229,16 +231,15 @@ class _Reader:
 
     def decodes_on_the_host(self, index: int) -> bool:
         try:
-            return _decodes(self.source.read_bytes(index))
+            return _decodes(self.source.read_bytes(index), self.source.max_pixels)
         except OSError:
             return False
 
 
-def _decodes(data: bytes) -> bool:
-    """Whether torchvision's decoder (the torchvision path's) reads the file."""
+def _decodes(data: bytes, max_pixels: int) -> bool:
+    """Whether the torchvision path's decoder reads the file."""
     try:
-        decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                     mode=ImageReadMode.RGB)
+        decode_rgb(data, max_pixels)
         return True
     except Exception:  # noqa: BLE001 (decoders raise RuntimeError, ValueError...)
         return False

@@ -41,11 +41,12 @@ def build_source(cfg: DataConfig, split: str) -> ImageSource:
         samples = cfg.synthetic_samples if split == "train" else max(1, cfg.synthetic_samples // 8)
         return SyntheticSource(samples, cfg.synthetic_classes, cfg.image_size)
     if cfg.name == "shards":
-        return ShardSource(cfg.root, split)
+        return ShardSource(cfg.root, split, cfg.max_pixels)
     classes, _ = shared_folder_index(Path(cfg.root) / "train")  # its order fixes the indices
     if split == "train":
-        return ImageFolderSource(Path(cfg.root) / "train", classes)
-    return ImageFolderSource(Path(cfg.root) / "val", classes, cfg.val_labels or None)
+        return ImageFolderSource(Path(cfg.root) / "train", classes, max_pixels=cfg.max_pixels)
+    return ImageFolderSource(Path(cfg.root) / "val", classes, cfg.val_labels or None,
+                             cfg.max_pixels)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:

@@ -27,8 +27,9 @@ import zlib
 from pathlib import Path
 
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
+from conadv.config import DEFAULT_MAX_PIXELS
+from conadv.data.decode import decode_rgb
 from conadv.data.sources import ImageFolderSource, ImageSource, class_folders
 from conadv.errors import DataError
 from conadv.fileio import file_sha256
@@ -70,9 +71,8 @@ def pack_split(source: ImageFolderSource, out: Path, split: str,
         path = Path(source.describe(index))
         data = path.read_bytes()
         try:
-            decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                         mode=ImageReadMode.RGB)
-        except Exception as err:
+            decode_rgb(data, source.max_pixels)
+        except Exception as err:  # UnreadableImage, OSError
             if skip_unreadable:
                 log.warning("leaving out %s: it does not decode (%s)", path, err)
                 skipped.append(str(path))
@@ -127,8 +127,10 @@ class ShardSource(ImageSource):
     lazily in each process (DataLoader workers included); a missing or truncated shard is named
     in one sentence when first opened."""
 
-    def __init__(self, root: str | Path, split: str) -> None:
+    def __init__(self, root: str | Path, split: str,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.root = Path(root)
+        self.max_pixels = max_pixels
         path = index_path(self.root, split)
         try:
             index = json.loads(path.read_text())
@@ -172,8 +174,7 @@ class ShardSource(ImageSource):
         return data
 
     def load(self, index: int) -> torch.Tensor:
-        data = torch.frombuffer(bytearray(self.read_bytes(index)), dtype=torch.uint8)
-        return decode_image(data, mode=ImageReadMode.RGB)
+        return decode_rgb(self.read_bytes(index), self.max_pixels)
 
     def label(self, index: int) -> int:
         return self.samples[index][3]

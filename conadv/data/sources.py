@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.io import ImageReadMode, decode_image, read_file
 
+from conadv.config import DEFAULT_MAX_PIXELS
+from conadv.data.decode import decode_rgb
 from conadv.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,14 @@ class ImageFolderSource(ImageSource):
     and folders (.ipynb_checkpoints, .cache) are not classes or images. `classes` fixes the
     class order (the training folder's), so indices agree between training and evaluation.
     Decoded by torchvision's decoder (libjpeg-turbo for JPEG), which is faster than the PIL path
-    of torchvision's ImageFolder."""
+    of torchvision's ImageFolder, after conadv.data.decode's screen (nothing above
+    `max_pixels`, no PNG that would crash libpng)."""
 
     def __init__(self, root: str | Path, classes: list[str] | None = None,
-                 labels_file: str | Path | None = None) -> None:
+                 labels_file: str | Path | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         root = Path(root)
+        self.max_pixels = max_pixels
         if not root.is_dir():
             raise DataError(f"dataset directory {root} does not exist")
         if labels_file:
@@ -75,7 +79,7 @@ class ImageFolderSource(ImageSource):
         return len(self.samples)
 
     def load(self, index: int) -> torch.Tensor:
-        return decode_image(read_file(self.samples[index][0]), mode=ImageReadMode.RGB)
+        return decode_rgb(self.read_bytes(index), self.max_pixels)
 
     def read_bytes(self, index: int) -> bytes:
         """The encoded file (what the DALI loader decodes)."""

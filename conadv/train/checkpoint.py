@@ -206,7 +206,10 @@ class CheckpointManager:
             if run_of(final) != self.run_id:
                 raise CheckpointError(f"{final} belongs to another run; it is left as it is "
                                       "and this run's checkpoint was not written")
-            shutil.rmtree(final)
+            if final.is_symlink():  # a link named after this step: the link goes, not its
+                final.unlink()      # target
+            else:
+                shutil.rmtree(final)
         os.replace(partial, final)
         _fsync_dir(self.directory)
         self._prune()
@@ -214,7 +217,8 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         """Keep this run's newest `keep_last` checkpoints; never touch another run's."""
-        mine = [p for p in list_checkpoints(self.directory) if run_of(p) == self.run_id]
+        mine = [p for p in list_checkpoints(self.directory)
+                if run_of(p) == self.run_id and not p.is_symlink()]
         for old in mine[self.keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -245,16 +245,28 @@ def prior_run_files(directory: Path) -> list[str]:
 
 
 def remove_prior_run(directory: Path) -> None:
-    """log.overwrite=true: the earlier run's files go, so nothing of it mixes with this one."""
-    for name in (*RUN_FILES, "STOP"):
-        path = directory / name
+    """log.overwrite=true: the earlier run's files go, so nothing of it mixes with this one.
+    Only a conadv run's (a directory with run.json), and only the entries a run writes; a
+    symbolic link among them stops it before anything is removed (its target is not the
+    run's to delete, and a half-removed run is worse than either)."""
+    entries = [directory / name for name in (*RUN_FILES, "STOP", "checkpoints")]
+    present = [path.name for path in entries if path.exists() or path.is_symlink()]
+    if not (directory / RUN_FILE).is_file() or (directory / RUN_FILE).is_symlink():
+        raise RunDirectoryError(
+            f"log.run_dir {directory} holds {', '.join(present)} but no {RUN_FILE}: it is not "
+            "a conadv run, and log.overwrite=true replaces only conadv runs; choose another "
+            "log.run_dir")
+    linked = [path for path in entries if path.is_symlink()]
+    if linked:
+        raise RunDirectoryError(
+            f"log.run_dir {directory} was not replaced: {linked[0]} is a symbolic link, and "
+            "conadv does not delete what a link points to; remove the link yourself or choose "
+            "another log.run_dir")
+    for path in entries:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    checkpoints = directory / "checkpoints"
-    if checkpoints.is_dir():
-        shutil.rmtree(checkpoints)
     log.warning("log.overwrite=true: removed the earlier run's files from %s", directory)
 
 

@@ -1,0 +1,42 @@
+"""A short budget of the fuzzer at every door (tests/fuzz.py); `make fuzz` runs 10,000
+cases. Each door's property is what any input must get (one sentence or success, no crash,
+no hang), so a failure here is an input nobody listed."""
+
+import os
+import signal
+
+from tests import fuzz
+
+
+def test_generated_configs_get_a_plan_or_one_sentence():
+    fuzz.config_door(150)()
+
+
+def test_generated_config_files_get_a_plan_or_one_sentence():
+    fuzz.yaml_door(60)()
+
+
+def test_generated_images_decode_or_are_unreadable_and_never_crash_the_process():
+    child = fuzz.DecodeChild()
+    try:
+        fuzz.image_door(200, child)()
+    finally:
+        child.close()
+    assert fuzz.outcomes[("image", "decoded")] and fuzz.outcomes[("image", "unreadable")]
+
+
+def test_generated_checkpoint_folders_load_or_are_refused_in_one_sentence():
+    fuzz.checkpoint_door(80)()
+
+
+def test_the_image_door_reports_a_crashed_decoder_and_goes_on():
+    """A decoder that takes its process down is an outcome the door reports (with the input),
+    not the end of the fuzzer or of the suite."""
+    child = fuzz.DecodeChild()
+    try:
+        os.kill(child._process.pid, signal.SIGSEGV)  # as libpng's abort ends the process
+        child._process.join()
+        assert child.decode(b"\x89PNG")[0] == "crash"
+        assert child.decode(b"\x89PNG")[0] == "unreadable"  # a new child took over
+    finally:
+        child.close()
