@@ -74,7 +74,7 @@ class DataConfig:
     second_view: bool = knob(False, "also yield an augmented view (augment policy) of each image")
     max_pixels: int = knob(DEFAULT_MAX_PIXELS, "largest image (width x height) decoded; a larger "
                            "file is unreadable (data.bad_images) instead of taking gigabytes",
-                           low=1)
+                           low=1, high=178_000_000)  # Pillow refuses more in any case
     bad_images: str = knob("fail", "unreadable image policy: fail names the file, skip counts it",
                            choices=("fail", "skip"), free=True)
     workers: int = knob(4, "DataLoader worker processes per rank", low=0, free=True)

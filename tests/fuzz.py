@@ -150,8 +150,8 @@ def dry_run(door: str, argv: list[str]) -> None:
     assert time.monotonic() - started < BOUND_S
 
 
-def config_door(cases: int) -> Callable[[], None]:
-    @settings(max_examples=cases, deadline=None, database=None,
+def config_door(cases: int, derandomize: bool = False) -> Callable[[], None]:
+    @settings(max_examples=cases, deadline=None, database=None, derandomize=derandomize,
               suppress_health_check=list(HealthCheck))
     @given(overrides_strategy())
     def door(overrides: list[str]) -> None:
@@ -159,8 +159,8 @@ def config_door(cases: int) -> Callable[[], None]:
     return door
 
 
-def yaml_door(cases: int) -> Callable[[], None]:
-    @settings(max_examples=cases, deadline=None, database=None,
+def yaml_door(cases: int, derandomize: bool = False) -> Callable[[], None]:
+    @settings(max_examples=cases, deadline=None, database=None, derandomize=derandomize,
               suppress_health_check=list(HealthCheck))
     @given(yaml_text_strategy())
     def door(text: str) -> None:
@@ -228,6 +228,7 @@ def _decode_server(connection) -> None:
     """The child: decode what the parent sends, answer with the outcome."""
     from conadv.data.decode import UnreadableImage, decode_rgb
 
+    connection.send(("ready", ""))  # imported: the parent's time bound starts now
     while True:
         data = connection.recv_bytes()
         try:
@@ -253,6 +254,9 @@ class DecodeChild:
         self._process = self._context.Process(target=_decode_server, args=(child,),
                                               daemon=True)
         self._process.start()
+        if not self._parent.poll(120):  # start-up (torch's import) is not a case's time
+            raise RuntimeError("the decoding child did not start")
+        self._parent.recv()
 
     def decode(self, data: bytes) -> tuple[str, str]:
         with contextlib.suppress(OSError):  # a child that died already: its pipe is broken
@@ -271,8 +275,9 @@ class DecodeChild:
         self._process.join()
 
 
-def image_door(cases: int, child: DecodeChild) -> Callable[[], None]:
-    @settings(max_examples=cases, deadline=None, database=None,
+def image_door(cases: int, child: DecodeChild,
+               derandomize: bool = False) -> Callable[[], None]:
+    @settings(max_examples=cases, deadline=None, database=None, derandomize=derandomize,
               suppress_health_check=list(HealthCheck))
     @given(image_bytes())
     def door(data: bytes) -> None:
@@ -318,11 +323,11 @@ def checkpoint_folders(draw) -> tuple[object, bytes]:
     return manifest, state
 
 
-def checkpoint_door(cases: int) -> Callable[[], None]:
+def checkpoint_door(cases: int, derandomize: bool = False) -> Callable[[], None]:
     from conadv.checkpoints.format import load_state, problem
     from conadv.errors import CheckpointError
 
-    @settings(max_examples=cases, deadline=None, database=None,
+    @settings(max_examples=cases, deadline=None, database=None, derandomize=derandomize,
               suppress_health_check=list(HealthCheck))
     @given(checkpoint_folders())
     def door(folder: tuple[object, bytes]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conadv.config import load_config, plan_batch
 from conadv.data.decode import UnreadableImage, decode_rgb
@@ -62,6 +63,18 @@ def test_overwrite_refuses_a_run_with_a_linked_folder_before_removing_anything(t
                           "train.max_steps=1"))
     assert sorted(p.name for p in run.iterdir()) == before  # nothing half-removed
     assert (elsewhere / "precious.txt").read_text() == "keep"
+
+
+def test_a_copied_step_folder_does_not_take_the_place_of_a_new_checkpoint(tmp_path):
+    """keep_last=1 and a copy of step 3 named step-00000009: pruning counted the copy as the
+    newest and deleted each new checkpoint right after writing it."""
+    run = ["checkpoint.every_steps=1", "checkpoint.keep_last=1", "train.max_steps=10"]
+    train(tiny_config(tmp_path, *run, "train.stop_at_step=3"))
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(checkpoints / "step-00000003", checkpoints / "step-00000009")
+    train(tiny_config(tmp_path, *run, "checkpoint.resume=auto", "train.stop_at_step=5"))
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step-")) == [
+        "step-00000005", "step-00000009"]
 
 
 @pytest.mark.parametrize("fake", ["link", "copy"])
@@ -130,6 +143,7 @@ FOLDER = ["data.name=imagefolder", "data.image_size=24", "data.eval_resize=28",
           "data.max_pixels=4000000"]
 
 
+@pytest.mark.slow
 def test_training_skips_a_png_that_crashes_libpng_and_names_it_under_fail(tmp_path):
     """In a subprocess: torchvision's decoder used to end the process with a segfault."""
     from tests.helpers import TINY
@@ -148,6 +162,7 @@ def test_training_skips_a_png_that_crashes_libpng_and_names_it_under_fail(tmp_pa
     assert ".png" in line and ("image data holds" in line or "data.max_pixels" in line)
 
 
+@pytest.mark.slow
 def test_conadv_pack_leaves_out_a_png_that_crashes_libpng(tmp_path):
     bad = _folder_with_bad_pngs(tmp_path / "data")
     packed = run_module("conadv.cli.pack", str(tmp_path / "data"), str(tmp_path / "shards"),
@@ -193,5 +208,53 @@ def test_a_value_that_contains_itself_is_refused_in_one_sentence(tmp_path):
 
 def test_anchors_that_stay_small_are_still_yaml(tmp_path):
     config = tmp_path / "anchors.yaml"
-    config.write_text("optim: &o {lr: 0.5}\nschedule: {warmup_epochs: 2}\n")
-    assert load_config(config).optim.lr == 0.5
+    config.write_text("data: {image_size: &size 40, eval_resize: *size}\n")
+    assert load_config(config).data.eval_resize == 40
+
+
+def _interlaced_png(array: np.ndarray) -> bytes:
+    """An Adam7-interlaced RGB PNG of `array` (Pillow does not write them)."""
+    from conadv.data.decode import _ADAM7
+
+    raw = b""
+    for x0, y0, dx, dy in _ADAM7:
+        passed = array[y0::dy, x0::dx]
+        if passed.size:
+            raw += b"".join(b"\x00" + row.tobytes() for row in passed)
+    height, width = array.shape[:2]
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 1)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw))
+            + _chunk(b"IEND", b""))
+
+
+def test_valid_pngs_decode_to_the_pixels_torchvision_gives():
+    """PNGs go through Pillow now; the pixels every loader shares must not change (8-bit
+    colour types, a palette with transparency, 1-bit, interlaced)."""
+    import io
+
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_image
+
+    array = np.random.default_rng(1).integers(0, 256, (37, 53, 3), np.uint8)
+    files = []
+    for mode in ("RGB", "RGBA", "L", "LA", "P", "1"):
+        buffer = io.BytesIO()
+        image = Image.fromarray(array).convert(mode)
+        image.save(buffer, format="PNG", **({"transparency": 3} if mode == "P" else {}))
+        files.append(buffer.getvalue())
+    files += [png_with_rows(53, 37, 37), _interlaced_png(array)]
+    for data in files:
+        expected = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                mode=ImageReadMode.RGB)
+        assert torch.equal(decode_rgb(data, 10**6), expected)
+
+
+def test_a_state_file_of_one_pickle_opcode_is_refused_in_one_sentence(tmp_path):
+    """Found by the fuzzer: a one-byte state.pt (TUPLE2 on an empty stack) raised
+    IndexError from torch's weights-only unpickler."""
+    from conadv.checkpoints.format import load_state
+    from conadv.errors import CheckpointError
+
+    (tmp_path / "state.pt").write_bytes(b"\x86")
+    with pytest.raises(CheckpointError, match="cannot be read as a checkpoint"):
+        load_state(tmp_path)

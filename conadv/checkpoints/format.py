@@ -41,6 +41,18 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
+def names_its_step(path: Path) -> bool:
+    """Whether a step-N folder's manifest is for step N (a copy of, or a link to, another
+    checkpoint is not)."""
+    named = STEP_DIR.match(path.name)
+    try:
+        manifest = _manifest(path)
+    except (OSError, ValueError):
+        return False
+    return bool(named) and isinstance(manifest, dict) and manifest.get("step") == int(
+        named.group(1))
+
+
 def _manifest(path: Path) -> Any:
     return json.loads((path / MANIFEST).read_text())
 
@@ -78,16 +90,14 @@ def problem(path: Path) -> str | None:
     other = other_format(path)
     if other:
         return other
-    named = STEP_DIR.match(path.name)
-    step = manifest.get("step") if isinstance(manifest, dict) else None
-    if named and step != int(named.group(1)):
-        return (f"its manifest is for step {step!r:.40}, not the step its folder names: a copy of, "
-                "or a link to, another checkpoint")
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if (not isinstance(files, dict) or STATE not in files or not all(
             isinstance(meta, dict) and {"bytes", "sha256"} <= meta.keys()
             and Path(name).name == name for name, meta in files.items())):
         return f"its manifest is malformed (no size and checksum of {STATE})"
+    if STEP_DIR.match(path.name) and not names_its_step(path):
+        return (f"its manifest is for step {manifest.get('step')!r:.40}, not the step its "
+                "folder names: a copy of, or a link to, another checkpoint")
     for name, meta in files.items():
         file = path / name
         if not file.is_file() or file.stat().st_size != meta["bytes"]:
@@ -116,9 +126,10 @@ def load_state(path: Path) -> dict[str, Any]:
         what = f"a Python object of type {found.group(1)}" if found else "a Python object"
         raise CheckpointError(f"{path / STATE} holds {what}, which a conadv checkpoint never "
                               "does; it was not loaded (loading it could run code)") from None
-    except (RuntimeError, EOFError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 (a damaged pickle stream raises what it meets:
+        # RuntimeError, EOFError, OSError, IndexError on an empty stack... found by the fuzzer)
         raise CheckpointError(f"{path / STATE} cannot be read as a checkpoint "
-                              f"({first_line(err)})") from None
+                              f"({type(err).__name__}: {first_line(err)})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path / STATE} does not hold a conadv run state")
     return state

@@ -26,6 +26,7 @@ class ImageSource:
     """Interface of an image source."""
 
     num_classes: int
+    max_pixels: int = DEFAULT_MAX_PIXELS  # the largest image a file source decodes
 
     def __len__(self) -> int:
         raise NotImplementedError

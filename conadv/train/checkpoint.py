@@ -28,6 +28,7 @@ from conadv.checkpoints.format import (
     MANIFEST,
     STATE,
     list_checkpoints,
+    names_its_step,
     other_format,
     problem,
     run_of,
@@ -217,8 +218,8 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         """Keep this run's newest `keep_last` checkpoints; never touch another run's."""
-        mine = [p for p in list_checkpoints(self.directory)
-                if run_of(p) == self.run_id and not p.is_symlink()]
+        mine = [p for p in list_checkpoints(self.directory)  # a copy or link named after
+                if run_of(p) == self.run_id and not p.is_symlink() and names_its_step(p)]
         for old in mine[self.keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -262,8 +262,8 @@ def remove_prior_run(directory: Path) -> None:
             f"log.run_dir {directory} was not replaced: {linked[0]} is a symbolic link, and "
             "conadv does not delete what a link points to; remove the link yourself or choose "
             "another log.run_dir")
-    for path in entries:
-        if path.is_dir():
+    for path in [*entries[1:], entries[0]]:  # run.json last: a removal that fails midway
+        if path.is_dir():                     # leaves a run that overwrite can still replace
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
