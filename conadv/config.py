@@ -342,6 +342,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        except RecursionError:  # found by tests/fuzz.py's kind of input: [[[[...]]]]
+            raise ConfigError(f"config file {path} nests its values too deeply to be a "
+                              "config") from None
         except OSError as err:
             raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
         except (yaml.YAMLError, ValueError) as err:
@@ -358,6 +361,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             schema = OmegaConf.merge(schema, OmegaConf.create(tree))
         except OmegaConfBaseException as err:
             raise ConfigError(_type_error_sentence(err, source)) from None
+        except RecursionError:
+            raise ConfigError(f"a value in {source} nests too deeply to be a config "
+                              "value") from None
         except (TypeError, ValueError):  # OmegaConf: a mapping where a list belongs, or back
             raise ConfigError(f"a key in {source} has a value of the wrong kind (a section "
                               f"or list where the schema has the other): "
@@ -429,8 +435,8 @@ def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
             raise ConfigError(f"override {_shown(item)} must look like section.key=value")
         try:
             value = yaml.load(raw, Loader=_StrictLoader) if raw else ""
-        except (yaml.YAMLError, ValueError):  # ValueError: an integer of thousands of digits
-            value = raw
+        except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an integer of
+            value = raw  # thousands of digits; RecursionError: [[[[...]]]] nested too deeply
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:

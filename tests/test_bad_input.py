@@ -258,3 +258,17 @@ def test_a_state_file_of_one_pickle_opcode_is_refused_in_one_sentence(tmp_path):
     (tmp_path / "state.pt").write_bytes(b"\x86")
     with pytest.raises(CheckpointError, match="cannot be read as a checkpoint"):
         load_state(tmp_path)
+
+
+def test_values_nested_too_deeply_are_refused_in_one_sentence(tmp_path):
+    """[[[[...]]]] a few thousand deep raised RecursionError from YAML and OmegaConf."""
+    nested = "[" * 3000 + "]" * 3000
+    with pytest.raises(ConfigError):
+        load_config(None, [f"model.cifar_blocks={nested}"])
+    config = tmp_path / "deep.yaml"
+    config.write_text(f"model:\n  cifar_blocks: {nested}\n")
+    with pytest.raises(ConfigError, match="nests its values too deeply"):
+        load_config(config)
+    shallow = "[" * 400 + "]" * 400  # parsed by YAML, too deep for the config's merge
+    with pytest.raises(ConfigError, match="nests too deeply to be a config value"):
+        load_config(None, [f"model.cifar_blocks={shallow}"])
