@@ -322,7 +322,7 @@ class AttackLink:
             work = dist.broadcast(self._control([word, int(terminated), 0, 0, 0], pinned),
                                   src=0, group=self.groups.weights, async_op=True)
             # the weights group has no deadline of its own (see distributed.py)
-            deadline = time.perf_counter() + 0.9 * self.timeout.total_seconds()
+            deadline = _deadline(self.timeout.total_seconds())
             try:
                 wait_until(work, deadline, polled=self._nccl)
             except RuntimeError as err:
@@ -338,7 +338,7 @@ class AttackLink:
         """Wait for the broadcasts of all but the newest `keep` announces. The weights group
         has no deadline of its own (see distributed.py), so neither has NCCL's watchdog for
         it: polled against one here."""
-        deadline = time.perf_counter() + 0.9 * self.timeout.total_seconds()
+        deadline = _deadline(self.timeout.total_seconds())
         try:
             while len(self._outgoing) > keep:
                 for work, _ in self._outgoing[0]:
@@ -374,6 +374,12 @@ def wait_until(work: Any, deadline: float, polled: bool,
             raise RuntimeError("timed out")
         time.sleep(0.0005)
     work.wait()
+
+
+def _deadline(timeout_s: float) -> float:
+    """0.9 x dist.timeout_s from now (time.perf_counter()): the weights group has no deadline
+    of its own, and a sentence must come before NCCL's watchdog ends the process."""
+    return time.perf_counter() + 0.9 * timeout_s
 
 
 def _time_left(deadline: float) -> timedelta:
@@ -443,7 +449,7 @@ class AttackOrders:
         # 0.9 x dist.timeout_s (the weights group has no deadline of its own)
         work = dist.broadcast(self.flat, src=0, group=self.groups.weights, async_op=True)
         try:
-            wait_until(work, time.perf_counter() + 0.9 * self.timeout_s, polled=True,
+            wait_until(work, _deadline(self.timeout_s), polled=True,
                        watch=self._trainer0.check)
         except RuntimeError as err:
             raise TrainersFailed(f"trainer 0 did not send step {step}'s weights within 0.9 x "

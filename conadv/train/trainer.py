@@ -128,6 +128,7 @@ class Trainer:
                  link: AttackLink | None = None) -> None:
         """`env`: the trainers' view of the job; `link`: its attack ranks, if any."""
         self.cfg, self.env, self.device = cfg, env, device
+        self.streams = streams_for(device)  # None on the CPU (unless a test stands in)
         self.link = link
         self.plan: BatchPlan = plan_batch(cfg.train, env.world_size)
         self.run_dir = Path(cfg.log.run_dir)
@@ -302,7 +303,7 @@ class Trainer:
         """One optimizer step over `accumulation` micro-batches."""
         accumulation = self.plan.accumulation
         result = StepResult(loss=torch.zeros((), device=self.device))
-        streams = streams_for(self.device)  # the step is timed on the device where it has some
+        streams = self.streams  # the step is timed on the device where it has some
         if streams is not None:
             result.cuda_events["train_begin"] = _record_event(streams)
         self.guard.begin_step()  # the forwards below write BatchNorm statistics
@@ -467,9 +468,8 @@ class Trainer:
     def window_record(self, window: MetricWindow, skipped: int) -> dict[str, Any]:
         """The `train` record of the steps since the last one (a collective), and a new
         window."""
-        streams = streams_for(self.device)
-        if streams is not None:  # the window's steps are done (the main stream's work only)
-            wait_for_current_stream(streams)
+        if self.streams is not None:  # the window's steps are done (the main stream's only)
+            wait_for_current_stream(self.streams)
         elapsed = time.perf_counter() - window.started
         record = {"epoch": round(self.epoch_progress, 4), "lr": self.scheduler.get_last_lr()[0],
                   **window.record(self.env.world_size),
