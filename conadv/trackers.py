@@ -5,15 +5,19 @@
   `<run_dir>/trackers.json`, so a resumed or requeued job continues the same tracked run
   instead of starting a new one (a run directory replaced with `log.overwrite=true` starts a
   new one).
-- **No duplicated metrics.** The same file keeps the last step sent per record kind (train,
-  eval). After a resume from an older checkpoint, the steps the tracker already has are not
-  sent again: a resume is exact, so they would be the same values (MLflow would append a
-  second value per step; W&B refuses steps that go back).
+- **No duplicated metrics, none lost.** The same file keeps the last step the tracker has
+  stored per record kind (train, eval). After a resume from an older checkpoint, the steps the
+  tracker already has are not sent again: a resume is exact, so they would be the same values
+  (MLflow would append a second value per step; W&B refuses steps that go back). A step counts
+  as stored once the tracker has taken it (MLflow: its server answered), not when it was
+  queued, so the steps a killed job had only queued are sent again by the resumed one.
 - **The config goes in as parameters** (`section.key`, once, when the tracked run is
   created), the run's `summary.json`, `config.yaml` and its report figures as artifacts at
   the end.
 - **A tracker never stops training.** One that is down, missing or refuses a call logs one
-  warning and is switched off for the rest of the run.
+  warning and is switched off for the rest of the run (MLflow's metrics go out from a thread:
+  a failure there is reported at the next record, a slow server delays training only once
+  `PENDING_LIMIT` records wait for it).
 
 A `file:` URI or a plain directory makes MLflow write a local store with no server (MLflow
 keeps its file store in maintenance mode behind MLFLOW_ALLOW_FILE_STORE, which is set for such
@@ -27,13 +31,17 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trackers.json"
+# metric records that may wait for MLflow's server before a record waits for the oldest one
+PENDING_LIMIT = 64
 
 
 class _MLflow:
@@ -64,16 +72,36 @@ class _MLflow:
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
-        self._pending: list[Any] = []  # MLflow's handles of the queued metric batches
+        self.sent: dict[str, int] = {}  # the last step per record kind the server has stored
+        # one thread, one call at a time, in order: a slow server delays the records, not the
+        # training step. (Not MLflow's own asynchronous logging: its handles only block, so
+        # what the server has stored would be known at the end only.)
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="conadv-mlflow")
+        self._pending: deque[tuple[str, int, Future]] = deque()
 
     def log(self, kind: str, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        # asynchronous: a slow server delays MLflow's queue, never the training step
-        self._pending.append(self.client.log_batch(self.run_id, metrics=[
-            Metric(f"{kind}/{key}", value, now, step) for key, value in values.items()],
-            synchronous=False))
+        metrics = [Metric(f"{kind}/{key}", value, now, step) for key, value in values.items()]
+        self._pending.append((kind, step, self._sender.submit(
+            self.client.log_batch, self.run_id, metrics=metrics, synchronous=True)))
+        self._settle(len(self._pending) - PENDING_LIMIT)
+
+    def _settle(self, wait_for: int) -> None:
+        """Move the records the server has answered, oldest first, from pending to `sent`,
+        after waiting for the oldest `wait_for` of them. A failed one raises (the tracker goes
+        off) and drops the records behind it."""
+        while self._pending and (wait_for > 0 or self._pending[0][2].done()):
+            kind, step, call = self._pending.popleft()
+            wait_for -= 1
+            try:
+                call.result()
+            except Exception:
+                self._pending.clear()
+                self._sender.shutdown(wait=False, cancel_futures=True)
+                raise
+            self.sent[kind] = step
 
     def artifacts(self, paths: list[Path]) -> None:
         for path in paths:
@@ -83,8 +111,8 @@ class _MLflow:
                 self.client.log_artifact(self.run_id, str(path))
 
     def close(self, finished: bool) -> None:
-        for operations in self._pending:  # what was queued, then the run's end
-            operations.wait()
+        self._settle(len(self._pending))  # what was queued, then the run's end
+        self._sender.shutdown()
         self.client.set_terminated(self.run_id, "FINISHED" if finished else "KILLED")
 
 
@@ -99,9 +127,11 @@ class _Wandb:
                               resume="allow", name=run_name, dir=str(run_dir),
                               config=params if run_id is None else None)
         self.run_id = self.run.id
+        self.sent: dict[str, int] = {}  # the last step per record kind W&B has taken
 
     def log(self, kind: str, step: int, values: dict[str, float]) -> None:
         self.run.log({f"{kind}/{key}": value for key, value in values.items()}, step=step)
+        self.sent[kind] = step
 
     def artifacts(self, paths: list[Path]) -> None:
         for path in paths:
@@ -122,6 +152,8 @@ class Trackers:
         self.path = Path(run_dir) / STATE_FILE
         self.state: dict[str, dict[str, Any]] = {}
         self.active: list[Any] = []
+        # the last step per record kind handed to each tracker (stored, or still on its way)
+        self.handed: dict[str, dict[str, int]] = {}
         if not enabled or not (mlflow_uri or wandb_project):
             return
         try:
@@ -144,20 +176,22 @@ class Trackers:
                             str(err).splitlines()[0][:300] if str(err) else type(err).__name__)
                 continue
             self.state.setdefault(name, {"last_step": {}})["run_id"] = tracker.run_id
+            self.handed[name] = dict(self.state[name]["last_step"])
             self.active.append(tracker)
         self._save()
 
     def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        if not self.active:
+            return
         numbers = {k: float(v) for k, v in values.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for tracker in list(self.active):
-            last = self.state[tracker.name]["last_step"].get(kind, -1)
-            if step <= last:
+            if step <= self.handed[tracker.name].get(kind, -1):
                 continue  # sent before this run resumed from an older checkpoint
             if self._call(tracker, "log", kind, step, numbers):
-                self.state[tracker.name]["last_step"][kind] = step
-        if self.active:
-            self._save()
+                self.handed[tracker.name][kind] = step
+            self._stored(tracker)
+        self._save()
 
     def finish(self, finished: bool, artifacts: list[Path],
                report: Callable[[], Path] | None = None) -> None:
@@ -169,11 +203,14 @@ class Trackers:
                 artifacts = [*artifacts, report()]
             except Exception as err:  # noqa: BLE001
                 log.warning("no report figures for the trackers: %s", err)
+        if not self.active:
+            return
         for tracker in list(self.active):
-            if finished:
-                self._call(tracker, "artifacts", artifacts)
-            self._call(tracker, "close", finished)
+            if not finished or self._call(tracker, "artifacts", artifacts):  # else: off
+                self._call(tracker, "close", finished)  # waits for the records on their way
+            self._stored(tracker)
         self.active = []
+        self._save()
 
     def _call(self, tracker: Any, method: str, *args: Any) -> bool:
         try:
@@ -185,6 +222,10 @@ class Trackers:
                         type(err).__name__)
             self.active.remove(tracker)
             return False
+
+    def _stored(self, tracker: Any) -> None:
+        """Count the steps `tracker` has stored as sent (also those before it failed)."""
+        self.state[tracker.name]["last_step"].update(tracker.sent)
 
     def _save(self) -> None:
         try:

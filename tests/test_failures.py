@@ -331,8 +331,8 @@ def _start(args: list[str], torchrun: int = 0) -> subprocess.Popen:
     else:
         cmd = [sys.executable, "-m", "conadv.cli.train", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(PYTHON=sys.executable), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)  # no terminal
 
 
 @pytest.fixture(scope="module")
@@ -353,13 +353,15 @@ def straight_runs(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks, signum", [(0, signal.SIGTERM), (2, signal.SIGTERM),
-                                           (2, signal.SIGUSR1)],
-                         ids=["single-term", "torchrun2-term", "torchrun2-usr1"])
+                                           (2, signal.SIGUSR1), (0, signal.SIGINT)],
+                         ids=["single-term", "torchrun2-term", "torchrun2-usr1",
+                              "single-int-without-a-terminal"])
 def test_a_signal_to_every_process_checkpoints_and_resumes_bit_identical(tmp_path, ranks,
                                                                           signum,
                                                                           straight_runs):
     """As Slurm delivers it: to the launcher, torchrun's agent (which passes SIGTERM on once
-    more), the ranks and their DataLoader workers (data.workers=2), all at once."""
+    more), the ranks and their DataLoader workers (data.workers=2), all at once. SIGINT
+    without a terminal (`kill -INT`, an IDE's stop button) is Ctrl-C: a checkpointed stop."""
     straight = straight_runs(ranks)
 
     run_dir = tmp_path / "split"
@@ -368,7 +370,7 @@ def test_a_signal_to_every_process_checkpoints_and_resumes_bit_identical(tmp_pat
     signalled = signal_job(process.pid, signum)
     assert len(signalled) >= (1 + 2 * 3 if ranks else 3)  # DataLoader workers included
     _, err = process.communicate(timeout=120)
-    terminated = signum == signal.SIGTERM
+    terminated = signum in (signal.SIGTERM, signal.SIGINT)
     assert process.returncode == (75 if terminated else 0), err[-3000:]
     assert "exited unexpectedly" not in err
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -382,19 +384,14 @@ def test_a_signal_to_every_process_checkpoints_and_resumes_bit_identical(tmp_pat
     assert_same_run_state(checkpoint_state(straight), checkpoint_state(run_dir))
 
 
-class _Terminal:
-    def isatty(self) -> bool:
-        return True
-
-
 def test_a_repeated_sigterm_is_one_request_and_only_a_second_ctrl_c_ends_at_once(
         tmp_path, monkeypatch):
     """Schedulers repeat SIGTERM (every process of the step, srun, a time limit after a
     --signal warning): never an escalation, the scheduler's SIGKILL follows anyway. A second
     Ctrl-C after the first one's window ends the process without waiting for the step."""
     monkeypatch.setattr(preemption, "REPEAT_WINDOW_S", 0.05)
-    monkeypatch.setattr(sys, "stdin", _Terminal())
     request = StopRequest(tmp_path, True, torch.device("cpu"), distributed=False)
+    request.begin()
     try:
         for _ in range(3):
             os.kill(os.getpid(), signal.SIGTERM)
@@ -403,6 +400,7 @@ def test_a_repeated_sigterm_is_one_request_and_only_a_second_ctrl_c_ends_at_once
     finally:
         request.close()
     request = StopRequest(tmp_path, True, torch.device("cpu"), distributed=False)
+    request.begin()
     try:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)  # within the window: the same Ctrl-C
@@ -413,6 +411,33 @@ def test_a_repeated_sigterm_is_one_request_and_only_a_second_ctrl_c_ends_at_once
             time.sleep(1)
     finally:
         request.close()
+
+
+def test_a_termination_during_start_up_ends_it_at_once_with_a_summary(tmp_path, monkeypatch):
+    """Before the first step there is nothing to save: a SIGTERM while start-up is stuck (a
+    huge folder walk, a slow file system) ends it at once, exit 75, with the summary a
+    scheduler's script requeues on; the run directory is left free."""
+    from conadv.cli.train import main
+    from conadv.train import trainer as trainer_module
+
+    build = trainer_module.build_model
+
+    def stuck_after_the_claim(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # start-up that would not end by itself
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "build_model", stuck_after_the_claim)
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as finished:
+        main([*TINY, f"log.run_dir={tmp_path / 'run'}", "train.max_steps=4"])
+    assert finished.value.code == 75 and time.monotonic() - started < 30
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["terminated"] and summary["steps"] is None, summary
+    assert summary["stop_reason"] == preemption.STARTUP_REASON
+    monkeypatch.setattr(trainer_module, "build_model", build)
+    assert train(tiny_config(tmp_path / "run", "train.max_steps=4",
+                             "checkpoint.resume=auto"))["finished"]  # as a requeue would
 
 
 def test_a_stop_signal_in_the_instant_a_worker_starts_does_not_kill_it(monkeypatch):

@@ -5,12 +5,20 @@ a tracker that is down costs one warning."""
 import glob
 import json
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
 
 import pytest
 
+import conadv.trackers
+from conadv.trackers import STATE_FILE, Trackers
 from conadv.train.trainer import train
-from tests.helpers import tiny_config
+from tests.helpers import REPO, subprocess_env, tiny_config
 
 RUN = ["train.max_steps=6", "checkpoint.every_steps=2", "train.eval_every_epochs=0"]
 
@@ -94,3 +102,109 @@ def test_a_tracker_that_is_down_costs_one_warning(tmp_path, monkeypatch, caplog)
     assert summary["finished"]
     warnings = [r for r in caplog.records if "mlflow tracker" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+
+
+# ----------------------------------------------------------------- what counts as sent (MLflow)
+
+
+def _mlflow_history(store, run_dir) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((run_dir / STATE_FILE).read_text())["mlflow"]["run_id"]
+    history = MlflowClient(tracking_uri=store.resolve().as_uri()).get_metric_history(
+        run_id, "train/loss")
+    return sorted(m.step for m in history)
+
+
+def _store_metrics_through(monkeypatch, hold: Callable[[], None]) -> None:
+    """MLflow's file store calls `hold` before it stores a metric batch (a slow, down or
+    unreachable tracker server)."""
+    from mlflow.store.tracking.file_store import FileStore
+
+    store = FileStore.log_batch
+
+    def held(self, run_id, metrics, params, tags):
+        if metrics:
+            hold()
+        return store(self, run_id, metrics, params, tags)
+
+    monkeypatch.setattr(FileStore, "log_batch", held)
+
+
+KILLED_WHILE_QUEUED = """
+import os, signal, sys, time
+from pathlib import Path
+from mlflow.store.tracking.file_store import FileStore
+from conadv.trackers import Trackers
+
+store = FileStore.log_batch
+FileStore.log_batch = lambda self, run_id, metrics, params, tags: (
+    time.sleep(3600) if metrics else store(self, run_id, metrics, params, tags))
+trackers = Trackers(Path(sys.argv[1]), True, sys.argv[2], "", "run", {})
+for step in (1, 2, 3):
+    trackers.log("train", step, {"loss": 1.0 / step})
+os.kill(os.getpid(), signal.SIGKILL)  # the node is lost with the three records still queued
+"""
+
+
+def test_mlflow_steps_a_killed_job_had_only_queued_are_sent_by_the_resumed_one(tmp_path):
+    pytest.importorskip("mlflow")
+    store, run_dir = tmp_path / "mlruns", tmp_path / "run"
+    run_dir.mkdir()
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_QUEUED, str(run_dir), str(store)],
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert json.loads((run_dir / STATE_FILE).read_text())["mlflow"]["last_step"] == {}
+    resumed = Trackers(run_dir, True, str(store), "", "run", {})
+    for step in (1, 2, 3, 4):  # the resumed job trains steps 1-4 again (no checkpoint)
+        resumed.log("train", step, {"loss": 1.0 / step})
+    resumed.finish(False, [])
+    assert _mlflow_history(store, run_dir) == [1, 2, 3, 4]
+    assert json.loads((run_dir / STATE_FILE).read_text())["mlflow"]["last_step"] == {"train": 4}
+
+
+def test_mlflow_server_down_mid_run_costs_one_warning_during_the_run(tmp_path, monkeypatch,
+                                                                     caplog):
+    pytest.importorskip("mlflow")
+
+    def down() -> None:
+        raise ConnectionError("the tracker server is down")
+
+    _store_metrics_through(monkeypatch, down)
+    trackers = Trackers(tmp_path, True, str(tmp_path / "mlruns"), "", "run", {})
+    step, deadline = 0, time.monotonic() + 20
+    while trackers.active and time.monotonic() < deadline:  # training goes on meanwhile
+        step += 1
+        trackers.log("train", step, {"loss": 1.0})
+        time.sleep(0.02)
+    assert not trackers.active  # noticed during the run, not only at its end
+    trackers.finish(True, [])
+    warnings = [r for r in caplog.records if "mlflow tracker" in r.getMessage()]
+    assert len(warnings) == 1 and "server is down" in warnings[0].getMessage()
+    assert json.loads((tmp_path / STATE_FILE).read_text())["mlflow"]["last_step"] == {}
+
+
+def test_mlflow_records_waiting_for_a_slow_server_are_bounded(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setattr(conadv.trackers, "PENDING_LIMIT", 3, raising=False)
+    slow = threading.Event()
+    _store_metrics_through(monkeypatch, lambda: slow.wait(timeout=30))
+    store = tmp_path / "mlruns"
+    trackers = Trackers(tmp_path, True, str(store), "", "run", {})
+    opening = threading.Timer(0.5, slow.set)  # the server answers after 0.5 s
+    opening.start()
+    try:
+        for step in (1, 2, 3):
+            trackers.log("train", step, {"loss": 1.0})
+        assert not slow.is_set()  # three records may wait for the server: no wait
+        trackers.log("train", 4, {"loss": 1.0})
+        assert slow.is_set()  # a fourth one waits for the oldest to be stored
+        stored = json.loads((tmp_path / STATE_FILE).read_text())["mlflow"]["last_step"]
+        assert stored["train"] >= 1
+        trackers.finish(True, [])
+    finally:
+        slow.set()
+        opening.cancel()
+    assert _mlflow_history(store, tmp_path) == [1, 2, 3, 4]
+    assert json.loads((tmp_path / STATE_FILE).read_text())["mlflow"]["last_step"] == {"train": 4}

@@ -23,6 +23,7 @@ class AfterStep:
     checkpoint: bool
     stop_reason: str | None  # stop after this step (with a checkpoint)
     terminated: bool  # the stop is a termination signal: exit 75
+    planned: bool  # the stop is train.stop_at_step: a scheduler must not run the job again
 
 
 class Cadence:
@@ -43,7 +44,8 @@ class Cadence:
         done = step == self.total_steps
         level = 0 if done else self.stop_request.poll()
         stop_reason = REASONS.get(level)
-        if step == self.stop_at and not done:
+        planned = step == self.stop_at and not done
+        if planned:
             stop_reason = "train.stop_at_step reached"
         epoch_done = step // self.steps_per_epoch > self._saved_epoch
         every = self.checkpoint_every
@@ -53,7 +55,7 @@ class Cadence:
         evaluate = not stop_reason and bool(
             done or (self.eval_every and step % self.eval_every == 0))
         return AfterStep(step, done, log, log or checkpoint, evaluate, checkpoint, stop_reason,
-                         level == TERMINATED)
+                         level == TERMINATED, planned)
 
     def checkpointed(self, step: int) -> None:
         self._saved_epoch = step // self.steps_per_epoch

@@ -13,6 +13,10 @@ checkpoint does not fit its grace period). Only an interactive user escalates: a
 (Ctrl-C) more than `REPEAT_WINDOW_S` after the first ends the process at once (a terminal
 delivers the first one to torchrun and to the workers within moments).
 
+Before the first step there is nothing to save: a termination signal ends start-up at once
+(StartupTerminated; exit 75, and rank 0 writes a summary saying so where it holds the run
+directory, so that launch/slurm.sbatch requeues the job).
+
 A STOP file is removed by rank 0 once the run has stopped on it with a checkpoint, so that the
 resumed run does not stop again.
 
@@ -28,7 +32,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -71,6 +74,16 @@ def slurm_attempt() -> str | None:
     return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else None
 
 
+class StartupTerminated(Exception):
+    """A termination signal before the first step: there is nothing new to save (the state is
+    the checkpoint the run started from), so start-up ends at once, wherever it was (a walk
+    of a huge or looping folder, a slow resume), instead of holding the request until a step
+    that may never come."""
+
+
+STARTUP_REASON = "terminated by a signal during start-up, before the first step"
+
+
 class StopRequest:
     def __init__(self, run_dir: Path, is_main: bool, device: torch.device,
                  distributed: bool) -> None:
@@ -79,6 +92,7 @@ class StopRequest:
         self.level = _NONE
         self.requested_at: float | None = None  # time.monotonic() of the first signal
         self._terminated_at = 0.0
+        self.started = False  # the first step has begun: from then on a signal is a request
         self._file_checked_at = -_FILE_CHECK_INTERVAL_S
         if is_main and _present(self.path):
             # Launchers remove it before starting; one left by hand stops this run too.
@@ -88,8 +102,10 @@ class StopRequest:
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             wanted = [signal.SIGUSR1, signal.SIGTERM]
-            if sys.stdin is not None and sys.stdin.isatty():
-                wanted.append(signal.SIGINT)  # Ctrl-C on an interactive run
+            # SIGINT: Ctrl-C, `kill -INT`, an IDE's stop button (no terminal needed); left
+            # alone where it is ignored (a job started in the background with `&`)
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                wanted.append(signal.SIGINT)
             for signum in wanted:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
 
@@ -108,9 +124,17 @@ class StopRequest:
             return
         self.level = TERMINATED
         self._terminated_at = now
+        if not self.started:
+            log.warning("%s received during start-up: nothing to save yet; stopping now",
+                        signal.Signals(signum).name)
+            raise StartupTerminated(STARTUP_REASON)
         log.warning("%s received: finishing this step, writing a checkpoint, then stopping%s",
                     signal.Signals(signum).name,
                     " (press Ctrl-C again to end at once)" if signum == signal.SIGINT else "")
+
+    def begin(self) -> None:
+        """The training loop starts: a termination signal now waits for the step's end."""
+        self.started = True
 
     def requested_here(self) -> int:
         """This rank's level: its signals, and on rank 0 the STOP file."""

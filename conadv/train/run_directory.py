@@ -202,6 +202,18 @@ class RunLock:
         self._fd = None
 
 
+def held_here(directory: Path) -> bool:
+    """Whether this process holds the run directory's lock (read from the lock file: a
+    start-up cut short may not have kept the RunLock object)."""
+    try:
+        holder = json.loads((directory / LOCK_FILE).read_bytes())
+    except (OSError, ValueError):
+        return False
+    me = Holder.me()
+    return isinstance(holder, dict) and (holder.get("host"), holder.get("pid"),
+                                         holder.get("start")) == (me.host, me.pid, me.start)
+
+
 def ensure_usable(directory: Path) -> None:
     """`directory` exists (made if missing) and this process can write in it, or one
     sentence says why not."""
@@ -256,12 +268,21 @@ def remove_prior_run(directory: Path) -> None:
             f"log.run_dir {directory} holds {', '.join(present)} but no {RUN_FILE}: it is not "
             "a conadv run, and log.overwrite=true replaces only conadv runs; choose another "
             "log.run_dir")
-    linked = [path for path in entries if path.is_symlink()]
+    checkpoints = directory / "checkpoints"
+    linked = [path for path in entries if path.is_symlink() and path != checkpoints]
     if linked:
         raise RunDirectoryError(
             f"log.run_dir {directory} was not replaced: {linked[0]} is a symbolic link, and "
             "conadv does not delete what a link points to; remove the link yourself or choose "
             "another log.run_dir")
+    if checkpoints.is_symlink():
+        # checkpoints are often put on another file system through a link: it stays, and
+        # inside it go only the earlier run's checkpoints (by their manifests' run id)
+        entries.remove(checkpoints)
+        prior = read_run_id(directory)
+        for step in list_checkpoints(checkpoints):
+            if run_of(step) == prior and not step.is_symlink():
+                shutil.rmtree(step)
     for path in [*entries[1:], entries[0]]:  # run.json last: a removal that fails midway
         if path.is_dir():                     # leaves a run that overwrite can still replace
             shutil.rmtree(path)

@@ -4,6 +4,7 @@ micro-steps (gradient accumulation), optimizer steps, logging, evaluation and ch
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 import weakref
@@ -43,7 +44,7 @@ from conadv.distributed import (
     process_group,
     trainers_group,
 )
-from conadv.errors import ConfigError
+from conadv.errors import ConfigError, DataError
 from conadv.models import build_model
 from conadv.optim import build_optimizer, build_scheduler, scaled_lr
 from conadv.report import build_report
@@ -57,8 +58,8 @@ from conadv.train.ema import WeightEma
 from conadv.train.evaluate import evaluate, final_eval_attacks
 from conadv.train.nonfinite import NonFiniteGuard
 from conadv.train.objectives import build_objective
-from conadv.train.preemption import StopRequest, slurm_attempt
-from conadv.train.run_directory import claim_on_rank_zero, drop_records_after
+from conadv.train.preemption import StartupTerminated, StopRequest, slurm_attempt
+from conadv.train.run_directory import claim_on_rank_zero, drop_records_after, held_here
 from conadv.train.runtime import (
     autocast_dtype,
     autocast_factory,
@@ -78,8 +79,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     setup_logging(env.is_main)
     device = pick_device(cfg.train.device, env, cfg.dist.backend)
     trainers = trainer_count(cfg.adv, env.world_size)  # the last adv.attack_ranks attack
-    # A stop signal is a request from here on (acted on after the first step), not the end of
-    # the process: joining the process group and resuming take minutes on a thousand ranks.
+    # A termination signal from here on ends start-up at once (there is nothing to save yet);
+    # from the first step on it is a request, acted on after that step with a checkpoint.
     # (An attack rank only survives it: trainer 0 tells it when the trainers stop.)
     stop_request = StopRequest(Path(cfg.log.run_dir), env.is_main, device,
                                trainers > 1 and env.rank < trainers)
@@ -87,15 +88,32 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         with process_group(env, device, cfg.dist.backend, cfg.dist.timeout_s,
                            trainers) as groups:
             if env.rank >= trainers:
+                stop_request.begin()  # it ends when trainer 0 says so, whenever that is
                 return run_attack_rank(cfg, env, device, groups, trainers)
             if groups is None:
                 summary = Trainer(cfg, env, device).fit(stop_request)
             else:
                 summary = _train_beside_attack_ranks(cfg, env, device, groups, trainers,
                                                      stop_request)
+    except StartupTerminated as stopped:
+        summary = _startup_summary(cfg, env.is_main, str(stopped))
     finally:
         stop_request.close(wait=False)  # if fit() did not get to
     return summary if env.is_main else {"terminated": summary["terminated"]}
+
+
+def _startup_summary(cfg: RunConfig, is_main: bool, reason: str) -> dict[str, Any]:
+    """The summary of a run ended before its first step; rank 0 writes it where it holds the
+    run directory (a scheduler's script reads it to requeue), never into another run's, with
+    the config that lets the requeued attempt recognise this run."""
+    summary = {"steps": None, "finished": False, "stop_reason": reason, "terminated": True,
+               "planned_stop": False, "slurm_attempt": slurm_attempt(), "final_eval": None}
+    run_dir = Path(cfg.log.run_dir)
+    if is_main and held_here(run_dir):
+        if not (run_dir / "config.yaml").exists():
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def _train_beside_attack_ranks(cfg: RunConfig, env: DistEnv, device: torch.device,
@@ -155,6 +173,9 @@ class Trainer:
                 cfg.data, env.world_size, env.rank, self.plan.per_device, device, split="train",
                 subset=cfg.train.eval_train_images, seed=cfg.train.seed)
         num_classes = cfg.model.num_classes or self.stream.num_classes
+        if num_classes < 2:  # and a targeted attack has no wrong label to draw
+            raise DataError(f"the training set has {num_classes} class; a classifier needs "
+                            "at least 2 (data.root's train/ holds one folder per class)")
         self.model = build_model(cfg.model, num_classes).to(device)
         if cfg.model.init_from and resume_path is None:  # before auxiliary BN copies the main
             load_into(self.model.backbone, read_weights(cfg.model.init_from, "model.init_from"),
@@ -252,7 +273,8 @@ class Trainer:
                 f"differ, e.g. {k}: {tuple(saved['model'][k].shape)} there, "
                 f"{tuple(own[k].shape)} here); a changed architecture cannot continue a run: "
                 f"start a new log.run_dir with model.init_from={path} model.init_strict=false")
-        changes = trajectory_changes(parse_saved_config(saved["config"]), self.cfg)
+        changes = trajectory_changes(
+            parse_saved_config(saved["config"], f"the config inside {path}"), self.cfg)
         described = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
         if changes and not self.cfg.checkpoint.allow_config_change:
             raise ConfigError(
@@ -396,6 +418,7 @@ class Trainer:
         train_start, start_step = time.perf_counter(), self.step
         finished_cleanly = False
         try:
+            stop_request.begin()
             while self.step < self.total_steps:
                 window.add(self.train_step())
                 telemetry.advance()
@@ -445,7 +468,8 @@ class Trainer:
                    "bad_images": self.progress.total_bad_images(),
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                    "finished": self.step == self.total_steps, "stop_reason": stop_reason,
-                   "terminated": bool(after and after.terminated), "skipped_steps": skipped,
+                   "terminated": bool(after and after.terminated),
+                   "planned_stop": bool(after and after.planned), "skipped_steps": skipped,
                    # seconds from the stop signal to here (its checkpoint on disk)
                    "stop_latency_s": (round(time.monotonic() - stop_request.requested_at, 3)
                                       if stop_reason and stop_request.requested_at else None),
