@@ -37,6 +37,9 @@ def knob(default: Any, doc: str, *, choices: tuple | None = None, low: float | N
 # the largest image decoded by default: 64 megapixels (an 8000 x 8000 photo; ImageNet's
 # largest are about 12); a larger file costs gigabytes to decode
 DEFAULT_MAX_PIXELS = 64_000_000
+# the largest crop or resize side: a 4096 x 4096 crop is 200 MB per image in float32, so a
+# larger side is a typo that would otherwise end in the kernel's out-of-memory kill
+MAX_SIDE = 4096
 
 
 @dataclass
@@ -61,11 +64,13 @@ class DataConfig:
                            "ImageId,PredictionString or 'file label' lines); empty: class folders",
                            free=True)
     image_size: int = knob(224, "training crop size in pixels (and the evaluation crop's "
-                           "unless eval_image_size is set)", low=8)
+                           "unless eval_image_size is set)", low=8, high=MAX_SIDE)
     eval_image_size: int = knob(0, "evaluation centre-crop size; 0 takes image_size "
                                 "(torchvision's recipe trains at 176, evaluates at 224 after a "
-                                "232 resize: the FixRes effect)", low=0, free=True)
-    eval_resize: int = knob(256, "evaluation resize of the shorter side before center crop", low=8)
+                                "232 resize: the FixRes effect)", low=0, high=MAX_SIDE,
+                                free=True)
+    eval_resize: int = knob(256, "evaluation resize of the shorter side before center crop", low=8,
+                            high=MAX_SIDE)
     min_crop_scale: float = knob(0.08, "RandomResizedCrop lower area bound", low=0.0, high=1.0,
                                  low_open=True)
     hflip: bool = knob(True, "random horizontal flip during training")
@@ -116,7 +121,8 @@ class OptimConfig:
     name: str = knob("sgd", "optimizer", choices=("sgd", "lars", "lamb"))
     backend: str = knob("native", "native (conadv's own) or apex (NVIDIA FusedLAMB, lamb only)",
                         choices=("native", "apex"))
-    lr: float = knob(0.1, "peak learning rate at base_batch (scaled by scale_rule)", low=0.0)
+    lr: float = knob(0.1, "peak learning rate at base_batch (scaled by scale_rule)", low=0.0,
+                     high=1e6)  # beyond float32's reach once scaled, and a typo long before
     scale_rule: str = knob("none", "peak LR scaling from base_batch to the global batch "
                            "(linear for SGD/LARS, sqrt for LAMB)",
                            choices=("none", "linear", "sqrt"))
@@ -171,7 +177,8 @@ class TrainConfig:
                           choices=("auto", "fp32", "bf16", "fp16"))
     device: str = knob("auto", "auto picks CUDA when available", choices=("auto", "cpu", "cuda"),
                        free=True)
-    seed: int = knob(0, "seed of data order, augmentation and initialisation", low=0)
+    seed: int = knob(0, "seed of data order, augmentation and initialisation", low=0,
+                     high=2**63 - 1)  # torch's generators take a signed 64-bit seed
     compile: bool = knob(False, "torch.compile the model for the training forward and the "
                          "attack (BatchNorm routes compile once each, not every step)", free=True)
     deterministic: bool = knob(False, "torch.use_deterministic_algorithms (slower)", free=True)
@@ -559,10 +566,11 @@ def validate(cfg: RunConfig) -> None:
                           "reach its peak; shorten the warm-up")
     if cfg.schedule.decay == "step" and not cfg.schedule.step_epochs:
         raise ConfigError("schedule.decay=step needs schedule.step_epochs, e.g. [30, 60, 80]")
-    if list(cfg.schedule.step_epochs) != sorted(set(cfg.schedule.step_epochs)) or any(
-            e <= 0 for e in cfg.schedule.step_epochs):
+    epochs = list(cfg.schedule.step_epochs)
+    if not all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e)
+               for e in epochs) or epochs != sorted(set(epochs)) or any(e <= 0 for e in epochs):
         raise ConfigError("schedule.step_epochs must be increasing positive epochs, got "
-                          f"{list(cfg.schedule.step_epochs)}")
+                          f"{_shown(epochs)}")
     _validate_distill(cfg)
 
 
@@ -603,6 +611,10 @@ def _check_arch(key: str, arch: str) -> None:
     if arch not in ARCHS and not (arch.startswith("timm:") and len(arch) > len("timm:")):
         raise ConfigError(f"{key} must be one of {', '.join(ARCHS)} or timm:<name>; got "
                           f"'{_shown(arch)}'")
+    if ":" in arch.removeprefix("timm:"):  # timm's hf-hub:/local-dir: read a config remotely
+        raise ConfigError(f"{key}={_shown(arch)} names a model hub entry, which would be "
+                          "downloaded; conadv builds timm models by name (timm:<name>) and "
+                          "takes weights from a local file (model.init_from)")
 
 
 def _check_value(key: str, value: Any, meta: Any) -> None:
@@ -710,18 +722,25 @@ def describe_knobs() -> str:
 FREE_SECTIONS = ("eval", "dist", "checkpoint", "log")
 
 
-def parse_saved_config(text: str) -> RunConfig:
+def parse_saved_config(text: str, where: str = "the saved config") -> RunConfig:
     """A config saved by `to_yaml` (in a run directory or a checkpoint), leniently: keys this
-    version does not know are dropped, keys it added take their defaults."""
-    saved = yaml.safe_load(text) or {}
-    if not isinstance(saved, dict):
-        raise ValueError("a saved config is a mapping of sections")
-    schema = OmegaConf.structured(RunConfig)
-    known = {section: {k: v for k, v in (values or {}).items()
-                       if k in {f.name for f in dataclasses.fields(getattr(RunConfig(), section))}}
-             for section, values in saved.items()
-             if section in {f.name for f in dataclasses.fields(RunConfig)}}
-    return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.create(known)))
+    version does not know are dropped, keys it added take their defaults. Anything else (not
+    YAML, a section that is not a mapping, a value of the wrong type) is one ConfigError
+    naming `where`."""
+    try:
+        saved = yaml.safe_load(text) or {}
+        if not isinstance(saved, dict) or not all(
+                isinstance(values, dict | None) for values in saved.values()):
+            raise ValueError("a saved config is a mapping of sections of keys")
+        schema = OmegaConf.structured(RunConfig)
+        known = {section: {k: v for k, v in (values or {}).items()
+                           if k in {f.name for f in dataclasses.fields(
+                               getattr(RunConfig(), section))}}
+                 for section, values in saved.items()
+                 if section in {f.name for f in dataclasses.fields(RunConfig)}}
+        return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.create(known)))
+    except (ValueError, TypeError, yaml.YAMLError, OmegaConfBaseException) as err:
+        raise ConfigError(f"{where} is not a conadv config ({first_line(err, 120)})") from None
 
 
 def trajectory_changes(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:

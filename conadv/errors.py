@@ -34,3 +34,11 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     characters (torch's and gloo's messages run to many lines), or its type when it has none."""
     text = str(err).strip()
     return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
+def collapsed(err: BaseException, limit: int = 240) -> str:
+    """An underlying error on one line, all of it up to `limit` characters: for messages whose
+    first line says nothing (torch's "Error(s) in loading state_dict for X:" lists the keys on
+    the lines after it)."""
+    text = " ".join(str(err).split())
+    return (text[:limit] + "...") if len(text) > limit else text or type(err).__name__

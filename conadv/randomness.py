@@ -35,7 +35,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """Seed of one epoch's permutation of the training set."""
-    return seed * _A + epoch
+    return (seed * _A + epoch) % _MOD
 
 
 def batch_seed(seed: int, key: int, purpose: int) -> int:
@@ -50,7 +50,7 @@ def attack_seed(seed: int, key: int) -> int:
 
 def evaluation_attack_seed(seed: int, attack: int, index: int) -> int:
     """Seed of evaluation attack number `attack` on the image with this dataset index."""
-    return (seed * 31 + attack) * _A + index
+    return ((seed * 31 + attack) * _A + index) % _MOD
 
 
 @contextmanager

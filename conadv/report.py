@@ -13,9 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-from omegaconf.errors import OmegaConfBaseException
-
 from conadv.config import RunConfig, flat_config, parse_saved_config
 from conadv.errors import DataError
 
@@ -47,10 +44,10 @@ def load_run(path: Path) -> Run:
         raise DataError(f"{path} is not a run directory (config.yaml and metrics.jsonl "
                         "are missing)")
     try:
-        config = parse_saved_config((path / "config.yaml").read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, yaml.YAMLError, OmegaConfBaseException) as err:
-        raise DataError(f"{path / 'config.yaml'} is not a conadv config "
-                        f"({str(err).splitlines()[0][:120]})") from None
+        text = (path / "config.yaml").read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path / 'config.yaml'} is not a conadv config ({err})") from None
+    config = parse_saved_config(text, str(path / "config.yaml"))
     run = Run(path, config)
     skipped = 0
     for line in (path / "metrics.jsonl").read_text(errors="replace").splitlines():
@@ -62,6 +59,7 @@ def load_run(path: Path) -> Run:
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             skipped += 1
             continue
+        record = _measured(record)
         (run.train if record.get("kind") == "train" else run.eval).append(record)
     if skipped:
         log.warning("%s: skipped %d metrics lines that are not records", path, skipped)
@@ -71,6 +69,13 @@ def load_run(path: Path) -> Run:
     except (OSError, ValueError):
         pass  # unfinished, or torn: the report says what the metrics say
     return run
+
+
+def _measured(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics record's numbers (and its kind and run): a value of another type in a
+    hand-edited or foreign file ("top1": "n/a") is left out rather than plotted or subtracted."""
+    return {key: value for key, value in record.items() if key in ("kind", "run") or (
+        isinstance(value, int | float) and not isinstance(value, bool))}
 
 
 def label_runs(runs: list[Run]) -> None:

@@ -6,6 +6,9 @@ and never takes the process down."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import shutil
 import struct
 import time
@@ -39,6 +42,28 @@ def test_overwrite_leaves_a_folder_that_is_not_a_conadv_run_alone(tmp_path):
     assert (tmp_path / "checkpoints" / "notes.txt").read_text() == "mine"
 
 
+def test_overwrite_of_a_run_whose_checkpoints_live_behind_a_link_keeps_the_link(tmp_path):
+    """Checkpoints are often put on another file system through a link: overwrite removes the
+    earlier run's checkpoints inside it (by their manifests' run id) and keeps the link and
+    whatever else shares its target."""
+    run, elsewhere = tmp_path / "run", tmp_path / "fast_disk"
+    elsewhere.mkdir()
+    run.mkdir()
+    (run / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    train(tiny_config(run, "train.max_steps=2", "checkpoint.every_steps=1"))
+    ours = sorted(p.name for p in elsewhere.iterdir())
+    assert ours == ["step-00000001", "step-00000002"]
+    (elsewhere / "notes.txt").write_text("mine")
+    shutil.copytree(elsewhere / "step-00000001", elsewhere / "step-00000009")
+    manifest = elsewhere / "step-00000009" / "manifest.json"  # another run's checkpoint
+    manifest.write_text(manifest.read_text().replace('"step": 1', '"step": 9').replace(
+        '"run_id": "', '"run_id": "other'))
+    train(tiny_config(run, "log.overwrite=true", "train.max_steps=1"))
+    assert (run / "checkpoints").is_symlink()
+    assert sorted(p.name for p in elsewhere.iterdir()) == [
+        "notes.txt", "step-00000001", "step-00000009"]  # step 1 is the new run's
+
+
 def test_an_empty_run_directory_is_refused_in_one_sentence():
     """An empty log.run_dir meant the current folder (whose config.yaml the demo replaced)."""
     for empty in ("log.run_dir=", "log.run_dir=' '"):
@@ -46,7 +71,7 @@ def test_an_empty_run_directory_is_refused_in_one_sentence():
             load_config(None, [empty])
 
 
-@pytest.mark.parametrize("linked", ["tensorboard", "checkpoints"])
+@pytest.mark.parametrize("linked", ["tensorboard", "report"])
 def test_overwrite_refuses_a_run_with_a_linked_folder_before_removing_anything(tmp_path,
                                                                               linked):
     run = tmp_path / "run"
@@ -171,6 +196,15 @@ def test_conadv_pack_leaves_out_a_png_that_crashes_libpng(tmp_path):
     assert all(path.name in packed.stderr for path in bad)
 
 
+def test_conadv_pack_takes_the_pixel_limit_of_the_training_it_packs_for(tmp_path):
+    from conadv.cli.pack import main as pack
+
+    make_imagefolder(tmp_path / "data", corrupt=False)  # images of 45 x 37 to 45 x 42
+    with contextlib.redirect_stderr(io.StringIO()) as stderr, pytest.raises(SystemExit):
+        pack([str(tmp_path / "data"), str(tmp_path / "shards"), "--max-pixels", "1700"])
+    assert "above data.max_pixels=1,700" in stderr.getvalue()
+
+
 # ------------------------------------------------------------------ configs
 
 def test_a_batch_with_a_huge_prime_factor_is_planned_at_once():
@@ -272,3 +306,221 @@ def test_values_nested_too_deeply_are_refused_in_one_sentence(tmp_path):
     shallow = "[" * 400 + "]" * 400  # parsed by YAML, too deep for the config's merge
     with pytest.raises(ConfigError, match="nests too deeply to be a config value"):
         load_config(None, [f"model.cifar_blocks={shallow}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("schedule.step_epochs=[[1]]", r"schedule.step_epochs must be increasing positive epochs"),
+    ("schedule.step_epochs=[1, nan]", r"schedule.step_epochs must be increasing positive"),
+    ("train.seed=1180591620717411303424", r"'train.seed' must be at most 9223372036854775807"),
+    ("optim.lr=1e300", r"'optim.lr' must be at most"),
+    ("data.image_size=60000", r"'data.image_size' must be at most 4096"),
+    ("model.arch=timm:hf-hub:nobody/nomodel", r"names a model hub entry, which would be "
+                                              r"downloaded"),
+])
+def test_values_that_ended_in_a_traceback_or_a_kill_are_one_sentence(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override, "data.eval_resize=4096"])
+
+
+def test_the_largest_seed_trains_and_draws_the_same_epoch_order_as_before(tmp_path):
+    from conadv.randomness import epoch_seed, evaluation_attack_seed
+
+    assert epoch_seed(5, 2) == 5 * 1_000_003 + 2  # small seeds: the streams are unchanged
+    assert evaluation_attack_seed(5, 1, 7) == (5 * 31 + 1) * 1_000_003 + 7
+    train(tiny_config(tmp_path / "run", f"train.seed={2**63 - 1}", "train.max_steps=1"))
+
+
+def test_fp16_on_the_cpu_is_said_to_be_slow(caplog):
+    from conadv.train.runtime import autocast_dtype
+
+    with caplog.at_level("WARNING"):
+        assert autocast_dtype("fp16", torch.device("cpu")) == torch.float16
+    assert "about ten times slower" in caplog.text
+
+
+
+def _trained(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    train(tiny_config(run, "train.max_steps=4", "train.stop_at_step=2"))
+    return run
+
+
+def _cli_error(main, argv: list[str]) -> str:
+    """The one sentence a CLI's `main` ends with (exit 2), asserted to be alone."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as finished:
+        main(argv)
+    text = stderr.getvalue()
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert finished.value.code == 2 and len(errors) == 1 and "Traceback" not in text, text[-800:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("config"), "holds no run config"),
+    (lambda s: s.__setitem__("config", 5), "holds no run config"),
+    (lambda s: s.__setitem__("model", "weights"), "its model is not a mapping"),
+    (lambda s: s.__setitem__("optimizer", 5), "its 'optimizer' part is a int"),
+    (lambda s: s.__setitem__("config", "train: 5"), "the config inside .* is not a conadv config"),
+    (lambda s: s["progress"].pop("step"), "the checkpoint's progress state does not fit"),
+    (lambda s: s["model"].__setitem__(sorted(s["model"])[-1], torch.zeros(3)),
+     "another shape|size mismatch"),
+], ids=["no-config", "int-config", "text-model", "int-optimizer", "config-train-5",
+        "progress-without-step", "resized-weight"])
+@pytest.mark.parametrize("command", ["resume", "init_from", "conadv-eval"])
+def test_a_checkpoint_with_the_wrong_contents_is_one_sentence_wherever_it_is_read(
+        tmp_path, edit, message, command):
+    from conadv.cli.evaluate import main as evaluate
+    from conadv.cli.train import main as train_cli
+    from tests.fuzz import rewrite_state
+    from tests.helpers import TINY
+
+    run = _trained(tmp_path)
+    checkpoint = run / "checkpoints" / "step-00000002"
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    edit(state)
+    rewrite_state(checkpoint, state)
+    if ("progress" in message and command != "resume") or (
+            "config inside" in message and command == "conadv-eval"):
+        message = None  # a new run and an evaluation read only the model and its config, and
+        # conadv-eval the run directory's config.yaml before the copy inside the checkpoint
+    if command == "conadv-eval":
+        main, argv = evaluate, ["--checkpoint", str(checkpoint)]
+    else:
+        where = (["checkpoint.resume=auto", f"log.run_dir={run}"] if command == "resume" else
+                 [f"model.init_from={checkpoint}", f"log.run_dir={tmp_path / 'new'}"])
+        main, argv = train_cli, [*TINY, "train.max_steps=4", *where]
+    if message is None:
+        with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as finished:
+            main(argv)
+        assert finished.value.code == 0
+    else:
+        error = _cli_error(main, argv)
+        assert re.search(message, error), error
+
+
+def test_a_run_directory_with_a_foreign_config_or_metrics_is_one_sentence_or_left_out(tmp_path):
+    from conadv.cli.evaluate import main as evaluate
+    from conadv.cli.report import main as report
+    from conadv.report import load_run
+
+    run = _trained(tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(
+        [*lines, '{"kind": "eval", "step": 9, "top1": "n/a", "train_top1": 3.0}']) + "\n")
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as finished:
+        report(["--out", str(tmp_path / "report"), str(run)])  # the record's text is left out
+    assert finished.value.code == 0
+    assert "n/a" not in (tmp_path / "report" / "report.md").read_text()
+    assert all(isinstance(r.get("top1", 0.0), float) for r in load_run(run).eval)
+    (run / "config.yaml").write_text("train: 5\n")
+    assert "config.yaml is not a conadv config" in _cli_error(
+        report, ["--out", str(tmp_path / "report2"), str(run)])
+    assert "config.yaml is not a conadv config" in _cli_error(
+        evaluate, ["--checkpoint", str(run)])
+
+
+def test_evaluation_options_that_were_silently_wrong_are_refused(tmp_path):
+    from conadv.cli.evaluate import main as evaluate
+    from conadv.train.eval_job import check_export
+
+    with contextlib.redirect_stderr(io.StringIO()) as stderr, pytest.raises(SystemExit):
+        evaluate(["--checkpoint", str(tmp_path), "--sharpness", "--sharpness-rho", "nan"])
+    assert "--sharpness-rho: must be a finite number above 0, got 'nan'" in stderr.getvalue()
+    (tmp_path / "model.pth").symlink_to(tmp_path / "elsewhere" / "victim.pth")
+    with pytest.raises(ConfigError, match="is a symbolic link"):
+        check_export(tmp_path / "model.pth", force=True)
+
+
+def _flat_validation(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    make_imagefolder(tmp_path / "folders", corrupt=False)
+    flat = tmp_path / "flat"
+    (flat / "val").mkdir(parents=True)
+    (flat / "train").symlink_to(tmp_path / "folders" / "train")
+    rows = ["ImageId,PredictionString"]
+    for image in sorted((tmp_path / "folders" / "val").glob("*/*.jpg")):
+        name = f"val_{image.parent.name}_{image.stem}"
+        (flat / "val" / f"{name}.JPEG").write_bytes(image.read_bytes())
+        rows.append(f"{name},{image.parent.name} 1 2 3 4")
+    return flat, tmp_path / "labels.csv", rows
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("latin-1", r"is not UTF-8 text \(byte 0xe9 at offset \d+\); save it as UTF-8"),
+    ("conflicting-duplicate", r"labels val_class_0_img_0 twice, 'class_0' on line 2 and "
+                              r"'class_1' on line 14"),
+    ("row-without-file", r"lists 1 images that .* lacks \(e.g. val_class_0_img_9\)"),
+])
+def test_a_labels_file_that_was_misread_or_silently_trimmed_is_one_sentence(
+        tmp_path, damage, message):
+    from conadv.config import DataConfig
+    from conadv.data.loader import build_source
+    from conadv.data.shards import pack_image_folder
+    from conadv.errors import DataError
+
+    flat, labels, rows = _flat_validation(tmp_path)
+    if damage == "latin-1":
+        labels.write_bytes(("\n".join(rows) + "\nvalé,class_0 1\n").encode("latin-1"))
+    elif damage == "conflicting-duplicate":
+        labels.write_text("\n".join([*rows, rows[1].replace("class_0 1", "class_1 1")]) + "\n")
+    else:
+        labels.write_text("\n".join([*rows, "val_class_0_img_9,class_0 1 2 3 4"]) + "\n")
+    cfg = DataConfig(name="imagefolder", root=str(flat), val_labels=str(labels), workers=0)
+    with pytest.raises(DataError, match=message):
+        build_source(cfg, "val")
+    with pytest.raises(DataError, match=message):  # conadv-pack reads it the same way
+        pack_image_folder(flat, tmp_path / "shards", val_labels=str(labels))
+    labels.write_text("\n".join([*rows, rows[1]]) + "\n")  # a repeated row is harmless
+    assert len(build_source(cfg, "val")) == 12
+
+
+def test_a_class_folder_that_links_to_itself_is_indexed_once_and_at_once(tmp_path, caplog):
+    from conadv.data.sources import ImageFolderSource
+
+    make_imagefolder(tmp_path, corrupt=False)
+    (tmp_path / "train" / "class_0" / "loop").symlink_to(tmp_path / "train" / "class_0")
+    (tmp_path / "train" / "class_0" / "up").symlink_to(tmp_path / "train")
+    (tmp_path / "train" / "class_1" / "again").symlink_to(tmp_path / "train" / "class_1")
+    started = time.monotonic()
+    source = ImageFolderSource(tmp_path / "train")
+    assert time.monotonic() - started < 30
+    class_0 = [path for path, label in source.samples if label == 0]
+    assert len(class_0) == 6 + 6, class_0  # its own 6, and class_1's 6 through train/ once
+    assert len([1 for _, label in source.samples if label == 1]) == 6
+    assert "leads to a folder already indexed" in caplog.text
+
+
+@pytest.mark.parametrize("entry", ["../../victim.txt", "/etc/passwd", "..", ""])
+def test_a_shard_index_naming_a_file_outside_its_folder_is_refused(tmp_path, entry):
+    import json
+
+    from conadv.data.shards import ShardSource, index_path, pack_image_folder
+    from conadv.errors import DataError
+
+    make_imagefolder(tmp_path / "folder", corrupt=False)
+    pack_image_folder(tmp_path / "folder", tmp_path / "shards")
+    path = index_path(tmp_path / "shards", "train")
+    index = json.loads(path.read_text())
+    index["shards"][0]["name"] = entry
+    path.write_text(json.dumps(index))
+    with pytest.raises(DataError, match="is not a shard index conadv-pack wrote: its shards"):
+        ShardSource(tmp_path / "shards", "train")
+
+
+def test_a_huge_declared_state_file_is_refused_before_it_is_hashed(tmp_path, monkeypatch):
+    """A manifest that declares an 8 GiB state.pt, and a file of that size that is a hole:
+    refused from its end, not after reading 8 GiB (26 s) at every resume."""
+    import json
+
+    from conadv.checkpoints import format as checkpoint_format
+
+    checkpoint = tmp_path / "step-00000007"
+    checkpoint.mkdir()
+    size = 8 << 30
+    with open(checkpoint / "state.pt", "wb") as handle:
+        handle.truncate(size)  # sparse: no disk space taken
+    (checkpoint / "manifest.json").write_text(json.dumps(
+        {"format": 2, "step": 7, "run_id": "x",
+         "files": {"state.pt": {"bytes": size, "sha256": "0" * 64}}}))
+    monkeypatch.setattr(checkpoint_format, "file_sha256", lambda path: pytest.fail("hashed"))
+    assert "not the archive torch.save writes" in checkpoint_format.problem(checkpoint)

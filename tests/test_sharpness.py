@@ -89,3 +89,18 @@ def test_the_worst_case_beats_random_corners_and_ignores_the_auxiliary_batchnorm
                 p.sub_(d)
             random_best = max(random_best, float(loss) - result["loss"])
     assert result["increase"] > random_best > 0
+
+
+def test_a_transformer_without_batchnorm_gets_its_sharpness_measured():
+    """timm's attention runs a fused kernel with no second derivative; the Hessian's power
+    iteration needs one (this raised 'derivative ... not implemented')."""
+    import timm
+
+    from conadv.train.sharpness import model_sharpness
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, num_classes=3,
+                              depth=1)
+    batch = [(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))]
+    measured = model_sharpness(model, batch, iterations=3, steps=2)
+    assert measured["hessian_top_eigenvalue"] != 0 and measured["increase"] > 0

@@ -440,9 +440,22 @@ class LookaheadEngine(ViewEngine):
         if state.get("tau") != self.tau:
             raise CheckpointError(f"the checkpoint's ConAdv queue was made with "
                                   f"adv.tau={state.get('tau')}; this run has adv.tau={self.tau}")
-        parameters = {name for name, _ in self.model.named_parameters()}
-        saved = {name for weights in state["snapshots"].values() for name in weights}
-        if saved != parameters:  # e.g. adv.aux_bn switched: not the weights these attacks need
+        sources, snapshots = state.get("sources"), state.get("snapshots")
+        if not (isinstance(sources, list) and all(type(s) is int for s in sources)
+                and isinstance(snapshots, dict) and set(snapshots) == set(sources)
+                and all(isinstance(w, dict) and all(isinstance(v, torch.Tensor)
+                                                    for v in w.values())
+                        for w in snapshots.values())):
+            raise CheckpointError("the checkpoint's ConAdv queue is not source steps with the "
+                                  "weights of each (it was not written by conadv)")
+        shapes = {name: p.shape for name, p in self.model.named_parameters()}
+        saved = {name for weights in snapshots.values() for name in weights}
+        if saved == shapes.keys() and any(
+                w.get(name) is None or w[name].shape != shape
+                for w in snapshots.values() for name, shape in shapes.items()):
+            raise CheckpointError("the checkpoint's ConAdv weight snapshots do not have this "
+                                  "model's shapes")
+        if saved != shapes.keys():  # e.g. adv.aux_bn switched: not the weights these attacks need
             if strict:
                 raise CheckpointError("the checkpoint's ConAdv weight snapshots do not match "
                                       "this model's parameters")

@@ -15,6 +15,7 @@ import json
 import logging
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,9 @@ def problem(path: Path) -> str | None:
         file = path / name
         if not file.is_file() or file.stat().st_size != meta["bytes"]:
             return f"{name} is missing or truncated"
+        if name == STATE and not zipfile.is_zipfile(file):  # its end, read before its bytes
+            # are hashed: a hole or garbage of a declared 8 GiB costs no 26 s of hashing
+            return f"{name} is corrupt (it is not the archive torch.save writes)"
         if file_sha256(file) != meta["sha256"]:
             return f"{name} is corrupt (checksum mismatch)"
     return None
@@ -130,9 +134,33 @@ def load_state(path: Path) -> dict[str, Any]:
         # RuntimeError, EOFError, OSError, IndexError on an empty stack... found by the fuzzer)
         raise CheckpointError(f"{path / STATE} cannot be read as a checkpoint "
                               f"({type(err).__name__}: {first_line(err)})") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path / STATE} does not hold a conadv run state")
+    why = _contents_problem(state)
+    if why:
+        raise CheckpointError(f"{path / STATE} does not hold a conadv run state: {why}")
     return state
+
+
+def _contents_problem(state: Any) -> str | None:
+    """What a safely loaded state lacks of what conadv writes, or None: every consumer (resume,
+    model.init_from, conadv-eval) reads `model` as tensors by name, `config` as YAML text and
+    `step` as a count, and each other part as a mapping. Whether the tensors fit a model is
+    the loader's question (it knows the model)."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a mapping of parts"
+    model = state.get("model")
+    if not isinstance(model, dict) or not model or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        return "its model is not a mapping of parameter names to tensors"
+    if not isinstance(state.get("config"), str):
+        return "it holds no run config (the YAML text conadv saves with every checkpoint)"
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"its step is {step!r:.40}, not a count of optimizer steps"
+    odd = [name for name, part in state.items()
+           if name not in ("model", "config", "step", "format") and not isinstance(part, dict)]
+    if odd:
+        return f"its {odd[0]!r:.40} part is a {type(state[odd[0]]).__name__}, not a mapping"
+    return None
 
 
 def load_state_everywhere(path: Path | None, device: torch.device) -> dict[str, Any]:

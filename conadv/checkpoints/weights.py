@@ -47,7 +47,8 @@ def read_weights(path: str | Path, key: str) -> Weights:
         state = {k.removeprefix("backbone."): v for k, v in main_state_dict(saved["model"]).items()}
         # resolve_checkpoint verified the file against this checksum
         sha256 = state_sha256(checkpoint)
-        return Weights(state, str(checkpoint), sha256, parse_saved_config(saved["config"]).model)
+        return Weights(state, str(checkpoint), sha256, parse_saved_config(
+            saved["config"], f"the config inside {checkpoint}").model)
     try:  # tensors only: a weights file must not run code when it is read
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 (pickle, zip and torch errors alike)

@@ -4,6 +4,7 @@ leaving each failing rank's error where torchrun reports it."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -24,6 +25,18 @@ def positive(unit: str) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def positive_real(text: str) -> float:
+    """An argparse type: a finite number above 0 (NaN passes every comparison that would
+    refuse it, so it is named here)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
+    return value
 
 
 def one_sentence(err: BaseException) -> str:

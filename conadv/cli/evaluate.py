@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from conadv.cli.common import positive, run_cli
+from conadv.cli.common import positive, positive_real, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "worst-case loss increase in a box of relative size rho) on a "
                              "seeded subset of training images, in eval mode")
     parser.add_argument("--sharpness-images", type=positive("images"), default=512, metavar="N")
-    parser.add_argument("--sharpness-rho", type=float, default=5e-4, metavar="RHO",
+    parser.add_argument("--sharpness-rho", type=positive_real, default=5e-4, metavar="RHO",
                         help="the box's relative size: |delta_i| <= rho (|w_i| + 1)")
     parser.add_argument("--ema", action="store_true",
                         help="evaluate (and export) the checkpoint's weight EMA "

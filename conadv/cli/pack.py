@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from conadv.cli.common import positive, run_cli
+from conadv.config import DEFAULT_MAX_PIXELS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -16,6 +17,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="about this many MB a shard")
     parser.add_argument("--val-labels", help="labels file of a flat val/ folder "
                         "(as data.val_labels)")
+    parser.add_argument("--max-pixels", type=positive("pixels"), default=DEFAULT_MAX_PIXELS,
+                        help="largest image (width x height) packed, as data.max_pixels; a "
+                             "larger one is unreadable (default %(default)s)")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="leave out images that do not decode (listed in the index) "
                              "instead of stopping")
@@ -31,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
 
         setup_logging(True)
         packed = pack_image_folder(args.root, args.out, args.shard_mb << 20, args.val_labels,
-                                   args.skip_unreadable)
+                                   args.skip_unreadable, args.max_pixels)
         for split, index in packed.items():
             left_out = (f"; {len(index['skipped'])} unreadable left out (listed in "
                         f"{split}.index.json)" if index["skipped"] else "")

@@ -100,8 +100,8 @@ def pack_split(source: ImageFolderSource, out: Path, split: str,
 
 
 def pack_image_folder(root: Path, out: Path, shard_bytes: int = 1 << 30,
-                      val_labels: str | None = None,
-                      skip_unreadable: bool = False) -> dict[str, dict]:
+                      val_labels: str | None = None, skip_unreadable: bool = False,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, dict]:
     """`conadv-pack`: root/train and root/val (class folders, or a flat val with a labels file)
     into shards under `out`."""
     if Path(out).exists() and not Path(out).is_dir():
@@ -112,7 +112,7 @@ def pack_image_folder(root: Path, out: Path, shard_bytes: int = 1 << 30,
                             "with train/ and val/")
     classes = class_folders(Path(root) / "train")
     sources = {split: ImageFolderSource(Path(root) / split, classes,
-                                        val_labels if split == "val" else None)
+                                        val_labels if split == "val" else None, max_pixels)
                for split in ("train", "val")}
     packed = {}
     for split, source in sources.items():
@@ -120,6 +120,36 @@ def pack_image_folder(root: Path, out: Path, shard_bytes: int = 1 << 30,
         log.info("packed %s: %d images in %d shards", split, len(packed[split]["samples"]),
                  len(packed[split]["shards"]))
     return packed
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _index_problem(index: object) -> str | None:
+    """What an index lacks of what `pack_split` writes, or None. Shard names must be plain
+    file names in the shard folder: an index is data, and `../../x` would read outside it. One
+    pass over the samples (about a second for ImageNet's 1.28 million) at start-up."""
+    if not isinstance(index, dict):
+        return "it is not a mapping"
+    classes, shards, samples = index.get("classes"), index.get("shards"), index.get("samples")
+    if not isinstance(classes, list) or not classes or not all(
+            isinstance(c, str) for c in classes):
+        return "its classes are not a list of names"
+    if not isinstance(shards, list) or not all(
+            isinstance(shard, dict) and isinstance(shard.get("name"), str)
+            and shard["name"] not in ("", ".", "..") and Path(shard["name"]).name == shard["name"]
+            and _count(shard.get("bytes")) for shard in shards):
+        return "its shards are not files of the shard folder with their sizes"
+    if not isinstance(samples, list):
+        return "its samples are not a list"
+    for number, sample in enumerate(samples):
+        if not (isinstance(sample, list) and len(sample) in (4, 5) and all(map(_count, sample))
+                and sample[0] < len(shards) and sample[3] < len(classes)
+                and sample[1] + sample[2] <= shards[sample[0]]["bytes"]):
+            return (f"sample {number} is not (shard, offset, size, label[, checksum]) within "
+                    "its shard and classes")
+    return None
 
 
 class ShardSource(ImageSource):
@@ -139,6 +169,10 @@ class ShardSource(ImageSource):
                             f"conadv-pack IMAGE_FOLDER {self.root}") from None
         except ValueError as err:
             raise DataError(f"{path} is not a shard index ({err})") from None
+        why = _index_problem(index)
+        if why:
+            raise DataError(f"{path} is not a shard index conadv-pack wrote: {why}; pack the "
+                            "dataset again")
         self.classes = index["classes"]
         self.num_classes = len(self.classes)
         self.shards = index["shards"]

@@ -115,9 +115,21 @@ def class_folders(root: Path) -> list[str]:
 def _images_below(root: Path, name: str) -> tuple[list[str], dict[str, int]]:
     """Image files below one class folder (relative to `root`, in torchvision ImageFolder's
     order) and the modification times of the folders walked (what a cached index checks)."""
-    listed, stamps = [], {}
+    listed, stamps, walked = [], {}, set()
     for directory, subdirs, files in os.walk(root / name, followlinks=True):
-        subdirs[:] = [d for d in subdirs if _visible(d)]  # prunes the walk
+        # links are followed (datasets are often assembled from linked folders), each folder
+        # once: a link back up the tree would otherwise index it again at every level
+        walked.add(_identity(directory))
+        kept = []
+        for subdir in filter(_visible, subdirs):
+            identity = _identity(os.path.join(directory, subdir))
+            if identity in walked:
+                log.warning("%s leads to a folder already indexed; its images are indexed once",
+                            os.path.join(directory, subdir))
+                continue
+            walked.add(identity)
+            kept.append(subdir)
+        subdirs[:] = kept  # prunes the walk
         listed.append((directory, files))
         stamps[os.path.relpath(directory, root)] = os.stat(directory).st_mtime_ns
     found = [os.path.relpath(os.path.join(directory, f), root)
@@ -127,6 +139,12 @@ def _images_below(root: Path, name: str) -> tuple[list[str], dict[str, int]]:
         raise DataError(f"class folder {root / name} has no images "
                         f"({', '.join(IMG_EXTENSIONS)}); add its images or remove the folder")
     return found, stamps
+
+
+def _identity(directory: str) -> tuple[int, int]:
+    """A folder's identity whatever the path (links included): device and inode."""
+    status = os.stat(directory)
+    return status.st_dev, status.st_ino
 
 
 INDEX_VERSION = 1
@@ -198,8 +216,13 @@ def read_labels_file(path: Path) -> dict[str, str]:
     two-column `file label` text file."""
     if not path.is_file():
         raise DataError(f"labels file {path} does not exist")
+    try:  # utf-8-sig: a spreadsheet's byte-order mark is not part of the first ImageId
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"labels file {path} is not UTF-8 text (byte {err.object[err.start]:#x} "
+                        f"at offset {err.start}); save it as UTF-8") from None
     labels: dict[str, str] = {}
-    lines = path.read_text().splitlines()
+    lines_of: dict[str, int] = {}
     csv = bool(lines) and lines[0].replace(" ", "").lower().startswith("imageid,")
     for number, line in enumerate(lines[1:] if csv else lines, start=2 if csv else 1):
         if not line.strip():
@@ -208,7 +231,11 @@ def read_labels_file(path: Path) -> dict[str, str]:
         if len(parts) < 2 or not parts[1].split():
             raise DataError(f"labels file {path} line {number} is not "
                             f"{'ImageId,PredictionString' if csv else 'file label'}: {line!r}")
-        labels[Path(parts[0].strip()).stem] = parts[1].split()[0]
+        image, label = Path(parts[0].strip()).stem, parts[1].split()[0]
+        if labels.get(image, label) != label:
+            raise DataError(f"labels file {path} labels {image} twice, '{labels[image]}' on line "
+                            f"{lines_of[image]} and '{label}' on line {number}")
+        labels[image], lines_of[image] = label, number
     return labels
 
 
@@ -232,6 +259,10 @@ def _labelled_flat_folder(root: Path, labels_file: Path,
         samples.append((str(root / name), index[label]))
     if not samples:
         raise DataError(f"dataset directory {root} has no images")
+    missing = sorted(set(labels) - {Path(path).stem for path, _ in samples})
+    if missing:  # evaluating fewer images than the labels list is a different benchmark
+        raise DataError(f"labels file {labels_file} lists {len(missing)} images that {root} "
+                        f"lacks (e.g. {missing[0]}); restore them or remove their lines")
     return samples
 
 

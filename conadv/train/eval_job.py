@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from conadv.data import build_eval_loader
 from conadv.data.device import batch_to_device
 from conadv.data.loader import build_source
 from conadv.distributed import detect_env, pick_device, process_group
-from conadv.errors import ConfigError
+from conadv.errors import CheckpointError, ConfigError, collapsed
 from conadv.models import build_model, export_state_dict
 from conadv.models.multi_bn import main_state_dict
 from conadv.models.onnx_export import export_onnx
@@ -36,8 +37,11 @@ def evaluation_config(config: Path | None, overrides: list[str], checkpoint: Pat
         return load_config(config, overrides)
     resolved = resolve_checkpoint(checkpoint)
     beside = resolved.parent.parent / "config.yaml"
-    text = beside.read_text() if beside.is_file() else load_state(resolved)["config"]
-    return load_config(None, overrides, base=parse_saved_config(text))
+    if beside.is_file():
+        text, where = beside.read_text(encoding="utf-8", errors="replace"), str(beside)
+    else:
+        text, where = load_state(resolved)["config"], f"the config inside {resolved}"
+    return load_config(None, overrides, base=parse_saved_config(text, where))
 
 
 def check_export(path: Path | None, force: bool, option: str = "--export") -> None:
@@ -45,6 +49,9 @@ def check_export(path: Path | None, force: bool, option: str = "--export") -> No
     work."""
     if path is None:
         return
+    if path.is_symlink():  # writing would follow it to wherever it points, even dangling
+        raise ConfigError(f"{option} {path} is a symbolic link (to {os.readlink(path)}); give "
+                          "the path of the file itself")
     if path.is_dir():
         raise ConfigError(f"{option} {path} is a directory; give a file name")
     if not path.parent.is_dir():
@@ -80,8 +87,12 @@ def run_evaluation(cfg: RunConfig, checkpoint: Path, export_to: Path | None = No
         if ema and "ema" not in saved:
             raise ConfigError(f"checkpoint {path} holds no weight EMA (it was trained with "
                               "train.ema_decay=0); evaluate it without --ema")
-        state = saved["ema"]["weights"] if ema else saved["model"]
-        model.load_state_dict(main_state_dict(state))  # main BN only
+        state = saved["ema"].get("weights") if ema else saved["model"]
+        try:
+            model.load_state_dict(main_state_dict(state))  # main BN only
+        except (RuntimeError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"checkpoint {path} does not hold weights of this model "
+                                  f"({collapsed(err)})") from None
         if export_to is not None and env.is_main:
             torch.save(export_state_dict(model), export_to)
         onnx_difference = None

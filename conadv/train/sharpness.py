@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Loss = Callable[[], Tensor]
 
@@ -100,9 +101,10 @@ def model_sharpness(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], 
         return sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in batches) / count
 
     parameters = measured_parameters(model)
-    try:
-        result = worst_case_increase(loss, parameters, rho, steps)
-        result["hessian_top_eigenvalue"] = top_eigenvalue(loss, parameters, iterations)
+    try:  # attention's fused kernels (timm's ViTs) have no second derivative; the math one has
+        with sdpa_kernel([SDPBackend.MATH]):
+            result = worst_case_increase(loss, parameters, rho, steps)
+            result["hessian_top_eigenvalue"] = top_eigenvalue(loss, parameters, iterations)
     finally:
         model.train(was_training)
     return {**result, "images": count, "rho": rho}

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from conadv.distributed import all_reduce_sum
-from conadv.errors import CheckpointError
+from conadv.errors import CheckpointError, collapsed
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,15 @@ class RunState:
             if name not in state:
                 raise CheckpointError(f"the checkpoint holds no {name} state")
             takes_strict = "strict" in inspect.signature(part.load_state_dict).parameters
-            if takes_strict:
-                part.load_state_dict(state[name], strict=strict)
-            else:
-                part.load_state_dict(state[name])
+            try:
+                if takes_strict:
+                    part.load_state_dict(state[name], strict=strict)
+                else:
+                    part.load_state_dict(state[name])
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError,
+                    RuntimeError) as err:  # what torch and the parts raise on foreign content
+                raise CheckpointError(f"the checkpoint's {name} state does not fit this run "
+                                      f"({type(err).__name__}: {collapsed(err)})") from None
 
 
 class Progress:
@@ -77,6 +82,9 @@ class Progress:
         return {"step": self.step, "bad_images": self.total_bad_images()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if not all(isinstance(state[key], int) and not isinstance(state[key], bool)
+                   and state[key] >= 0 for key in ("step", "bad_images")):
+            raise ValueError("its step and bad_images are not counts")
         self.step = state["step"]
         self.bad_images = state["bad_images"] if self.is_main else 0
 
