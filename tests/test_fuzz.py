@@ -40,3 +40,20 @@ def test_the_image_door_reports_a_crashed_decoder_and_goes_on():
         assert child.decode(b"\x89PNG")[0] == "unreadable"  # a new child took over
     finally:
         child.close()
+
+
+def test_checkpoints_with_mutated_contents_resume_load_or_evaluate_or_are_one_sentence():
+    fuzz.contents_door(12, derandomize=True)()
+
+
+def test_generated_image_folders_train_pack_or_are_one_sentence_and_touch_nothing_else():
+    fuzz.folder_door(40, derandomize=True)()
+    assert fuzz.outcomes[("folder", "accepted")] and fuzz.outcomes[("folder", "one sentence")]
+
+
+def test_edited_shard_indexes_and_shards_train_or_are_one_sentence():
+    fuzz.shards_door(20, derandomize=True)()
+
+
+def test_generated_evaluation_and_report_command_lines_touch_only_their_output():
+    fuzz.command_door(20, derandomize=True)()
