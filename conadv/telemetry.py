@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -92,7 +93,7 @@ class Telemetry:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.enabled:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_summary(self.run_dir, summary)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -101,3 +102,11 @@ class Telemetry:
             self._writer.close()
         if self._metrics is not None:
             self._metrics.close()
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """summary.json, whole or not at all: a scheduler's script decides on it (launch/
+    slurm.sbatch), also after a kill in the middle of the write."""
+    tmp = run_dir / f"summary.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, run_dir / "summary.json")

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trackers.json"
 # metric records that may wait for MLflow's server before a record waits for the oldest one
 PENDING_LIMIT = 64
+# how long closing waits for the records still on their way: a stopped job's grace period
+# belongs to its checkpoint (Slurm's KillWait is 30 s); what is not confirmed is not marked sent
+CLOSE_WAIT_S = 10.0
 
 
 class _MLflow:
@@ -88,19 +91,21 @@ class _MLflow:
             self.client.log_batch, self.run_id, metrics=metrics, synchronous=True)))
         self._settle(len(self._pending) - PENDING_LIMIT)
 
-    def _settle(self, wait_for: int) -> None:
+    def _settle(self, wait_for: int, deadline: float | None = None) -> None:
         """Move the records the server has answered, oldest first, from pending to `sent`,
-        after waiting for the oldest `wait_for` of them. A failed one raises (the tracker goes
-        off) and drops the records behind it."""
+        after waiting for the oldest `wait_for` of them (until time.monotonic() `deadline`).
+        A failed or overdue one raises (the tracker goes off) and drops the records behind
+        it, unmarked."""
         while self._pending and (wait_for > 0 or self._pending[0][2].done()):
-            kind, step, call = self._pending.popleft()
+            kind, step, call = self._pending[0]
             wait_for -= 1
             try:
-                call.result()
-            except Exception:
+                call.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except Exception:  # the call's error, or a TimeoutError past the deadline
                 self._pending.clear()
                 self._sender.shutdown(wait=False, cancel_futures=True)
                 raise
+            self._pending.popleft()
             self.sent[kind] = step
 
     def artifacts(self, paths: list[Path]) -> None:
@@ -111,9 +116,11 @@ class _MLflow:
                 self.client.log_artifact(self.run_id, str(path))
 
     def close(self, finished: bool) -> None:
-        self._settle(len(self._pending))  # what was queued, then the run's end
-        self._sender.shutdown()
-        self.client.set_terminated(self.run_id, "FINISHED" if finished else "KILLED")
+        try:  # what was queued, for CLOSE_WAIT_S at most, then the run's end
+            self._settle(len(self._pending), time.monotonic() + CLOSE_WAIT_S)
+        finally:
+            self._sender.shutdown(wait=False, cancel_futures=True)
+            self.client.set_terminated(self.run_id, "FINISHED" if finished else "KILLED")
 
 
 class _Wandb:
@@ -206,8 +213,9 @@ class Trackers:
         if not self.active:
             return
         for tracker in list(self.active):
-            if not finished or self._call(tracker, "artifacts", artifacts):  # else: off
-                self._call(tracker, "close", finished)  # waits for the records on their way
+            if finished:
+                self._call(tracker, "artifacts", artifacts)
+            self._call(tracker, "close", finished)  # always: the tracked run is ended
             self._stored(tracker)
         self.active = []
         self._save()
@@ -220,7 +228,8 @@ class Trackers:
             log.warning("the %s tracker failed (%s) and is off for the rest of this run",
                         tracker.name, str(err).splitlines()[0][:300] if str(err) else
                         type(err).__name__)
-            self.active.remove(tracker)
+            if tracker in self.active:  # closing a tracker that failed just before
+                self.active.remove(tracker)
             return False
 
     def _stored(self, tracker: Any) -> None:

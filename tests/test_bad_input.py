@@ -44,24 +44,27 @@ def test_overwrite_leaves_a_folder_that_is_not_a_conadv_run_alone(tmp_path):
 
 def test_overwrite_of_a_run_whose_checkpoints_live_behind_a_link_keeps_the_link(tmp_path):
     """Checkpoints are often put on another file system through a link: overwrite removes the
-    earlier run's checkpoints inside it (by their manifests' run id) and keeps the link and
-    whatever else shares its target."""
+    earlier run's checkpoints inside it and keeps the link and other files; a checkpoint of
+    another run there (which the new run would resume later) stops it before any removal."""
     run, elsewhere = tmp_path / "run", tmp_path / "fast_disk"
     elsewhere.mkdir()
     run.mkdir()
     (run / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
     train(tiny_config(run, "train.max_steps=2", "checkpoint.every_steps=1"))
-    ours = sorted(p.name for p in elsewhere.iterdir())
-    assert ours == ["step-00000001", "step-00000002"]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["step-00000001", "step-00000002"]
     (elsewhere / "notes.txt").write_text("mine")
-    shutil.copytree(elsewhere / "step-00000001", elsewhere / "step-00000009")
-    manifest = elsewhere / "step-00000009" / "manifest.json"  # another run's checkpoint
-    manifest.write_text(manifest.read_text().replace('"step": 1', '"step": 9').replace(
-        '"run_id": "', '"run_id": "other'))
+    shutil.copytree(elsewhere / "step-00000001", tmp_path / "foreign")
     train(tiny_config(run, "log.overwrite=true", "train.max_steps=1"))
     assert (run / "checkpoints").is_symlink()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["notes.txt", "step-00000001"]
+
+    shutil.move(tmp_path / "foreign", elsewhere / "step-00000009")  # the first run's
+    manifest = elsewhere / "step-00000009" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"step": 1', '"step": 9'))
+    with pytest.raises(RunDirectoryError, match="also holds step-00000009, not this run's"):
+        train(tiny_config(run, "log.overwrite=true", "train.max_steps=1"))
     assert sorted(p.name for p in elsewhere.iterdir()) == [
-        "notes.txt", "step-00000001", "step-00000009"]  # step 1 is the new run's
+        "notes.txt", "step-00000001", "step-00000009"]
 
 
 def test_an_empty_run_directory_is_refused_in_one_sentence():

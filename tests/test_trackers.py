@@ -208,3 +208,22 @@ def test_mlflow_records_waiting_for_a_slow_server_are_bounded(tmp_path, monkeypa
         opening.cancel()
     assert _mlflow_history(store, tmp_path) == [1, 2, 3, 4]
     assert json.loads((tmp_path / STATE_FILE).read_text())["mlflow"]["last_step"] == {"train": 4}
+
+
+def test_closing_waits_a_bounded_time_for_a_hung_server_and_marks_nothing_unconfirmed(
+        tmp_path, monkeypatch):
+    """A stopped job's grace period belongs to its checkpoint: closing gives the records on
+    their way CLOSE_WAIT_S, then ends the tracked run; what the server never confirmed is not
+    marked sent (a resumed run would send it again)."""
+    monkeypatch.setattr(conadv.trackers, "CLOSE_WAIT_S", 0.5)
+    hung = threading.Event()
+    _store_metrics_through(monkeypatch, lambda: hung.wait(timeout=30))
+    trackers = Trackers(tmp_path, True, str(tmp_path / "mlruns"), "", "run", {})
+    try:
+        trackers.log("train", 1, {"loss": 1.0})
+        started = time.monotonic()
+        trackers.finish(False, [])
+        assert time.monotonic() - started < 5
+    finally:
+        hung.set()
+    assert json.loads((tmp_path / STATE_FILE).read_text())["mlflow"]["last_step"] == {}

@@ -13,9 +13,16 @@ checkpoint does not fit its grace period). Only an interactive user escalates: a
 (Ctrl-C) more than `REPEAT_WINDOW_S` after the first ends the process at once (a terminal
 delivers the first one to torchrun and to the workers within moments).
 
-Before the first step there is nothing to save: a termination signal ends start-up at once
-(StartupTerminated; exit 75, and rank 0 writes a summary saying so where it holds the run
-directory, so that launch/slurm.sbatch requeues the job).
+A termination signal during start-up is a request too, acted on after the first step (the
+ranks agree on it there; joining the process group and resuming take minutes on a thousand
+ranks). But start-up may not reach a first step (a huge or slow file system, a stuck folder
+walk): if it has not `STARTUP_GRACE_S` after the signal, the process ends on its own with exit
+75, rank 0 first writing a summary that says so (where it holds the run directory), so that
+launch/slurm.sbatch requeues the job. Before the first step there is nothing to save; the
+grace is shorter than Slurm's KillWait and torchrun's 30 s, whose SIGKILL would leave no
+summary. The process ends from a timer thread (os._exit), not by an exception raised in the
+middle of start-up: half a claim, half a lock file or half an overwrite cannot happen, and no
+rank waits in a collective for one that left.
 
 A STOP file is removed by rank 0 once the run has stopped on it with a checkpoint, so that the
 resumed run does not stop again.
@@ -34,6 +41,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,25 +82,25 @@ def slurm_attempt() -> str | None:
     return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else None
 
 
-class StartupTerminated(Exception):
-    """A termination signal before the first step: there is nothing new to save (the state is
-    the checkpoint the run started from), so start-up ends at once, wherever it was (a walk
-    of a huge or looping folder, a slow resume), instead of holding the request until a step
-    that may never come."""
-
-
+# how long start-up may go on after a termination signal before the process ends on its own
+STARTUP_GRACE_S = 20.0
 STARTUP_REASON = "terminated by a signal during start-up, before the first step"
 
 
 class StopRequest:
     def __init__(self, run_dir: Path, is_main: bool, device: torch.device,
-                 distributed: bool) -> None:
+                 distributed: bool,
+                 record_startup_stop: Callable[[str], None] | None = None) -> None:
+        """`record_startup_stop(reason)`: writes what a scheduler reads when start-up is ended
+        by the grace timer (called from the timer's thread, just before the process ends)."""
         self.path = Path(run_dir) / STOP_FILE
         self.is_main = is_main
         self.level = _NONE
         self.requested_at: float | None = None  # time.monotonic() of the first signal
         self._terminated_at = 0.0
-        self.started = False  # the first step has begun: from then on a signal is a request
+        self.started = False  # the first step has begun (the grace timer stands down)
+        self._record_startup_stop = record_startup_stop
+        self._grace: threading.Timer | None = None
         self._file_checked_at = -_FILE_CHECK_INTERVAL_S
         if is_main and _present(self.path):
             # Launchers remove it before starting; one left by hand stops this run too.
@@ -124,17 +132,34 @@ class StopRequest:
             return
         self.level = TERMINATED
         self._terminated_at = now
-        if not self.started:
-            log.warning("%s received during start-up: nothing to save yet; stopping now",
-                        signal.Signals(signum).name)
-            raise StartupTerminated(STARTUP_REASON)
+        if not self.started and self._grace is None:
+            self._grace = threading.Timer(STARTUP_GRACE_S, self._end_startup)
+            self._grace.daemon = True
+            self._grace.start()
         log.warning("%s received: finishing this step, writing a checkpoint, then stopping%s",
                     signal.Signals(signum).name,
                     " (press Ctrl-C again to end at once)" if signum == signal.SIGINT else "")
 
     def begin(self) -> None:
-        """The training loop starts: a termination signal now waits for the step's end."""
+        """The training loop starts: the request is acted on after this step."""
         self.started = True
+        if self._grace is not None:
+            self._grace.cancel()
+
+    def _end_startup(self) -> None:
+        """The grace timer: start-up did not reach a first step in time. Nothing is lost (the
+        state is the checkpoint the run started from); the process ends with exit 75."""
+        if self.started:
+            return
+        log.warning("start-up did not reach the first step within %.0f s of the stop signal; "
+                    "ending now (nothing to save yet), exit %d", STARTUP_GRACE_S,
+                    TERMINATED_EXIT_STATUS)
+        try:
+            if self._record_startup_stop is not None:
+                self._record_startup_stop(STARTUP_REASON)
+        finally:
+            logging.shutdown()  # flush what was said
+            os._exit(TERMINATED_EXIT_STATUS)
 
     def requested_here(self) -> int:
         """This rank's level: its signals, and on rank 0 the STOP file."""

@@ -260,7 +260,8 @@ def remove_prior_run(directory: Path) -> None:
     """log.overwrite=true: the earlier run's files go, so nothing of it mixes with this one.
     Only a conadv run's (a directory with run.json), and only the entries a run writes; a
     symbolic link among them stops it before anything is removed (its target is not the
-    run's to delete, and a half-removed run is worse than either)."""
+    run's to delete, and a half-removed run is worse than either), but for a linked
+    checkpoints/ folder, whose link stays and of which only the run's checkpoints go."""
     entries = [directory / name for name in (*RUN_FILES, "STOP", "checkpoints")]
     present = [path.name for path in entries if path.exists() or path.is_symlink()]
     if not (directory / RUN_FILE).is_file() or (directory / RUN_FILE).is_symlink():
@@ -277,12 +278,18 @@ def remove_prior_run(directory: Path) -> None:
             "another log.run_dir")
     if checkpoints.is_symlink():
         # checkpoints are often put on another file system through a link: it stays, and
-        # inside it go only the earlier run's checkpoints (by their manifests' run id)
+        # inside it go only the earlier run's checkpoints (by their manifests' run id). Any
+        # other checkpoint there would be resumed by this run later (resume=auto): refused.
+        foreign = [step for step in list_checkpoints(checkpoints)
+                   if step.is_symlink() or run_of(step) != read_run_id(directory)]
+        if foreign:
+            raise RunDirectoryError(
+                f"log.run_dir {directory} was not replaced: {checkpoints} links to a folder "
+                f"that also holds {foreign[0].name}, not this run's, which the new run would "
+                "resume later; give the new run a checkpoint folder of its own")
         entries.remove(checkpoints)
-        prior = read_run_id(directory)
         for step in list_checkpoints(checkpoints):
-            if run_of(step) == prior and not step.is_symlink():
-                shutil.rmtree(step)
+            shutil.rmtree(step)
     for path in [*entries[1:], entries[0]]:  # run.json last: a removal that fails midway
         if path.is_dir():                     # leaves a run that overwrite can still replace
             shutil.rmtree(path)

@@ -4,11 +4,11 @@ micro-steps (gradient accumulation), optimizer steps, logging, evaluation and ch
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 import weakref
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from conadv.models import build_model
 from conadv.optim import build_optimizer, build_scheduler, scaled_lr
 from conadv.report import build_report
 from conadv.streams import DeviceStreams, streams_for, wait_for_current_stream
-from conadv.telemetry import Telemetry, setup_logging
+from conadv.telemetry import Telemetry, setup_logging, write_summary
 from conadv.trackers import Trackers
 from conadv.train.attack_rank import run_attack_rank
 from conadv.train.cadence import Cadence
@@ -58,7 +58,7 @@ from conadv.train.ema import WeightEma
 from conadv.train.evaluate import evaluate, final_eval_attacks
 from conadv.train.nonfinite import NonFiniteGuard
 from conadv.train.objectives import build_objective
-from conadv.train.preemption import StartupTerminated, StopRequest, slurm_attempt
+from conadv.train.preemption import StopRequest, slurm_attempt
 from conadv.train.run_directory import claim_on_rank_zero, drop_records_after, held_here
 from conadv.train.runtime import (
     autocast_dtype,
@@ -79,11 +79,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     setup_logging(env.is_main)
     device = pick_device(cfg.train.device, env, cfg.dist.backend)
     trainers = trainer_count(cfg.adv, env.world_size)  # the last adv.attack_ranks attack
-    # A termination signal from here on ends start-up at once (there is nothing to save yet);
-    # from the first step on it is a request, acted on after that step with a checkpoint.
+    # A stop signal is a request from here on (acted on after the first step), not the end of
+    # the process: joining the process group and resuming take minutes on a thousand ranks.
+    # A start-up that does not reach the first step in time ends on its own (preemption.py).
     # (An attack rank only survives it: trainer 0 tells it when the trainers stop.)
     stop_request = StopRequest(Path(cfg.log.run_dir), env.is_main, device,
-                               trainers > 1 and env.rank < trainers)
+                               trainers > 1 and env.rank < trainers,
+                               partial(_record_startup_stop, cfg, env.is_main))
     try:
         with process_group(env, device, cfg.dist.backend, cfg.dist.timeout_s,
                            trainers) as groups:
@@ -95,25 +97,24 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             else:
                 summary = _train_beside_attack_ranks(cfg, env, device, groups, trainers,
                                                      stop_request)
-    except StartupTerminated as stopped:
-        summary = _startup_summary(cfg, env.is_main, str(stopped))
     finally:
         stop_request.close(wait=False)  # if fit() did not get to
     return summary if env.is_main else {"terminated": summary["terminated"]}
 
 
-def _startup_summary(cfg: RunConfig, is_main: bool, reason: str) -> dict[str, Any]:
-    """The summary of a run ended before its first step; rank 0 writes it where it holds the
-    run directory (a scheduler's script reads it to requeue), never into another run's, with
-    the config that lets the requeued attempt recognise this run."""
-    summary = {"steps": None, "finished": False, "stop_reason": reason, "terminated": True,
-               "planned_stop": False, "slurm_attempt": slurm_attempt(), "final_eval": None}
+def _record_startup_stop(cfg: RunConfig, is_main: bool, reason: str) -> None:
+    """The summary of a run ended before its first step, written by rank 0 where it holds the
+    run directory (launch/slurm.sbatch requeues on it), never into another run's; with the
+    config, if start-up had not written it yet, so that the requeued attempt recognises this
+    run (free keys such as the derived batch split may differ; resume ignores those)."""
     run_dir = Path(cfg.log.run_dir)
-    if is_main and held_here(run_dir):
-        if not (run_dir / "config.yaml").exists():
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    if not (is_main and held_here(run_dir)):
+        return
+    if not (run_dir / "config.yaml").exists():
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    write_summary(run_dir, {"steps": None, "finished": False, "stop_reason": reason,
+                            "terminated": True, "planned_stop": False,
+                            "slurm_attempt": slurm_attempt(), "final_eval": None})
 
 
 def _train_beside_attack_ranks(cfg: RunConfig, env: DistEnv, device: torch.device,
