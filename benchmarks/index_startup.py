@@ -55,7 +55,8 @@ def run(files: int, classes: int) -> dict[str, Any]:
         (Path(tmp) / "shards").mkdir()
         index_path(Path(tmp) / "shards", "train").write_text(json.dumps({
             "format": 1, "split": "train", "classes": found[0],
-            "shards": [{"name": "train-00000.tar", "bytes": 0, "sha256": ""}],
+            "shards": [{"name": "train-00000.tar",
+                        "bytes": 512 * max(len(files_) for files_ in found[1]), "sha256": ""}],
             "samples": [[0, 512 * i, 100, c] for c, files_ in enumerate(found[1])
                         for i in range(len(files_))]}))
         started = time.perf_counter()

@@ -314,6 +314,7 @@ def test_values_nested_too_deeply_are_refused_in_one_sentence(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("schedule.step_epochs=[[1]]", r"schedule.step_epochs must be increasing positive epochs"),
     ("schedule.step_epochs=[1, nan]", r"schedule.step_epochs must be increasing positive"),
+    ("optim.lr=nan", r"'optim.lr' must be a finite number, got nan"),
     ("train.seed=1180591620717411303424", r"'train.seed' must be at most 9223372036854775807"),
     ("optim.lr=1e300", r"'optim.lr' must be at most"),
     ("data.image_size=60000", r"'data.image_size' must be at most 4096"),
@@ -342,10 +343,16 @@ def test_fp16_on_the_cpu_is_said_to_be_slow(caplog):
 
 
 
-def _trained(tmp_path: Path) -> Path:
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> Path:
+    """A run stopped at step 2 of 4 (made once; each test damages its own copy)."""
+    run = tmp_path_factory.mktemp("stopped") / "run"
     train(tiny_config(run, "train.max_steps=4", "train.stop_at_step=2"))
     return run
+
+
+def _copy_of(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run", symlinks=True))
 
 
 def _cli_error(main, argv: list[str]) -> str:
@@ -372,13 +379,13 @@ def _cli_error(main, argv: list[str]) -> str:
         "progress-without-step", "resized-weight"])
 @pytest.mark.parametrize("command", ["resume", "init_from", "conadv-eval"])
 def test_a_checkpoint_with_the_wrong_contents_is_one_sentence_wherever_it_is_read(
-        tmp_path, edit, message, command):
+        tmp_path, stopped_run, edit, message, command):
     from conadv.cli.evaluate import main as evaluate
     from conadv.cli.train import main as train_cli
     from tests.fuzz import rewrite_state
     from tests.helpers import TINY
 
-    run = _trained(tmp_path)
+    run = _copy_of(stopped_run, tmp_path)
     checkpoint = run / "checkpoints" / "step-00000002"
     state = torch.load(checkpoint / "state.pt", weights_only=True)
     edit(state)
@@ -402,12 +409,13 @@ def test_a_checkpoint_with_the_wrong_contents_is_one_sentence_wherever_it_is_rea
         assert re.search(message, error), error
 
 
-def test_a_run_directory_with_a_foreign_config_or_metrics_is_one_sentence_or_left_out(tmp_path):
+def test_a_run_directory_with_a_foreign_config_or_metrics_is_one_sentence_or_left_out(
+        tmp_path, stopped_run):
     from conadv.cli.evaluate import main as evaluate
     from conadv.cli.report import main as report
     from conadv.report import load_run
 
-    run = _trained(tmp_path)
+    run = _copy_of(stopped_run, tmp_path)
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(
         [*lines, '{"kind": "eval", "step": 9, "top1": "n/a", "train_top1": 3.0}']) + "\n")

@@ -486,7 +486,7 @@ def test_random_configs_end_in_a_plan_or_one_sentence_never_a_traceback(tmp_path
     overrides, files = _config_surface()
     seen = {"cases": 0}
 
-    @settings(max_examples=400, deadline=None, derandomize=True,
+    @settings(max_examples=150, deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(overrides, files)
     def check(args, yaml_text):
@@ -508,4 +508,4 @@ def test_random_configs_end_in_a_plan_or_one_sentence_never_a_traceback(tmp_path
     started = time.perf_counter()
     check()
     print(f"{seen['cases']} random configurations in {time.perf_counter() - started:.1f} s")
-    assert seen["cases"] >= 400
+    assert seen["cases"] >= 150  # the fuzzer's config doors run more (tests/fuzz.py)
