@@ -443,23 +443,10 @@ def test_evaluation_options_that_were_silently_wrong_are_refused(tmp_path):
         check_export(tmp_path / "model.pth", force=True)
 
 
-def _flat_validation(tmp_path: Path) -> tuple[Path, Path, list[str]]:
-    make_imagefolder(tmp_path / "folders", corrupt=False)
-    flat = tmp_path / "flat"
-    (flat / "val").mkdir(parents=True)
-    (flat / "train").symlink_to(tmp_path / "folders" / "train")
-    rows = ["ImageId,PredictionString"]
-    for image in sorted((tmp_path / "folders" / "val").glob("*/*.jpg")):
-        name = f"val_{image.parent.name}_{image.stem}"
-        (flat / "val" / f"{name}.JPEG").write_bytes(image.read_bytes())
-        rows.append(f"{name},{image.parent.name} 1 2 3 4")
-    return flat, tmp_path / "labels.csv", rows
-
-
 @pytest.mark.parametrize("damage, message", [
     ("latin-1", r"is not UTF-8 text \(byte 0xe9 at offset \d+\); save it as UTF-8"),
-    ("conflicting-duplicate", r"labels val_class_0_img_0 twice, 'class_0' on line 2 and "
-                              r"'class_1' on line 14"),
+    ("conflicting-duplicate", r"labels ILSVRC2012_val_class_0_img_0 twice, 'class_0' on line 2 "
+                              r"and 'class_1' on line 14"),
     ("row-without-file", r"lists 1 images that .* lacks \(e.g. val_class_0_img_9\)"),
 ])
 def test_a_labels_file_that_was_misread_or_silently_trimmed_is_one_sentence(
@@ -468,8 +455,10 @@ def test_a_labels_file_that_was_misread_or_silently_trimmed_is_one_sentence(
     from conadv.data.loader import build_source
     from conadv.data.shards import pack_image_folder
     from conadv.errors import DataError
+    from tests.test_imagefolder import make_flat_validation
 
-    flat, labels, rows = _flat_validation(tmp_path)
+    flat, rows = make_flat_validation(tmp_path)
+    labels = tmp_path / "labels.csv"
     if damage == "latin-1":
         labels.write_bytes(("\n".join(rows) + "\nvalé,class_0 1\n").encode("latin-1"))
     elif damage == "conflicting-duplicate":

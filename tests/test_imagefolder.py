@@ -122,7 +122,9 @@ def test_hidden_folders_are_not_classes_and_an_empty_class_is_an_error(tmp_path)
         ImageFolderSource(tmp_path / "train")
 
 
-def test_a_flat_validation_folder_with_imagenet_labels_evaluates_like_class_folders(tmp_path):
+def make_flat_validation(tmp_path: Path) -> tuple[Path, list[str]]:
+    """tmp_path/folders (class folders) and tmp_path/flat: the same train/, and val/ as
+    ImageNet ships it (one flat folder); returns flat and the rows of its labels CSV."""
     make_imagefolder(tmp_path / "folders", corrupt=False)
     flat = tmp_path / "flat"
     (flat / "val").mkdir(parents=True)
@@ -132,6 +134,11 @@ def test_a_flat_validation_folder_with_imagenet_labels_evaluates_like_class_fold
         name = f"ILSVRC2012_val_{image.parent.name}_{image.stem}"
         (flat / "val" / f"{name}.JPEG").write_bytes(image.read_bytes())
         rows.append(f"{name},{image.parent.name} 1 2 30 40 {image.parent.name} 5 6 7 8")
+    return flat, rows
+
+
+def test_a_flat_validation_folder_with_imagenet_labels_evaluates_like_class_folders(tmp_path):
+    flat, rows = make_flat_validation(tmp_path)
     labels = tmp_path / "LOC_val_solution.csv"
     labels.write_text("\n".join(rows) + "\n")
     common = dict(name="imagefolder", image_size=24, eval_resize=28, workers=0)
