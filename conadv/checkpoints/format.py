@@ -23,7 +23,7 @@ import torch
 
 from conadv.distributed import broadcast_object, broadcast_state, rank
 from conadv.errors import CheckpointError, UserError, first_line
-from conadv.fileio import file_sha256
+from conadv.fileio import file_sha256, is_count
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,8 @@ def _contents_problem(state: Any) -> str | None:
         return "its model is not a mapping of parameter names to tensors"
     if not isinstance(state.get("config"), str):
         return "it holds no run config (the YAML text conadv saves with every checkpoint)"
-    step = state.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        return f"its step is {step!r:.40}, not a count of optimizer steps"
+    if not is_count(state.get("step")):
+        return f"its step is {state.get('step')!r:.40}, not a count of optimizer steps"
     odd = [name for name, part in state.items()
            if name not in ("model", "config", "step", "format") and not isinstance(part, dict)]
     if odd:

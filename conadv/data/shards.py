@@ -32,7 +32,7 @@ from conadv.config import DEFAULT_MAX_PIXELS
 from conadv.data.decode import decode_rgb
 from conadv.data.sources import ImageFolderSource, ImageSource, class_folders
 from conadv.errors import DataError
-from conadv.fileio import file_sha256
+from conadv.fileio import file_sha256, is_count
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,6 @@ def pack_image_folder(root: Path, out: Path, shard_bytes: int = 1 << 30,
     return packed
 
 
-def _count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _index_problem(index: object) -> str | None:
     """What an index lacks of what `pack_split` writes, or None. Shard names must be plain
     file names in the shard folder: an index is data, and `../../x` would read outside it. One
@@ -139,12 +135,12 @@ def _index_problem(index: object) -> str | None:
     if not isinstance(shards, list) or not all(
             isinstance(shard, dict) and isinstance(shard.get("name"), str)
             and shard["name"] not in ("", ".", "..") and Path(shard["name"]).name == shard["name"]
-            and _count(shard.get("bytes")) for shard in shards):
+            and is_count(shard.get("bytes")) for shard in shards):
         return "its shards are not files of the shard folder with their sizes"
     if not isinstance(samples, list):
         return "its samples are not a list"
     for number, sample in enumerate(samples):
-        if not (isinstance(sample, list) and len(sample) in (4, 5) and all(map(_count, sample))
+        if not (isinstance(sample, list) and len(sample) in (4, 5) and all(map(is_count, sample))
                 and sample[0] < len(shards) and sample[3] < len(classes)
                 and sample[1] + sample[2] <= shards[sample[0]]["bytes"]):
             return (f"sample {number} is not (shard, offset, size, label[, checksum]) within "

@@ -16,6 +16,7 @@ import torch
 
 from conadv.distributed import all_reduce_sum
 from conadv.errors import CheckpointError, collapsed
+from conadv.fileio import is_count
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,7 @@ class Progress:
         return {"step": self.step, "bad_images": self.total_bad_images()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if not all(isinstance(state[key], int) and not isinstance(state[key], bool)
-                   and state[key] >= 0 for key in ("step", "bad_images")):
+        if not (is_count(state["step"]) and is_count(state["bad_images"])):
             raise ValueError("its step and bad_images are not counts")
         self.step = state["step"]
         self.bad_images = state["bad_images"] if self.is_main else 0
