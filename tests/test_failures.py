@@ -333,7 +333,14 @@ def _start(args: list[str], torchrun: int = 0) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "conadv.cli.train", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(PYTHON=sys.executable), text=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)  # no terminal
+                            stderr=subprocess.PIPE, start_new_session=True,  # no terminal
+                            preexec_fn=_sigint_as_a_user_has_it)
+
+
+def _sigint_as_a_user_has_it() -> None:
+    """A suite started in the background of a script inherits an ignored SIGINT (and so would
+    the CLI, which then rightly leaves it ignored); a user's shell or launcher does not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")
@@ -398,6 +405,8 @@ def test_a_repeated_sigterm_is_one_request_and_only_a_second_ctrl_c_ends_at_once
         assert request.poll() == preemption.TERMINATED
     finally:
         request.close()
+    # as a user's Python has it (a suite started in a script's background ignores SIGINT)
+    background = signal.signal(signal.SIGINT, signal.default_int_handler)
     request = StopRequest(tmp_path, True, torch.device("cpu"), distributed=False)
     request.begin()
     try:
@@ -410,6 +419,7 @@ def test_a_repeated_sigterm_is_one_request_and_only_a_second_ctrl_c_ends_at_once
             time.sleep(1)
     finally:
         request.close()
+        signal.signal(signal.SIGINT, background)
 
 
 def test_sigint_without_a_terminal_is_a_checkpointed_stop(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from conadv.config import DEFAULT_MAX_PIXELS
 from conadv.data.decode import decode_rgb
+from conadv.data.digits_split import TEST_SAMPLES
 from conadv.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -319,21 +321,28 @@ class DigitsSource(InMemorySource):
 
     @cached_property
     def _arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        digits = load_digits()
-        pixels = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]
-        big = torch.nn.functional.interpolate(pixels, size=(self.SIZE, self.SIZE),
+        pixels, targets = _digits_data()
+        big = torch.nn.functional.interpolate(torch.from_numpy(pixels / 16.0)[:, None],
+                                              size=(self.SIZE, self.SIZE),
                                               mode="bilinear", align_corners=False)
         images = (big.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
-        indices = np.arange(len(digits.target))
-        train_idx, test_idx = train_test_split(indices, test_size=self.TEST_FRACTION,
-                                               stratify=digits.target,
-                                               random_state=self.SPLIT_SEED)
-        chosen = np.sort(train_idx if self.split == "train" else test_idx)
-        labels = torch.from_numpy(digits.target[chosen].astype(np.int64))
+        test = np.zeros(len(targets), dtype=bool)
+        test[list(TEST_SAMPLES)] = True
+        chosen = np.flatnonzero(test if self.split == "test" else ~test)
+        labels = torch.from_numpy(targets[chosen].astype(np.int64))
         return images[torch.from_numpy(chosen)].contiguous(), labels
+
+
+def _digits_data() -> tuple[np.ndarray, np.ndarray]:
+    """The 8x8 images (float32, 0-16) and labels from the file scikit-learn ships, read the way
+    its `load_digits` reads it, without importing scikit-learn (a second per process)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data.name=digits reads the digits that ship inside scikit-learn, "
+                        "which is not installed: pip install scikit-learn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    rows = np.loadtxt(path, delimiter=",")
+    return rows[:, :-1].reshape(-1, 8, 8).astype(np.float32), rows[:, -1].astype(np.int64)
 
 
 @functools.lru_cache(maxsize=1)
