@@ -9,11 +9,49 @@ from benchmarks import (
     checkpoint_stall,
     data_pipeline,
     index_startup,
+    launch_budget,
     optimizer_step,
     scaling_model,
     step_throughput,
 )
 from conadv.data.dali import dali_installed
+
+
+def test_every_training_mode_dispatches_within_its_launch_budget():
+    """Operations per step are counted exactly (no timing): vanilla within 10 % of a bare loop
+    with the same optimizer, ConAdv within 10 % of a bare attack + two-view loop, the skip
+    policy at most 10 operations more, the EMA one."""
+    report = launch_budget.run(launch_budget.parse_args(
+        ["--size", "small", "--steps", "2", "4", "--no-host-time"]))
+    over = {mode: (row["ops_per_step"], row["budget"]) for mode, row in report["modes"].items()
+            if not row["within_budget"]}
+    assert not over, over
+    assert set(report["modes"]) == set(launch_budget.MODES)
+    assert report["bare"]["bare-sgd"] > 100  # a forward, a backward and an optimizer step
+
+
+def test_the_launch_count_sees_every_operation_a_step_adds(monkeypatch):
+    """Not vacuous: 20 more operations in each step are 20 more counted per step."""
+    from conadv.train.trainer import Trainer
+
+    vanilla = ["adv.enabled=false", *launch_budget.SIZES["small"]]
+
+    def counted() -> float:
+        return launch_budget.per_step(lambda n: launch_budget.count_trainer(vanilla, n),
+                                      2, 4)[0]
+
+    counted()  # imports that dispatch operations
+    plain = counted()
+    step = Trainer.train_step
+
+    def busier(self):
+        scratch = torch.zeros(())
+        for _ in range(19):
+            scratch.add_(1)
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", busier)
+    assert counted() == plain + 20
 
 
 def test_scaling_model_reproduces_the_mlperf_point_within_25_percent():

@@ -22,7 +22,7 @@ from conadv.distributed import DistEnv
 from conadv.errors import CheckpointWriteError, TrainingDiverged
 from conadv.train import checkpoint as checkpoint_module
 from conadv.train import preemption
-from conadv.train.nonfinite import first_non_finite
+from conadv.train.nonfinite import NonFiniteGuard, first_non_finite
 from conadv.train.preemption import StopRequest
 from conadv.train.trainer import Trainer, train
 from tests.helpers import (
@@ -177,6 +177,40 @@ def test_skip_policy_stops_after_too_many_skipped_steps_in_a_row(tmp_path, monke
     with pytest.raises(TrainingDiverged, match="3 optimizer steps in a row were skipped"):
         train(tiny_config(tmp_path, "train.on_nonfinite=skip", "train.max_skipped_steps=2",
                           "train.max_steps=6"))
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_the_guard_counts_bad_steps_and_runs_across_folds_and_polls(monkeypatch, policy):
+    """The per-step flags are counted on the device only every few steps and at polls: the
+    counts must be those of the plain sequence, however the folds and polls cut it."""
+    from conadv.train import nonfinite
+
+    monkeypatch.setattr(nonfinite, "FOLD_EVERY", 3)
+    generator = torch.Generator().manual_seed(5)
+    flags = (torch.rand(200, generator=generator) < 0.4).tolist()
+    polls = set(torch.randint(0, 200, (25,), generator=generator).tolist())
+    guard = nonfinite.NonFiniteGuard(torch.device("cpu"), policy, check_gradients=False)
+    window = run = longest = skipped = 0
+    for index, bad in enumerate(flags):
+        guard.optimizer_step(lambda: None, torch.tensor(bad), [])
+        window, run = window + bad, (run + 1 if bad else 0)
+        longest, skipped = max(longest, run), skipped + (bad and policy == "skip")
+        if index in polls or index == len(flags) - 1:
+            status = guard.poll()
+            assert (status.bad_steps, status.longest_run, status.skipped_total) == (
+                window, longest, skipped), index
+            window = 0
+
+
+def test_the_guard_sees_a_non_finite_loss_or_gradient_and_nothing_else():
+    guard = NonFiniteGuard(torch.device("cpu"), "stop", check_gradients=True)
+    weight = torch.nn.Parameter(torch.ones(3))
+    for loss, grad, bad in [(1.0, 1e3, False), (float("nan"), 1.0, True),
+                            (1.0, float("inf"), True), (float("-inf"), 0.0, True),
+                            (3e38, 0.0, False)]:
+        weight.grad = torch.full((3,), grad)
+        flag = guard.step_is_bad(torch.tensor(loss), [weight])
+        assert flag.dtype == torch.bool and bool(flag) is bad, (loss, grad)
 
 
 def _one_rank_goes_non_finite(rank: int, world: int, run_dir: str, overrides: tuple) -> dict:

@@ -194,7 +194,7 @@ class ViewEngine:
             images = [x for x, _ in mixed]
             targets = torch.cat([t for _, t in mixed])
         else:
-            targets = labels.repeat(len(images))
+            targets = labels.repeat(len(images)) if len(images) > 1 else labels
         soft_targets = torch.cat([soft[v] for v in soft_views]) if soft is not None else None
         return TrainInputs(torch.cat(images) if len(images) > 1 else images[0], targets, labels,
                            views, key, source_step, soft_targets=soft_targets)
@@ -205,11 +205,14 @@ class ViewEngine:
         view; per-view losses and the adversarial success rate (misclassified adversarial
         images) as detached device tensors."""
         logits = logits.float()
+        soft = inputs.soft_targets
+        if len(inputs.views) == 1:  # one view: its loss is the loss (no device operation)
+            part = objective(logits, inputs.targets, soft)
+            return part, {f"{inputs.views[0][0]}_loss": part.detach()}
         total = logits.new_zeros(())
         weight_sum = 0.0
         stats: dict[str, Tensor] = {}
         start = 0
-        soft = inputs.soft_targets
         for view, rows, weight in inputs.views:
             rows_of = slice(start, start + rows)
             part = objective(logits[rows_of], inputs.targets[rows_of],
@@ -401,8 +404,12 @@ class LookaheadEngine(ViewEngine):
         (the attack normalises with batch statistics, and the main stream's forward updates
         the running statistics meanwhile)."""
         if source not in self._snapshots:
-            self._snapshots[source] = {name: value.detach().clone()
-                                       for name, value in model.named_parameters()}
+            names, values = zip(*model.named_parameters())
+            with torch.no_grad():  # one multi-tensor copy, not two operations per tensor:
+                # x * 1 is x exactly (NaN, infinities and -0 included); torch has no
+                # multi-tensor clone
+                copies = torch._foreach_mul(list(values), 1)
+            self._snapshots[source] = dict(zip(names, copies))
 
     def _replica_at(self, source: int) -> nn.Module:
         """A copy of the model holding the saved weights of step `source`. Runs on the

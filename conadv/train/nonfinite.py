@@ -1,18 +1,25 @@
 """Non-finite training: notice it without a host synchronisation per step, and either stop (the
-default) or skip the optimizer steps it would poison.
+default) or skip the optimizer steps it would poison, in a few device operations per step
+whatever the size of the model (each operation is a kernel launch on a GPU, and at 96 images
+per GPU launches, not arithmetic, bound the step).
 
-Every step adds, on the device, whether its loss or its gradient norm is non-finite. The host
-reads the counters only where it synchronises anyway: at logging steps and before a checkpoint
-(`poll`, one small all-reduce). Under fp16 the GradScaler already skips steps whose scaled
-gradients overflow (that is how it finds its scale), so only a non-finite loss counts there.
+Every step decides on the device whether its loss or its gradient norm is non-finite: one
+multi-tensor norm of the gradients, summed with the loss, compared once. The flags are kept as
+they are and counted only where the host synchronises anyway: at logging steps and before a
+checkpoint (`poll`, one small all-reduce), or every `FOLD_EVERY` steps on the device. Under
+fp16 the GradScaler already skips steps whose scaled gradients overflow (that is how it finds
+its scale), so only a non-finite loss counts there.
 
 `skip` keeps the state of a bad step: the model's buffers (BatchNorm running statistics, which
 the step's forward already wrote, main and auxiliary) are copied when the step begins, the
 optimizers' tensors (parameters and their state) before the optimizer step, and both are put
-back, on the device, where the step was bad (a `torch.where` per tensor). That costs a copy of
-the parameters and optimizer state per step, so it is opt-in. Whether a step is bad is decided
-for all ranks at once (a max over ranks on the device): a rank that undid a step the others
-kept would leave the replicas apart, and DDP never re-synchronises parameters.
+back, on the device, where the step was bad. The copies live in one flat buffer per dtype
+(`_Snapshot`), so saving is one multi-tensor copy and putting back is a copy, one
+`torch.where` per dtype and a copy back, whatever the number of tensors. That holds two extra
+copies of the parameters, buffers and optimizer state on the device, so it is opt-in. Whether
+a step is bad is decided for all ranks at once (a max over ranks on the device): a rank that
+undid a step the others kept would leave the replicas apart, and DDP never re-synchronises
+parameters.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from torch import Tensor
 from conadv.distributed import all_reduce_max, is_initialized
 from conadv.errors import TrainingDiverged
 
+FOLD_EVERY = 256  # steps whose flags are kept before they are counted on the device
+
 
 @dataclass
 class NonFiniteStatus:
@@ -37,6 +46,63 @@ class NonFiniteStatus:
     skipped_total: int  # optimizer steps skipped since the start of this process
 
 
+class _Snapshot:
+    """Copies of a fixed list of tensors, in one flat buffer per (device, dtype): taken with one
+    multi-tensor copy and put back where a step was bad with a copy, one `torch.where` per
+    buffer and a copy back, however many tensors there are."""
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.tensors = list(tensors)
+        self._saved: list[Tensor] = []  # flat buffers, filled with zeros ("not started")
+        self._current: list[Tensor] = []
+        self.saved_views: list[Tensor] = [torch.empty(0)] * len(self.tensors)
+        self.current_views: list[Tensor] = [torch.empty(0)] * len(self.tensors)
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for index, tensor in enumerate(self.tensors):
+            groups.setdefault((tensor.device, tensor.dtype), []).append(index)
+        for (device, dtype), indices in groups.items():
+            sizes = [self.tensors[i].numel() for i in indices]
+            saved = torch.zeros(sum(sizes), device=device, dtype=dtype)
+            current = torch.empty_like(saved)
+            self._saved.append(saved)
+            self._current.append(current)
+            for i, part, scratch in zip(indices, saved.split(sizes), current.split(sizes)):
+                self.saved_views[i] = part.view_as(self.tensors[i])
+                self.current_views[i] = scratch.view_as(self.tensors[i])
+
+    def holds(self, tensors: Sequence[Tensor]) -> bool:
+        return len(tensors) == len(self.tensors) and all(
+            a is b for a, b in zip(tensors, self.tensors))
+
+    @torch.no_grad()  # the parameters are among the tensors
+    def save(self) -> None:
+        if self.tensors:
+            torch._foreach_copy_(self.saved_views, self.tensors)
+
+    @torch.no_grad()
+    def keep_from(self, older: _Snapshot, keys: list, older_keys: list) -> None:
+        """Take over what `older` saved of the tensors both hold (by key)."""
+        position = {key: i for i, key in enumerate(keys)}
+        pairs = [(position[key], j) for j, key in enumerate(older_keys) if key in position]
+        if pairs:
+            torch._foreach_copy_([self.saved_views[i] for i, _ in pairs],
+                                 [older.saved_views[j] for _, j in pairs])
+
+
+@torch.no_grad()
+def _restore_where(bad: Tensor, snapshots: Sequence[_Snapshot]) -> None:
+    """Every tensor of `snapshots` back to its saved value where `bad` (on the device)."""
+    tensors = [t for s in snapshots for t in s.tensors]
+    if not tensors:
+        return
+    current = [v for s in snapshots for v in s.current_views]
+    torch._foreach_copy_(current, tensors)
+    for snapshot in snapshots:
+        for saved, scratch in zip(snapshot._saved, snapshot._current):
+            torch.where(bad, saved, scratch, out=scratch)
+    torch._foreach_copy_(tensors, current)
+
+
 class NonFiniteGuard:
     def __init__(self, device: torch.device, policy: str, check_gradients: bool,
                  buffers: Sequence[Tensor] = (), max_skipped_steps: int = 10) -> None:
@@ -44,26 +110,28 @@ class NonFiniteGuard:
         self.policy = policy
         self.max_skipped_steps = max_skipped_steps
         self.check_gradients = check_gradients
-        self.buffers = list(buffers)
-        self._saved_buffers: list[Tensor] = []
-        self._bad_steps = torch.zeros((), dtype=torch.long, device=device)
-        self._run = torch.zeros((), dtype=torch.long, device=device)
-        self._longest_run = torch.zeros((), dtype=torch.long, device=device)
-        self._skipped = torch.zeros((), dtype=torch.long, device=device)
+        self._buffers = _Snapshot(buffers) if policy == "skip" else None
+        self._optimizer: tuple[list, _Snapshot] | None = None  # (keys, snapshot)
+        self._flags: list[Tensor] = []  # this window's per-step "bad", not yet counted
+        # counted flags: [bad steps since the last poll, current run, longest run, skipped]
+        self._counts = torch.zeros(4, dtype=torch.long, device=device)
 
     def begin_step(self) -> None:
         """Call before the step's first forward: under `skip`, keep the buffers it writes."""
-        if self.policy == "skip":
-            self._saved_buffers = [b.detach().clone() for b in self.buffers]
+        if self._buffers is not None:
+            self._buffers.save()
 
     def step_is_bad(self, loss: Tensor, parameters: Iterable[Tensor]) -> Tensor:
-        """A 0-dim bool tensor: this step's loss or gradient norm is not finite on some rank."""
-        bad = ~torch.isfinite(loss.detach())
+        """A 0-dim bool tensor: this step's loss (detached) or gradient norm is not finite on
+        some rank."""
+        values = [loss]
         if self.check_gradients:
-            grads = [p.grad for p in parameters if p.grad is not None]
-            if grads:
-                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-                bad = bad | ~torch.isfinite(norm)
+            values += torch._foreach_norm([p.grad for p in parameters if p.grad is not None])
+        # a sum, not a norm: NaN and infinities carry through it, and squares would overflow
+        total = torch.stack(values).sum() if len(values) > 1 else loss
+        # x - x is 0 for every finite x and NaN for NaN and both infinities (two operations;
+        # torch.isfinite is five)
+        bad = (total - total).ne(0)
         if self.policy == "skip" and is_initialized():  # one decision for every rank
             bad = all_reduce_max(bad.to(torch.int32)).bool()
         return bad
@@ -72,31 +140,49 @@ class NonFiniteGuard:
                        optimizers: Sequence[torch.optim.Optimizer]) -> None:
         """Run `step` (the step of every optimizer in `optimizers`); under `skip`, undo it on
         the device if `bad`."""
-        bad_long = bad.long()
-        self._bad_steps += bad_long
-        self._run.mul_(bad_long).add_(bad_long)  # consecutive bad steps, 0 after a good one
-        torch.maximum(self._longest_run, self._run, out=self._longest_run)
-        if self.policy != "skip":
+        self._flags.append(bad)
+        if len(self._flags) >= FOLD_EVERY:
+            self._fold()
+        if self._buffers is None:
             step()
             return
-        saved = {key: t.detach().clone() for key, t in _optimizer_tensors(optimizers).items()}
+        keys, tensors = _optimizer_tensors(optimizers)
+        if self._optimizer is None or not self._optimizer[1].holds(tensors):
+            self._optimizer = (keys, _Snapshot(tensors))
+        self._optimizer[1].save()
         step()
-        for key, tensor in _optimizer_tensors(optimizers).items():
+        after_keys, after = _optimizer_tensors(optimizers)
+        if not self._optimizer[1].holds(after):
             # state the step created (first step) goes back to zeros, i.e. "not started"
-            kept = saved[key] if key in saved else torch.zeros_like(tensor)
-            tensor.copy_(torch.where(bad, kept, tensor))
-        for buffer, kept in zip(self.buffers, self._saved_buffers):
-            buffer.copy_(torch.where(bad, kept, buffer))
-        self._saved_buffers = []
-        self._skipped += bad_long
+            grown = _Snapshot(after)
+            grown.keep_from(self._optimizer[1], after_keys, self._optimizer[0])
+            self._optimizer = (after_keys, grown)
+        _restore_where(bad, [self._buffers, self._optimizer[1]])
+
+    def _fold(self) -> None:
+        """Count the kept flags on the device: bad steps, the run of bad steps they continue
+        and the longest run so far (and skipped steps under `skip`)."""
+        if not self._flags:
+            return
+        flags = torch.stack(self._flags)
+        self._flags = []
+        steps = torch.arange(len(flags), device=flags.device)
+        # the last good step at or before each step (before the window: the carried run)
+        last_good = torch.where(flags, -1 - self._counts[1], steps).cummax(0).values
+        runs = steps - last_good
+        bad = flags.sum()
+        skipped = bad if self.policy == "skip" else torch.zeros_like(bad)
+        self._counts += torch.stack([bad, runs[-1] - self._counts[1],
+                                     runs.max().clamp(min=self._counts[2]) - self._counts[2],
+                                     skipped])
 
     def poll(self) -> NonFiniteStatus:
         """A collective: every rank calls it at the same step; resets the window counter."""
-        values = torch.stack([self._bad_steps, self._longest_run, self._skipped])
+        self._fold()
+        values = torch.stack([self._counts[0], self._counts[2], self._counts[3]])
         bad_steps, longest, skipped = all_reduce_max(values).tolist()
-        self._bad_steps.zero_()
+        self._counts[0] = 0
         return NonFiniteStatus(int(bad_steps), int(longest), int(skipped))
-
 
     def verdict(self, first_step: int, step: int,
                 newest_checkpoint: Callable[[], Path | None]) -> int:
@@ -122,17 +208,22 @@ class NonFiniteGuard:
                                "or a longer schedule.warmup_epochs")
 
 
-def _optimizer_tensors(optimizers: Sequence[torch.optim.Optimizer]) -> dict[tuple, Tensor]:
-    """Every tensor the optimizers' steps write: parameters and their state, keyed stably."""
-    tensors: dict[tuple, Tensor] = {}
+def _optimizer_tensors(optimizers: Sequence[torch.optim.Optimizer]
+                       ) -> tuple[list[tuple], list[Tensor]]:
+    """Every tensor the optimizers' steps write (parameters and their state), with stable
+    keys; the parameters themselves, not `.data` (an operation each)."""
+    keys: list[tuple] = []
+    tensors: list[Tensor] = []
     for o, optimizer in enumerate(optimizers):
         for g, group in enumerate(optimizer.param_groups):
             for i, param in enumerate(group["params"]):
-                tensors[(o, g, i, "param")] = param.data
+                keys.append((o, g, i, "param"))
+                tensors.append(param)
                 for name, value in optimizer.state.get(param, {}).items():
                     if isinstance(value, Tensor):
-                        tensors[(o, g, i, name)] = value
-    return tensors
+                        keys.append((o, g, i, name))
+                        tensors.append(value)
+    return keys, tensors
 
 
 def first_non_finite(state: object, prefix: str = "") -> str | None:

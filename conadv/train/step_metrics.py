@@ -15,7 +15,7 @@ from conadv.distributed import all_reduce_sum
 
 @dataclass
 class StepResult:
-    loss: Tensor  # mean over the micro-batches, on the device
+    loss: Tensor | None = None  # mean over the micro-batches, on the device
     stats: dict[str, Tensor] = field(default_factory=dict)  # per-view losses, adv_success
     data_time: float = 0.0
     attack_seconds: float = 0.0  # host seconds spent in attacks (all of it on the CPU)
@@ -23,9 +23,14 @@ class StepResult:
     cuda_events: dict[str, Any] = field(default_factory=dict)  # for the overlap measurement
 
     def add(self, loss: Tensor, stats: dict[str, Tensor], inputs, accumulation: int) -> None:
-        self.loss += loss / accumulation
+        """One micro-step's values; a step without accumulation keeps them as they are (no
+        device operation: each is a kernel launch on a GPU)."""
+        if accumulation > 1:
+            loss = loss / accumulation
+            stats = {key: value / accumulation for key, value in stats.items()}
+        self.loss = loss if self.loss is None else self.loss + loss
         for key, value in stats.items():
-            self.stats[key] = self.stats.get(key, 0.0) + value / accumulation
+            self.stats[key] = value if key not in self.stats else self.stats[key] + value
         self.source_step = inputs.source_step
 
 

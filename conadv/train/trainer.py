@@ -325,7 +325,7 @@ class Trainer:
     def train_step(self) -> StepResult:
         """One optimizer step over `accumulation` micro-batches."""
         accumulation = self.plan.accumulation
-        result = StepResult(loss=torch.zeros((), device=self.device))
+        result = StepResult()
         streams = self.streams  # the step is timed on the device where it has some
         if streams is not None:
             result.cuda_events["train_begin"] = _record_event(streams)
@@ -336,7 +336,7 @@ class Trainer:
                 start = time.perf_counter()
                 batch, key = self.stream.next()
                 result.data_time += time.perf_counter() - start
-                self.progress.bad_images += int(batch["n_bad"].sum())
+                self.progress.bad_images += sum(batch["n_bad"].tolist())  # host-side
                 self.engine.feed(batch, key, self.step)
             inputs = self.engine.take()
             result.attack_seconds += inputs.attack_seconds
@@ -344,7 +344,7 @@ class Trainer:
                 with self.engine.forward_context(inputs), self.autocast():
                     logits = self.train_forward(inputs.images)
                 loss, stats = self.engine.loss(self.objective.view_loss, logits, inputs)
-                self.scaler.scale(loss / accumulation).backward()
+                self.scaler.scale(loss / accumulation if accumulation > 1 else loss).backward()
             stats.update(self.objective.learn(logits, inputs, accumulation))
             result.add(loss.detach(), stats, inputs, accumulation)
         bad = self.guard.step_is_bad(result.loss, self.model.parameters())
