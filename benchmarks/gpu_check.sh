@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# The project's one-shot GPU check (fits in ~10 minutes on one H200):
-#   1. the CUDA tests (stream executor == sequential executor, no host sync in steady state),
-#      the optimizer equivalence tests and the CUDA-path tests on the GPU's torch;
-#   2. the training-step benchmark for ResNet-50, bf16, channels-last, synthetic data, 256 per
-#      GPU: vanilla, tau = 0 and tau = 1, and both with distillation from 2 ResNet-50 teachers
-#      on the side stream (step time, img/s, overlap, peak memory per mode);
-#   3. the optimizer-step benchmark on the GPU;
-#   4. torch.compile against eager (ResNet-50, tau = 1: steady step time, graphs compiled);
-#   5. the checkpoint stall of ResNet-50 with ConAdv (host copy + background write);
-#   6. the data pipeline: the plain view and the published three-view recipe (clean +
-#      AutoAugment; the adversarial view is the trainer's) by the torchvision path and by DALI
-#      (nvJPEG "mixed" decode + crop, the policy on the GPU) when DALI is installed, in img/s
-#      and host CPU ms per image;
-#   7. attack ranks (2 trainers + 1 attack rank against 2 trainers with the attack inline) when
-#      the machine has a GPU per rank; one GPU cannot show it (NCCL refuses two ranks on one
-#      GPU, and ranks sharing a GPU would share its time), so it says so and skips.
+# The project's one-shot GPU check, within 8 minutes (the parts' limits add up to 480 s), in
+# the order of what the project most needs to know, so that a check cut short still returns
+# the most important numbers. Each part writes its files when it ends, and check.json (each
+# part's exit status and seconds) is rewritten after every part.
+#   1. CUDA tests (80 s): stream executor == sequential executor, no host sync in steady
+#      state, the CUDA-path and optimizer equivalence tests on the GPU's torch;
+#   2. ResNet-50 step (110 s): bf16, channels-last, synthetic data, 256 per GPU; vanilla,
+#      tau = 0 and tau = 1 (step time, img/s, the measured overlap, peak memory per mode);
+#   3. launch budget (45 s): device operations per step as counted on the CPU, beside the CUDA
+#      kernels per step that the profiler sees, per training mode;
+#   4. compile modes (70 s): eager against torch.compile's default and reduce-overhead (CUDA
+#      graphs) on the ResNet-50 tau = 1 step;
+#   5. data pipeline (55 s): the plain view and the published three-view recipe by the
+#      torchvision path and by DALI when installed, img/s and host CPU ms per image;
+#   6. checkpoint stall (40 s): host copy + background write of ResNet-50 with ConAdv;
+#   7. optimizer step (25 s): LARS and LAMB on the GPU;
+#   8. attack ranks (55 s) when the machine has a GPU per rank (2 trainers + 1 attack rank);
+#      one GPU cannot show it (NCCL refuses two ranks on one GPU), so it says so and skips.
 # Usage, from the repository root:   benchmarks/gpu_check.sh OUT_DIR
 # It runs from source (PYTHONPATH=.). Wheels in .whl/ (omegaconf, which the GPU image lacks;
 # see benchmarks/README.md) are installed to /tmp/site first.
@@ -35,28 +37,41 @@ print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "
 PY
 
 status=0
-timeout 150 "$python" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_cuda.py \
-  tests/test_optim.py tests/test_gpu_path.py 2>&1 | tee "$out/cuda_tests.log" || status=1
-timeout 300 "$python" -m benchmarks.step_throughput --device cuda --arch resnet50 --batch 256 \
-  --image-size 224 --precision bf16 --channels-last --rounds 3 --steps 8 --warmup 4 --teachers 2 \
-  --out "$out/step_throughput.json" 2>&1 | grep -v " INFO " | tee "$out/step_throughput.txt" \
-  || status=1
-timeout 90 "$python" -m benchmarks.optimizer_step --device cuda --rounds 4 --steps 10 \
-  --out "$out/optimizer_step.json" 2>&1 | tee "$out/optimizer_step.txt" || status=1
-timeout 240 "$python" -m benchmarks.compile_speed --device cuda --arch resnet50 --batch 256 \
-  --image-size 224 --precision bf16 --channels-last --count 20 \
-  --out "$out/compile_speed.json" 2>&1 | grep -v " INFO " | tee "$out/compile_speed.txt" \
-  || status=1
-timeout 120 "$python" -m benchmarks.checkpoint_stall --device cuda --arch resnet50 --batch 256 \
-  --image-size 224 --precision bf16 --channels-last --rounds 3 \
-  --out "$out/checkpoint_stall.json" 2>&1 | grep -v " INFO " | tee "$out/checkpoint_stall.txt" \
-  || status=1
-timeout 150 "$python" -m benchmarks.data_pipeline --images 512 --workers 8 --repeats 2 \
-  --out "$out/data_pipeline.json" 2>&1 | tee "$out/data_pipeline.txt" || status=1
+parts=()
+# part NAME LIMIT_S COMMAND...: run it under its limit, its output to OUT/NAME.txt, and
+# record its exit status and seconds in OUT/check.json at once
+part() {
+  local name=$1 limit=$2 started code
+  shift 2
+  started=$(date +%s)
+  timeout "$limit" "$@" 2>&1 | grep -v " INFO " | tee "$out/$name.txt"
+  code=${PIPESTATUS[0]}
+  [ "$code" -eq 0 ] || status=1
+  parts+=("\"$name\": {\"exit\": $code, \"seconds\": $(( $(date +%s) - started )), \"limit_s\": $limit}")
+  local IFS=,
+  printf '{%s}\n' "${parts[*]}" > "$out/check.json"
+}
+
+resnet=(--device cuda --arch resnet50 --batch 256 --image-size 224 --precision bf16
+        --channels-last)
+part cuda_tests 80 "$python" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_cuda.py \
+  tests/test_optim.py tests/test_gpu_path.py
+part step_throughput 110 "$python" -m benchmarks.step_throughput "${resnet[@]}" --rounds 3 \
+  --steps 8 --warmup 4 --out "$out/step_throughput.json"
+part launch_budget 45 "$python" -m benchmarks.launch_budget --device cuda --size small \
+  --no-host-time --out "$out/launch_budget.json"
+part compile_modes 70 "$python" -m benchmarks.compile_speed "${resnet[@]}" --count 12 \
+  --compile-modes default reduce-overhead --out "$out/compile_speed.json"
+part data_pipeline 55 "$python" -m benchmarks.data_pipeline --images 384 --workers 8 \
+  --repeats 2 --out "$out/data_pipeline.json"
+part checkpoint_stall 40 "$python" -m benchmarks.checkpoint_stall "${resnet[@]}" --rounds 2 \
+  --out "$out/checkpoint_stall.json"
+part optimizer_step 25 "$python" -m benchmarks.optimizer_step --device cuda --rounds 3 \
+  --steps 8 --out "$out/optimizer_step.json"
 gpus=$("$python" -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -ge 3 ]; then
-  timeout 240 "$python" -m benchmarks.attack_ranks --device cuda --steps 30 \
-    --out "$out/attack_ranks.json" 2>&1 | tee "$out/attack_ranks.txt" || status=1
+  part attack_ranks 55 "$python" -m benchmarks.attack_ranks --device cuda --steps 20 \
+    --out "$out/attack_ranks.json"
 else
   echo "attack ranks: skipped, $gpus GPU(s): a trainer and an attack rank need a GPU each" \
     | tee "$out/attack_ranks.txt"

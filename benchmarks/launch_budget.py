@@ -78,6 +78,24 @@ def budget(mode: str, counts: dict[str, float]) -> float:
     return counts[against] * amount if kind == "times" else counts[against] + amount
 
 
+KERNELS = "<cuda kernels>"  # the profiler's count of CUDA kernels, beside the operations
+
+
+@contextlib.contextmanager
+def kernels_counted(ops: collections.Counter, device: torch.device) -> Iterator[None]:
+    """On CUDA: add the CUDA kernels the profiler saw to `ops[KERNELS]`."""
+    if device.type != "cuda":
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        yield
+    torch.cuda.synchronize()
+    ops[KERNELS] += sum(1 for event in prof.events()
+                        if event.device_type == torch.autograd.DeviceType.CUDA)
+
+
 class OpCounter(TorchDispatchMode):
     """Counts the ATen operations dispatched while it is active, by name; `paused()` leaves
     some out."""
@@ -107,7 +125,7 @@ def per_step(run: Callable[[int], collections.Counter], short: int, long: int
     a, b = run(short), run(long)
     by_name = {name: (b[name] - a.get(name, 0)) / (long - short) for name in b
                if b[name] != a.get(name, 0)}
-    return sum(by_name.values()), by_name
+    return sum(v for name, v in by_name.items() if name != KERNELS), by_name
 
 
 def _config(run_dir: str, overrides: list[str], steps: int) -> RunConfig:
@@ -130,7 +148,7 @@ def count_trainer(overrides: list[str], steps: int) -> collections.Counter:
         cfg = _config(run_dir, overrides, steps)
         BatchStream.next = next_uncounted
         try:
-            with counter:
+            with counter, kernels_counted(counter.ops, torch.device(cfg.train.device)):
                 train(cfg)
         finally:
             BatchStream.next = real_next
@@ -138,9 +156,11 @@ def count_trainer(overrides: list[str], steps: int) -> collections.Counter:
 
 
 def bare_step(cfg: RunConfig, optimizer_name: str, conadv: bool) -> Callable[[], None]:
-    """One step of the hand-written loop on a fixed uint8 batch of the demo's shape."""
+    """One step of the hand-written loop on a fixed uint8 batch of the demo's shape (its host
+    copy made float on the device, as the trainer's)."""
     torch.manual_seed(0)
-    model = build_model(cfg.model, 10)
+    device = torch.device(cfg.train.device)
+    model = build_model(cfg.model, 10).to(device)
     if conadv:
         convert_to_multi_bn(model, ["adv"])
     optim = load_config(DEMO, [f"optim.name={optimizer_name}"]).optim
@@ -148,17 +168,20 @@ def bare_step(cfg: RunConfig, optimizer_name: str, conadv: bool) -> Callable[[],
     batch = cfg.train.global_batch
     images = torch.randint(0, 256, (batch, 3, cfg.data.image_size, cfg.data.image_size),
                            dtype=torch.uint8)
-    labels = torch.randint(0, 10, (batch,))
+    if device.type == "cuda":
+        images = images.pin_memory()
+    labels = torch.randint(0, 10, (batch,), device=device)
     adv = cfg.adv  # the published attack, as the engine makes it
     spec = AttackSpec(adv.epsilon, adv.step_size, adv.steps, adv.random_start_prob,
                       adv.targeted)
     smoothing = cfg.train.label_smoothing
 
     def step() -> None:
-        x = images.float().div_(255)
+        x = images.to(device, non_blocking=True).float().div_(255)
         if conadv:
             with bn_views(model, [("adv", batch)], update_stats=False):
-                made = perturb(model, x, labels, spec, 10, torch.Generator().manual_seed(0))
+                made = perturb(model, x, labels, spec, 10,
+                               torch.Generator(device).manual_seed(0))
             with bn_views(model, [(MAIN, batch), ("adv", batch)]):
                 logits = model(torch.cat([x, made]))
             loss = (F.cross_entropy(logits[:batch], labels, label_smoothing=smoothing)
@@ -183,10 +206,11 @@ def _with_references(modes: list[str]) -> list[str]:
     return ordered
 
 
-def count_bare(step: Callable[[], None], steps: int) -> collections.Counter:
+def count_bare(step: Callable[[], None], steps: int, device: torch.device
+               ) -> collections.Counter:
     step()  # the optimizer's state exists from here on, as in a trainer's later steps
     counter = OpCounter()
-    with counter:
+    with counter, kernels_counted(counter.ops, device):
         for _ in range(steps):
             step()
     return counter.ops
@@ -194,16 +218,19 @@ def count_bare(step: Callable[[], None], steps: int) -> collections.Counter:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
-    size = SIZES[args.size]
+    # fp32 on both devices: the bare loops do not autocast
+    size = [*SIZES[args.size], f"train.device={args.device}", "train.precision=fp32"]
     cfg = load_config(DEMO, size)
     short, long = args.steps
+    device = torch.device(args.device)
     counts: dict[str, float] = {}
     top: dict[str, dict[str, float]] = {}
     bares = {"bare-sgd": ("sgd", False), "bare-lamb": ("lamb", False),
              "bare-lars": ("lars", False), "bare-conadv": ("sgd", True)}
     for name, (optimizer, conadv) in bares.items():
         step = bare_step(cfg, optimizer, conadv)
-        counts[name], top[name] = per_step(lambda n, s=step: count_bare(s, n), short, long)
+        counts[name], top[name] = per_step(lambda n, s=step: count_bare(s, n, device),
+                                           short, long)
     modes = _with_references(args.modes)
     count_trainer([*size, *MODES[modes[0]][0]], short)  # imports that dispatch operations
     for mode in modes:
@@ -218,6 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "against_ops_per_step": counts[against],
                       "ratio": counts[mode] / counts[against],
                       "budget": limit, "within_budget": counts[mode] <= limit,
+                      "cuda_kernels_per_step": top[mode].get(KERNELS),
                       "most_frequent": dict(sorted(top[mode].items(),
                                                    key=lambda kv: -kv[1])[:8])}
     report = {"machine": machine_info(), "size": args.size, "steps": [short, long],
@@ -232,34 +260,30 @@ HOST_MODEL = ["model.cifar_width=2", "data.image_size=8", "data.eval_resize=8",
               "train.global_batch=8", "data.workers=0"]
 
 
-def host_overhead(steps: int) -> dict[str, float]:
+def host_overhead(steps: int, rounds: int = 15) -> dict[str, float]:
     """Milliseconds per step of the trainer's `train_step` (vanilla, a batch served from
-    memory) and of the bare loop, with a model so small that the host's dispatch is the step."""
+    memory) and of the bare loop, with a model so small that the host's dispatch is the step:
+    rounds of each, alternated, and the fastest round of each (the least disturbed by other
+    work on the machine)."""
     from conadv.distributed import detect_env
     from conadv.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = _config(run_dir, [*HOST_MODEL, "adv.enabled=false"], 10 * steps)
+        cfg = _config(run_dir, [*HOST_MODEL, "adv.enabled=false"], 10 * steps * rounds)
         trainer = Trainer(cfg, detect_env(), torch.device("cpu"))
         served = trainer.stream.next()
         trainer.stream.next = lambda: served
-        trainer_ms = _ms_per_call(trainer.train_step, steps)
+        bare = bare_step(cfg, "sgd", conadv=False)
+        best = {"trainer": float("inf"), "bare": float("inf")}
+        for _ in range(rounds):
+            for name, step in (("trainer", trainer.train_step), ("bare", bare)):
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                best[name] = min(best[name], 1000 * (time.perf_counter() - start) / steps)
         trainer.release_run_directory()
-        bare_ms = _ms_per_call(bare_step(cfg, "sgd", conadv=False), steps)
-    return {"trainer_ms": trainer_ms, "bare_ms": bare_ms, "overhead_ms": trainer_ms - bare_ms}
-
-
-def _ms_per_call(fn: Callable[[], Any], calls: int, rounds: int = 5) -> float:
-    """The fastest of `rounds` rounds (the least disturbed by other work on the machine)."""
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return 1000 * best
+    return {"trainer_ms": best["trainer"], "bare_ms": best["bare"],
+            "overhead_ms": best["trainer"] - best["bare"]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -268,6 +292,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", nargs=2, type=int, default=[3, 7], metavar=("SHORT", "LONG"),
                         help="the two run lengths whose difference is counted")
     parser.add_argument("--size", choices=list(SIZES), default="demo")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: also the CUDA kernels per step, from the profiler")
     parser.add_argument("--host-steps", type=int, default=50)
     parser.add_argument("--no-host-time", dest="host_time", action="store_false")
     parser.add_argument("--out", help="write the report as JSON here")
@@ -278,6 +304,8 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"{'mode':18s} {'ops/step':>9s} {'against':>12s} {'ratio':>6s} {'budget':>7s}")
     for mode, row in report["modes"].items():
         flag = "" if row["within_budget"] else "  OVER BUDGET"
+        kernels = row["cuda_kernels_per_step"]
+        flag += f"  ({kernels:.1f} CUDA kernels)" if kernels is not None else ""
         print(f"{mode:18s} {row['ops_per_step']:9.1f} {row['against']:>12s} {row['ratio']:6.2f} "
               f"{row['budget']:7.1f}{flag}")
     host = report.get("host_overhead")

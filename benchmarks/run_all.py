@@ -1,6 +1,6 @@
 """The CPU benchmark suite behind `make bench` (well under 10 minutes on 2 cores): optimizer
 step, training step (vanilla / tau 0 / tau 1, and vanilla / tau 1 distilling from 2
-teachers), checkpoint stall, data pipeline and the scaling model, written to
+teachers), checkpoint stall, data pipeline, launch budget and the scaling model, written to
 benchmarks/results/<machine>-<date>.json with the machine's description."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from benchmarks import (
     checkpoint_stall,
     data_pipeline,
+    launch_budget,
     optimizer_step,
     scaling_model,
     step_throughput,
@@ -50,6 +51,8 @@ def main() -> None:
     checkpoint_stall.print_report(report["checkpoint_stall"])
     report["data_pipeline"] = data_pipeline.run(images=256, workers=2, repeats=3)
     data_pipeline.print_report(report["data_pipeline"])
+    report["launch_budget"] = launch_budget.run(launch_budget.parse_args(["--size", "small"]))
+    launch_budget.print_report(report["launch_budget"])
     report["scaling_model"] = scaling_model.run(overlap=0.0)
     scaling_model.print_report(report["scaling_model"])
     report["wall_s"] = round(time.perf_counter() - started, 1)

@@ -36,6 +36,9 @@ def knob(default: Any, doc: str, *, choices: tuple | None = None, low: float | N
 
 # the largest image decoded by default: 64 megapixels (an 8000 x 8000 photo; ImageNet's
 # largest are about 12); a larger file costs gigabytes to decode
+# torch.compile's modes; the first two capture CUDA graphs, which exist on CUDA only
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+COMPILE_MODES = ("default", *CUDA_GRAPH_MODES, "max-autotune-no-cudagraphs")
 DEFAULT_MAX_PIXELS = 64_000_000
 # the largest crop or resize side: a 4096 x 4096 crop is 200 MB per image in float32, so a
 # larger side is a typo that would otherwise end in the kernel's out-of-memory kill
@@ -181,6 +184,9 @@ class TrainConfig:
                      high=2**63 - 1)  # torch's generators take a signed 64-bit seed
     compile: bool = knob(False, "torch.compile the model for the training forward and the "
                          "attack (BatchNorm routes compile once each, not every step)", free=True)
+    compile_mode: str = knob("default", "torch.compile's mode with train.compile: "
+                             "reduce-overhead and max-autotune capture CUDA graphs (CUDA only)",
+                             choices=COMPILE_MODES, free=True)
     deterministic: bool = knob(False, "torch.use_deterministic_algorithms (slower)", free=True)
     label_smoothing: float = knob(0.0, "cross-entropy label smoothing", low=0.0, high=1.0)
     mixup_alpha: float = knob(0.0, "MixUp Beta(alpha, alpha); 0 disables", low=0.0)
@@ -286,6 +292,9 @@ class DistConfig:
     backend: str = knob("auto", "auto = nccl on CUDA, gloo on CPU",
                         choices=("auto", "nccl", "gloo"))
     timeout_s: int = knob(1800, "collective timeout in seconds", low=1)
+    grad_compression: str = knob("none", "gradient all-reduce: none (fp32) or bf16 (DDP's "
+                                 "bf16 hook: half the bytes, summed in bfloat16)",
+                                 choices=("none", "bf16"))
 
 
 @dataclass

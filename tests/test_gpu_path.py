@@ -137,6 +137,20 @@ def test_queued_batches_keep_only_the_adversarial_view_on_the_device(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_compile_mode_that_captures_cuda_graphs_is_refused_off_cuda_in_one_sentence(
+        tmp_path):
+    from conadv.errors import ConfigError
+
+    cfg = tiny_config(tmp_path, "train.compile=true", "train.compile_mode=reduce-overhead")
+    with pytest.raises(ConfigError, match="captures CUDA graphs, which need a CUDA device"):
+        Trainer(cfg, SINGLE, torch.device("cpu"))
+    from conadv.train.runtime import compiler
+
+    assert compiler(False, "reduce-overhead", torch.device("cpu")) is None
+    chosen = compiler(True, "max-autotune-no-cudagraphs", torch.device("cpu"))
+    assert chosen.keywords == {"mode": "max-autotune-no-cudagraphs"}
+
+
 def test_compiled_training_matches_eager_and_compiles_a_fixed_number_of_graphs(tmp_path,
                                                                              monkeypatch):
     """torch.compile of the training forward and of the attack: the BatchNorm routes (main +

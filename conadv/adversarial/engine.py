@@ -89,7 +89,8 @@ class EngineContext:
     second_view: bool = False  # the data yields an augmented view of each image
     autocast: Callable[[], AbstractContextManager] | None = None
     mix: Callable | None = None  # MixUp/CutMix (vanilla only)
-    compile: bool = False  # torch.compile the attack's forward
+    # compiles the attack's forward (train.compile, with its mode); None: eager
+    compile: Callable[[nn.Module], nn.Module] | None = None
     # distillation: images -> the teachers' mean softmax (no grad, no collective)
     teachers: Callable[[Tensor], Tensor] | None = None
 
@@ -260,7 +261,7 @@ class LookaheadEngine(ViewEngine):
                           else "sequential adversarial (tau=0)")
         self.queue: deque[_Pending] = deque()
         # the attack's forward (compiled: one graph for the adversarial BatchNorm route)
-        self._attack_forward = torch.compile(model) if context.compile else model
+        self._attack_forward = context.compile(model) if context.compile else model
         self._last_events: tuple[Any, Any] | None = None
         # weights of the source steps the queue refers to (what a checkpoint saves)
         self._snapshots: dict[int, Weights] = {}

@@ -16,7 +16,12 @@ from conadv.data import build_train_stream
 from conadv.data.device import batch_to_device
 from conadv.distributed import DistEnv, JobGroups, served_by
 from conadv.models import build_model
-from conadv.train.runtime import autocast_dtype, autocast_factory, configure_determinism
+from conadv.train.runtime import (
+    autocast_dtype,
+    autocast_factory,
+    compiler,
+    configure_determinism,
+)
 
 
 def run_attack_rank(cfg: RunConfig, env: DistEnv, device: torch.device, groups: JobGroups,
@@ -40,7 +45,9 @@ def run_attack_rank(cfg: RunConfig, env: DistEnv, device: torch.device, groups: 
                                         seed=cfg.train.seed, accumulation=plan.accumulation,
                                         channels_last=cfg.model.channels_last,
                                         second_view=cfg.data.second_view,
-                                        autocast=autocast, compile=cfg.train.compile))
+                                        autocast=autocast,
+                                        compile=compiler(cfg.train.compile,
+                                                         cfg.train.compile_mode, device)))
     model.train()  # the attack normalises with batch statistics, as on the trainers
     orders = AttackOrders(cfg.adv, groups, list(model.parameters()), cfg.dist.timeout_s, device)
     positioned, served_steps = False, 0

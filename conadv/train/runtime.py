@@ -1,4 +1,5 @@
-"""Run-time set-up shared by training and evaluation: seeding, determinism and autocast."""
+"""Run-time set-up shared by training and evaluation: seeding, determinism, compilation and
+autocast."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ from functools import partial
 
 import numpy as np
 import torch
+from torch import nn
+
+from conadv.config import CUDA_GRAPH_MODES
+from conadv.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,20 @@ def configure_determinism(deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
+
+
+def compiler(enabled: bool, mode: str, device: torch.device
+             ) -> Callable[[nn.Module], nn.Module] | None:
+    """What compiles the training and attack forwards (train.compile, train.compile_mode), or
+    None for eager. A mode that captures CUDA graphs is refused off CUDA."""
+    if not enabled:
+        return None
+    if mode in CUDA_GRAPH_MODES and device.type != "cuda":
+        raise ConfigError(f"train.compile_mode={mode} captures CUDA graphs, which need a CUDA "
+                          f"device (this run is on {device.type}); use default or "
+                          "max-autotune-no-cudagraphs")
+    # the default mode is not named: a test may swap in another backend, which takes no mode
+    return torch.compile if mode == "default" else partial(torch.compile, mode=mode)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -39,6 +39,7 @@ from conadv.distributed import (
     JobGroups,
     broadcast_buffers,
     broadcast_object,
+    compress_gradients,
     detect_env,
     pick_device,
     process_group,
@@ -63,6 +64,7 @@ from conadv.train.run_directory import claim_on_rank_zero, drop_records_after, h
 from conadv.train.runtime import (
     autocast_dtype,
     autocast_factory,
+    compiler,
     configure_determinism,
     seed_everything,
 )
@@ -150,6 +152,7 @@ class Trainer:
         self.streams = streams_for(device)  # None on the CPU (unless a test stands in)
         self.link = link
         self.plan: BatchPlan = plan_batch(cfg.train, env.world_size)
+        compile_model = compiler(cfg.train.compile, cfg.train.compile_mode, device)
         self.run_dir = Path(cfg.log.run_dir)
         configure_determinism(cfg.train.deterministic)
         seed_everything(cfg.train.seed)  # identical model init on every rank
@@ -191,7 +194,7 @@ class Trainer:
             device=device, num_classes=num_classes, seed=cfg.train.seed,
             accumulation=self.plan.accumulation, channels_last=cfg.model.channels_last,
             second_view=cfg.data.second_view, autocast=self.autocast,
-            mix=build_batch_mix(cfg.train, num_classes), compile=cfg.train.compile,
+            mix=build_batch_mix(cfg.train, num_classes), compile=compile_model,
             teachers=teachers), link)
         self.ema = (WeightEma(self.model, cfg.train.ema_decay, cfg.train.ema_every_steps,
                               cfg.train.ema_warmup) if cfg.train.ema_decay else None)
@@ -200,8 +203,9 @@ class Trainer:
             self.ddp = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None,
                 process_group=trainers_group())
+            compress_gradients(self.ddp, cfg.dist.grad_compression, trainers_group())
         # the training forward; the plain module stays for evaluation and checkpoints
-        self.train_forward = torch.compile(self.ddp) if cfg.train.compile else self.ddp
+        self.train_forward = compile_model(self.ddp) if compile_model else self.ddp
 
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.total_steps = cfg.train.max_steps or max(
