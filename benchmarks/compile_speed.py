@@ -16,7 +16,7 @@ import tempfile
 from typing import Any
 
 from benchmarks import step_throughput
-from benchmarks.common import benchmark_main, machine_info, time_calls
+from benchmarks.common import benchmark_main, machine_info, time_calls, write_json
 from conadv.config import COMPILE_MODES
 
 
@@ -38,9 +38,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "first_step_s": times[0], "steady_step_ms": 1000 * statistics.median(times[2:]),
                 "graphs": int(counters["stats"]["unique_graphs"])}
             del trainer
-    eager = report["variants"]["eager"]["steady_step_ms"]
-    for entry in report["variants"].values():
-        entry["over_eager"] = entry["steady_step_ms"] / eager
+            eager = report["variants"]["eager"]["steady_step_ms"]
+            for entry in report["variants"].values():
+                entry["over_eager"] = entry["steady_step_ms"] / eager
+            write_json(args.out, report)  # a run cut short keeps the variants it finished
     return report
 
 

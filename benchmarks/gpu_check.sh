@@ -7,15 +7,15 @@
 #      state, the CUDA-path and optimizer equivalence tests on the GPU's torch;
 #   2. ResNet-50 step (110 s): bf16, channels-last, synthetic data, 256 per GPU; vanilla,
 #      tau = 0 and tau = 1 (step time, img/s, the measured overlap, peak memory per mode);
-#   3. launch budget (45 s): device operations per step as counted on the CPU, beside the CUDA
+#   3. launch budget (40 s): device operations per step as counted on the CPU, beside the CUDA
 #      kernels per step that the profiler sees, per training mode;
-#   4. compile modes (70 s): eager against torch.compile's default and reduce-overhead (CUDA
-#      graphs) on the ResNet-50 tau = 1 step;
-#   5. data pipeline (55 s): the plain view and the published three-view recipe by the
+#   4. compile modes (100 s): eager, then torch.compile's reduce-overhead (CUDA graphs for the
+#      training forward) and default on the ResNet-50 tau = 1 step, each written as it ends;
+#   5. data pipeline (45 s): the plain view and the published three-view recipe by the
 #      torchvision path and by DALI when installed, img/s and host CPU ms per image;
-#   6. checkpoint stall (40 s): host copy + background write of ResNet-50 with ConAdv;
+#   6. checkpoint stall (35 s): host copy + background write of ResNet-50 with ConAdv;
 #   7. optimizer step (25 s): LARS and LAMB on the GPU;
-#   8. attack ranks (55 s) when the machine has a GPU per rank (2 trainers + 1 attack rank);
+#   8. attack ranks (45 s) when the machine has a GPU per rank (2 trainers + 1 attack rank);
 #      one GPU cannot show it (NCCL refuses two ranks on one GPU), so it says so and skips.
 # Usage, from the repository root:   benchmarks/gpu_check.sh OUT_DIR
 # It runs from source (PYTHONPATH=.). Wheels in .whl/ (omegaconf, which the GPU image lacks;
@@ -44,7 +44,8 @@ part() {
   local name=$1 limit=$2 started code
   shift 2
   started=$(date +%s)
-  timeout "$limit" "$@" 2>&1 | grep -v " INFO " | tee "$out/$name.txt"
+  # (-k: what the limit's SIGTERM leaves running, e.g. loader workers, is killed 10 s later)
+  timeout -k 10 "$limit" "$@" 2>&1 | grep --line-buffered -v " INFO " | tee "$out/$name.txt"
   code=${PIPESTATUS[0]}
   [ "$code" -eq 0 ] || status=1
   parts+=("\"$name\": {\"exit\": $code, \"seconds\": $(( $(date +%s) - started )), \"limit_s\": $limit}")
@@ -58,19 +59,19 @@ part cuda_tests 80 "$python" -m pytest -q -p no:cacheprovider -m "not slow" test
   tests/test_optim.py tests/test_gpu_path.py
 part step_throughput 110 "$python" -m benchmarks.step_throughput "${resnet[@]}" --rounds 3 \
   --steps 8 --warmup 4 --out "$out/step_throughput.json"
-part launch_budget 45 "$python" -m benchmarks.launch_budget --device cuda --size small \
+part launch_budget 40 "$python" -m benchmarks.launch_budget --device cuda --size small \
   --no-host-time --out "$out/launch_budget.json"
-part compile_modes 70 "$python" -m benchmarks.compile_speed "${resnet[@]}" --count 12 \
-  --compile-modes default reduce-overhead --out "$out/compile_speed.json"
-part data_pipeline 55 "$python" -m benchmarks.data_pipeline --images 384 --workers 8 \
+part compile_modes 100 "$python" -m benchmarks.compile_speed "${resnet[@]}" --count 12 \
+  --compile-modes reduce-overhead default --out "$out/compile_speed.json"
+part data_pipeline 45 "$python" -m benchmarks.data_pipeline --images 384 --workers 8 \
   --repeats 2 --out "$out/data_pipeline.json"
-part checkpoint_stall 40 "$python" -m benchmarks.checkpoint_stall "${resnet[@]}" --rounds 2 \
+part checkpoint_stall 35 "$python" -m benchmarks.checkpoint_stall "${resnet[@]}" --rounds 2 \
   --out "$out/checkpoint_stall.json"
 part optimizer_step 25 "$python" -m benchmarks.optimizer_step --device cuda --rounds 3 \
   --steps 8 --out "$out/optimizer_step.json"
 gpus=$("$python" -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -ge 3 ]; then
-  part attack_ranks 55 "$python" -m benchmarks.attack_ranks --device cuda --steps 20 \
+  part attack_ranks 45 "$python" -m benchmarks.attack_ranks --device cuda --steps 20 \
     --out "$out/attack_ranks.json"
 else
   echo "attack ranks: skipped, $gpus GPU(s): a trainer and an attack rank need a GPU each" \

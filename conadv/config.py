@@ -36,13 +36,14 @@ def knob(default: Any, doc: str, *, choices: tuple | None = None, low: float | N
 
 # the largest image decoded by default: 64 megapixels (an 8000 x 8000 photo; ImageNet's
 # largest are about 12); a larger file costs gigabytes to decode
-# torch.compile's modes; the first two capture CUDA graphs, which exist on CUDA only
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-COMPILE_MODES = ("default", *CUDA_GRAPH_MODES, "max-autotune-no-cudagraphs")
 DEFAULT_MAX_PIXELS = 64_000_000
 # the largest crop or resize side: a 4096 x 4096 crop is 200 MB per image in float32, so a
 # larger side is a typo that would otherwise end in the kernel's out-of-memory kill
 MAX_SIDE = 4096
+
+# torch.compile's modes; the first two capture CUDA graphs, which exist on CUDA only
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+COMPILE_MODES = ("default", *CUDA_GRAPH_MODES, "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -293,8 +294,9 @@ class DistConfig:
                         choices=("auto", "nccl", "gloo"))
     timeout_s: int = knob(1800, "collective timeout in seconds", low=1)
     grad_compression: str = knob("none", "gradient all-reduce: none (fp32) or bf16 (DDP's "
-                                 "bf16 hook: half the bytes, summed in bfloat16)",
-                                 choices=("none", "bf16"))
+                                 "bf16 hook: half the bytes, but summed in bfloat16, whose 8-bit "
+                                 "mantissa drops small terms once hundreds of ranks add up; "
+                                 "check the accuracy at your scale)", choices=("none", "bf16"))
 
 
 @dataclass

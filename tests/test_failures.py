@@ -202,13 +202,35 @@ def test_the_guard_counts_bad_steps_and_runs_across_folds_and_polls(monkeypatch,
             window = 0
 
 
+def test_the_skip_snapshot_puts_back_every_layout_and_dtype_only_where_the_step_was_bad():
+    """Channels-last weights keep their strides in the snapshot (multi-tensor copies need
+    matching layouts), integer buffers their dtype; a good step keeps the new values."""
+    from conadv.train.nonfinite import _restore_where, _Snapshot
+
+    tensors = [torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last),
+               torch.randn(5), torch.tensor(7), torch.randn(6, 4)[:, ::2]]
+    snapshot = _Snapshot(tensors)
+    assert [v.stride() for v in snapshot.saved_views[:3]] == [t.stride() for t in tensors[:3]]
+    before = [t.clone() for t in tensors]
+    snapshot.save()
+    for step_was_bad in (False, True):
+        for tensor in tensors:
+            tensor.add_(1)
+        after = [t.clone() for t in tensors]
+        _restore_where(torch.tensor(step_was_bad), [snapshot])
+        expected = before if step_was_bad else after
+        assert all(torch.equal(t, e) for t, e in zip(tensors, expected))
+        snapshot.save()
+        before = [t.clone() for t in tensors]
+
+
 def test_the_guard_sees_a_non_finite_loss_or_gradient_and_nothing_else():
     guard = NonFiniteGuard(torch.device("cpu"), "stop", check_gradients=True)
     weight = torch.nn.Parameter(torch.ones(3))
     for loss, grad, bad in [(1.0, 1e3, False), (float("nan"), 1.0, True),
                             (1.0, float("inf"), True), (float("-inf"), 0.0, True),
-                            (3e38, 0.0, False)]:
-        weight.grad = torch.full((3,), grad)
+                            (3e38, 0.0, False), (float("nan"), None, True), (2.0, None, False)]:
+        weight.grad = None if grad is None else torch.full((3,), grad)
         flag = guard.step_is_bad(torch.tensor(loss), [weight])
         assert flag.dtype == torch.bool and bool(flag) is bad, (loss, grad)
 

@@ -136,7 +136,6 @@ def test_queued_batches_keep_only_the_adversarial_view_on_the_device(tmp_path):
         assert pending.batch["image"].dtype == torch.uint8  # the clean view waits as loaded
 
 
-@pytest.mark.slow
 def test_a_compile_mode_that_captures_cuda_graphs_is_refused_off_cuda_in_one_sentence(
         tmp_path):
     from conadv.errors import ConfigError
@@ -151,6 +150,7 @@ def test_a_compile_mode_that_captures_cuda_graphs_is_refused_off_cuda_in_one_sen
     assert chosen.keywords == {"mode": "max-autotune-no-cudagraphs"}
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_compiles_a_fixed_number_of_graphs(tmp_path,
                                                                              monkeypatch):
     """torch.compile of the training forward and of the attack: the BatchNorm routes (main +

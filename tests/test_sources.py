@@ -1,6 +1,7 @@
 """The built-in demo data (conadv/data/sources.py): scikit-learn's digits, read without
 importing scikit-learn, against scikit-learn's own loader and split."""
 
+import importlib.machinery
 import importlib.util
 
 import numpy as np
@@ -34,9 +35,15 @@ def test_the_digits_and_their_split_are_scikit_learns():
         assert torch.corrcoef(torch.stack([shrunk, original]))[0, 1] > 0.9
 
 
-def test_digits_without_scikit_learn_is_one_sentence(monkeypatch):
+def test_digits_without_scikit_learn_or_its_file_is_one_sentence(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == "sklearn" else real(name, *args))
     with pytest.raises(DataError, match="pip install scikit-learn"):
+        sources._digits_data()
+    elsewhere = importlib.machinery.ModuleSpec("sklearn", None, is_package=True)
+    elsewhere.submodule_search_locations = [str(tmp_path)]  # a scikit-learn without the file
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: elsewhere if name == "sklearn" else real(name, *args))
+    with pytest.raises(DataError, match="which this scikit-learn does not ship"):
         sources._digits_data()

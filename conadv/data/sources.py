@@ -310,8 +310,6 @@ class DigitsSource(InMemorySource):
     demo needs no download."""
 
     SIZE = 32
-    TEST_FRACTION = 0.2
-    SPLIT_SEED = 0
 
     def __init__(self, split: str) -> None:
         if split not in ("train", "test"):
@@ -341,6 +339,9 @@ def _digits_data() -> tuple[np.ndarray, np.ndarray]:
         raise DataError("data.name=digits reads the digits that ship inside scikit-learn, "
                         "which is not installed: pip install scikit-learn")
     path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise DataError(f"data.name=digits reads {path}, which this scikit-learn does not ship; "
+                        "install a scikit-learn that does (1.2 or later)")
     rows = np.loadtxt(path, delimiter=",")
     return rows[:, :-1].reshape(-1, 8, 8).astype(np.float32), rows[:, -1].astype(np.int64)
 

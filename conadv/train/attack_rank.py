@@ -17,9 +17,9 @@ from conadv.data.device import batch_to_device
 from conadv.distributed import DistEnv, JobGroups, served_by
 from conadv.models import build_model
 from conadv.train.runtime import (
+    attack_compiler,
     autocast_dtype,
     autocast_factory,
-    compiler,
     configure_determinism,
 )
 
@@ -46,8 +46,9 @@ def run_attack_rank(cfg: RunConfig, env: DistEnv, device: torch.device, groups: 
                                         channels_last=cfg.model.channels_last,
                                         second_view=cfg.data.second_view,
                                         autocast=autocast,
-                                        compile=compiler(cfg.train.compile,
-                                                         cfg.train.compile_mode, device)))
+                                        compile=attack_compiler(cfg.train.compile,
+                                                                cfg.train.compile_mode,
+                                                                device)))
     model.train()  # the attack normalises with batch statistics, as on the trainers
     orders = AttackOrders(cfg.adv, groups, list(model.parameters()), cfg.dist.timeout_s, device)
     positioned, served_steps = False, 0

@@ -67,8 +67,8 @@ class _Snapshot:
             self._saved.append(saved)
             self._current.append(current)
             for i, part, scratch in zip(indices, saved.split(sizes), current.split(sizes)):
-                self.saved_views[i] = part.view_as(self.tensors[i])
-                self.current_views[i] = scratch.view_as(self.tensors[i])
+                self.saved_views[i] = _laid_out_like(part, self.tensors[i])
+                self.current_views[i] = _laid_out_like(scratch, self.tensors[i])
 
     def holds(self, tensors: Sequence[Tensor]) -> bool:
         return len(tensors) == len(self.tensors) and all(
@@ -87,6 +87,14 @@ class _Snapshot:
         if pairs:
             torch._foreach_copy_([self.saved_views[i] for i, _ in pairs],
                                  [older.saved_views[j] for _, j in pairs])
+
+
+def _laid_out_like(flat: Tensor, tensor: Tensor) -> Tensor:
+    """`flat` viewed with `tensor`'s shape and, where it is dense (contiguous or channels-last),
+    its strides: multi-tensor copies need matching layouts to stay one kernel per group."""
+    dense = tensor.is_contiguous() or (tensor.dim() == 4 and tensor.is_contiguous(
+        memory_format=torch.channels_last))
+    return flat.as_strided(tensor.size(), tensor.stride()) if dense else flat.view_as(tensor)
 
 
 @torch.no_grad()
@@ -125,8 +133,10 @@ class NonFiniteGuard:
         """A 0-dim bool tensor: this step's loss (detached) or gradient norm is not finite on
         some rank."""
         values = [loss]
-        if self.check_gradients:
-            values += torch._foreach_norm([p.grad for p in parameters if p.grad is not None])
+        grads = ([p.grad for p in parameters if p.grad is not None]
+                 if self.check_gradients else [])
+        if grads:
+            values += torch._foreach_norm(grads)
         # a sum, not a norm: NaN and infinities carry through it, and squares would overflow
         total = torch.stack(values).sum() if len(values) > 1 else loss
         # x - x is 0 for every finite x and NaN for NaN and both infinities (two operations;

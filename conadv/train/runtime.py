@@ -35,8 +35,8 @@ def configure_determinism(deterministic: bool) -> None:
 
 def compiler(enabled: bool, mode: str, device: torch.device
              ) -> Callable[[nn.Module], nn.Module] | None:
-    """What compiles the training and attack forwards (train.compile, train.compile_mode), or
-    None for eager. A mode that captures CUDA graphs is refused off CUDA."""
+    """What compiles the training forward (train.compile, train.compile_mode), or None for
+    eager. A mode that captures CUDA graphs is refused off CUDA."""
     if not enabled:
         return None
     if mode in CUDA_GRAPH_MODES and device.type != "cuda":
@@ -45,6 +45,16 @@ def compiler(enabled: bool, mode: str, device: torch.device
                           "max-autotune-no-cudagraphs")
     # the default mode is not named: a test may swap in another backend, which takes no mode
     return torch.compile if mode == "default" else partial(torch.compile, mode=mode)
+
+
+def attack_compiler(enabled: bool, mode: str, device: torch.device
+                    ) -> Callable[[nn.Module], nn.Module] | None:
+    """What compiles the attack's forward: the training's mode without CUDA graphs. Graphs
+    replay from one memory pool in the order they were captured; the attack's would replay on
+    its side stream beside the training's, which that pool does not allow for."""
+    if mode in CUDA_GRAPH_MODES:
+        mode = "default" if mode == "reduce-overhead" else "max-autotune-no-cudagraphs"
+    return compiler(enabled, mode, device)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

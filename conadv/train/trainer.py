@@ -62,6 +62,7 @@ from conadv.train.objectives import build_objective
 from conadv.train.preemption import StopRequest, slurm_attempt
 from conadv.train.run_directory import claim_on_rank_zero, drop_records_after, held_here
 from conadv.train.runtime import (
+    attack_compiler,
     autocast_dtype,
     autocast_factory,
     compiler,
@@ -153,6 +154,7 @@ class Trainer:
         self.link = link
         self.plan: BatchPlan = plan_batch(cfg.train, env.world_size)
         compile_model = compiler(cfg.train.compile, cfg.train.compile_mode, device)
+        compile_attack = attack_compiler(cfg.train.compile, cfg.train.compile_mode, device)
         self.run_dir = Path(cfg.log.run_dir)
         configure_determinism(cfg.train.deterministic)
         seed_everything(cfg.train.seed)  # identical model init on every rank
@@ -194,7 +196,7 @@ class Trainer:
             device=device, num_classes=num_classes, seed=cfg.train.seed,
             accumulation=self.plan.accumulation, channels_last=cfg.model.channels_last,
             second_view=cfg.data.second_view, autocast=self.autocast,
-            mix=build_batch_mix(cfg.train, num_classes), compile=compile_model,
+            mix=build_batch_mix(cfg.train, num_classes), compile=compile_attack,
             teachers=teachers), link)
         self.ema = (WeightEma(self.model, cfg.train.ema_decay, cfg.train.ema_every_steps,
                               cfg.train.ema_warmup) if cfg.train.ema_decay else None)
