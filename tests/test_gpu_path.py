@@ -143,11 +143,15 @@ def test_a_compile_mode_that_captures_cuda_graphs_is_refused_off_cuda_in_one_sen
     cfg = tiny_config(tmp_path, "train.compile=true", "train.compile_mode=reduce-overhead")
     with pytest.raises(ConfigError, match="captures CUDA graphs, which need a CUDA device"):
         Trainer(cfg, SINGLE, torch.device("cpu"))
-    from conadv.train.runtime import compiler
+    from conadv.train.runtime import attack_compiler, compiler
 
     assert compiler(False, "reduce-overhead", torch.device("cpu")) is None
     chosen = compiler(True, "max-autotune-no-cudagraphs", torch.device("cpu"))
     assert chosen.keywords == {"mode": "max-autotune-no-cudagraphs"}
+    # the attack on its side stream never captures CUDA graphs: the same mode without them
+    assert attack_compiler(True, "reduce-overhead", torch.device("cpu")) is torch.compile
+    assert attack_compiler(True, "max-autotune", torch.device("cpu")).keywords == {
+        "mode": "max-autotune-no-cudagraphs"}
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ the list and the measurement disagree: a line that became unexecuted must be lis
 reason (up to TOLERANCE such lines are reported without failing: a few branches depend on
 timing, such as which of two deadlines fires first when a test freezes a rank, so a run may
 or may not reach them); a listed line that now runs (or is gone) is reported, to be dropped
-by `--write`, which rewrites the list from the last measurement.
+by `--write`, which rewrites the list from the last measurement (`--write --merge` keeps the
+listed lines this run happened to reach, where they are still in the code).
 
 A line is named by its file, the function it is in and its text (no line number, so an edit
 elsewhere in the file does not change the list). Its reason comes from the branch it sits in:
@@ -186,6 +187,18 @@ def _still_in_the_code(reason: str, path: str, entry: str) -> bool:
                for number, text in enumerate(texts, start=1))
 
 
+def _kept(text: str) -> list[Line]:
+    """The lines docs/UNEXECUTED.md names that `text` (this run's list) does not, where they
+    are still in the code: branches a run may or may not reach (which deadline fires first,
+    what the fuzzer drew), so that the list holds what any run may miss."""
+    kept = []
+    for reason, path, entry in (listed(DOC.read_text()) - listed(text)).elements():
+        named = re.fullmatch(r"- `(.*?)`: `(.*)`", entry)
+        if named and _still_in_the_code(reason, path, entry):
+            kept.append(Line(reason, path, named[1], named[2]))
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.unexecuted", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,10 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true")
     mode.add_argument("--write", action="store_true")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --write: keep the listed lines still in the code that this "
+                        "run happened to execute (timing- or draw-dependent branches)")
     args = parser.parse_args(argv)
     lines, statements, executed = measured(args.data_file)
     text = render(lines, statements, executed)
     if args.write:
+        if args.merge and DOC.exists():
+            text = render(sorted([*lines, *_kept(text)]), statements, executed)
         DOC.write_text(text)
         print(f"wrote {DOC.relative_to(REPO)}: {len(lines)} unexecuted lines")
         return 0
