@@ -233,6 +233,9 @@ class AdvConfig:
     clean_weight: float = knob(1.0, "loss weight of the clean view", low=0.0)
     aug_weight: float = knob(1.0, "loss weight of the augmented view", low=0.0)
     adv_weight: float = knob(1.0, "loss weight of the adversarial view", low=0.0)
+    trades_beta: float = knob(0.0, "weight of a TRADES-style term across views: beta x "
+                              "KL(clean prediction || adversarial prediction); 0 disables",
+                              low=0.0)
     attack_ranks: int = knob(0, "ranks of the job that only attack (the last N): they get the "
                              "weights after every step and send the trainers the adversarial "
                              "views tau steps ahead, so the attack leaves the trainers' devices; "
@@ -557,6 +560,11 @@ def validate(cfg: RunConfig) -> None:
     if cfg.adv.enabled and (cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0):
         raise ConfigError("train.mixup_alpha and train.cutmix_alpha must be 0 with adv.enabled "
                           "(the attack needs hard labels)")
+    if cfg.adv.trades_beta and not cfg.adv.enabled:
+        raise ConfigError("adv.trades_beta compares the clean and adversarial views' "
+                          "predictions: it needs adv.enabled=true")
+    if cfg.adv.trades_beta and cfg.distill.enabled:
+        raise ConfigError("adv.trades_beta and distill.enabled are two objectives; choose one")
     if cfg.adv.attack_ranks and not (cfg.adv.enabled and cfg.adv.tau >= 1):
         raise ConfigError("adv.attack_ranks needs ConAdv with adv.tau >= 1: an attack made on "
                           "another rank reaches its trainer steps later, so it must be stale")

@@ -292,8 +292,11 @@ def test_a_killed_attack_rank_ends_the_job_in_one_sentence_and_the_restart_resum
     # the trainers either notice the dead attack rank first (one sentence naming it, logged
     # at once) or torchrun's SIGTERM to the group first (a stop with a checkpoint); either way
     # the restarted group resumes on the same trajectory
-    named = re.search(r"attack rank (\(rank 2\)|2 )[^\n]*the job ends", output)
-    assert named or "stopping after step" in output, output[-3000:]
+    # (whichever of its collectives notices: a view not sent, the weights or the stop word
+    # not taken; each is one AttackRankLost sentence)
+    named = re.search(r"attack rank[^\n]*; the job ends and resumes", output)
+    first_attempt = output.split("resumed from")[0]
+    assert named or "stopping after step" in output, first_attempt[-4000:]
     assert "resumed from" in output
     assert_same_run_state(checkpoint_state(run_dir), checkpoint_state(tmp_path / "inline"))
 

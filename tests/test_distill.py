@@ -110,7 +110,7 @@ def _student_gradient(trainer, inputs) -> list[torch.Tensor]:
     trainer.model.zero_grad(set_to_none=True)
     with trainer.engine.forward_context(inputs):
         logits = trainer.model(inputs.images)
-    loss, _ = trainer.engine.loss(trainer.objective.view_loss, logits, inputs)
+    loss, _ = trainer.objective(logits, inputs)
     loss.backward()
     return [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
 

@@ -21,7 +21,7 @@ from conadv.adversarial.engine import ViewEngine
 from conadv.distributed import DistEnv
 from conadv.errors import CheckpointWriteError, TrainingDiverged
 from conadv.train import checkpoint as checkpoint_module
-from conadv.train import preemption
+from conadv.train import objectives, preemption
 from conadv.train.nonfinite import NonFiniteGuard, first_non_finite
 from conadv.train.preemption import StopRequest
 from conadv.train.trainer import Trainer, train
@@ -45,17 +45,17 @@ SINGLE = DistEnv("single", 0, 1, 0, "127.0.0.1", 0)
 
 def _poison_loss_at(monkeypatch, calls: set[int]) -> None:
     """Make the training loss NaN at the given (0-based) micro-step calls."""
-    original = ViewEngine.loss
+    original = objectives.weighted_views
     counter = {"n": 0}
 
-    def loss(self, criterion, logits, inputs):
-        value, stats = original(self, criterion, logits, inputs)
+    def loss(view_loss, logits, inputs):
+        value, stats = original(view_loss, logits, inputs)
         if counter["n"] in calls:
             value = value * float("nan")
         counter["n"] += 1
         return value, stats
 
-    monkeypatch.setattr(ViewEngine, "loss", loss)
+    monkeypatch.setattr(objectives, "weighted_views", loss)
 
 
 def _optimizer_tensors(trainer) -> dict:
@@ -241,15 +241,15 @@ def _one_rank_goes_non_finite(rank: int, world: int, run_dir: str, overrides: tu
     tells the ranks. Returns what this rank ended with."""
     from conadv.errors import TrainingDiverged
 
-    original = ViewEngine.loss
+    original = objectives.weighted_views
 
-    def loss(self, objective, logits, inputs):
-        value, stats = original(self, objective, logits, inputs)
+    def loss(view_loss, logits, inputs):
+        value, stats = original(view_loss, logits, inputs)
         if rank == 1 and trainer.step == 2:
             value = value + value.detach() * float("inf")
         return value, stats
 
-    ViewEngine.loss = loss
+    objectives.weighted_views = loss
     env = DistEnv("torchrun", rank, world, rank, "127.0.0.1", 0)
     trainer = Trainer(tiny_config(run_dir, "train.max_steps=5", "log.every_steps=10",
                                   "train.deterministic=false", *overrides), env,

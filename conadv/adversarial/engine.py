@@ -24,12 +24,12 @@ path; only the policy differs:
   the teachers' outputs do not depend on the student, so they are computed one step ahead,
   beside the student's step.
 
-Each step's loss is the weighted mean of the per-view losses over [clean, optional augmented,
-adversarial] (equal weights by default, as published); each view is normalised by its own
-BatchNorm (main / aug / adv routes, see models/multi_bn.py). The per-view loss is the trainer's
-objective: cross-entropy to the labels, or, when distilling, to the teachers' soft targets of
-that view (the teachers see the clean and the augmented images; the adversarial view, a
-perturbation of the clean image, is taught the clean image's soft targets). Attack randomness
+Each micro-batch goes to the model as its views, [clean, optional augmented, adversarial], each
+normalised by its own BatchNorm (main / aug / adv routes, see models/multi_bn.py), with each
+view's loss weight (equal by default, as published); what the step minimises over them is the
+objective's (conadv/train/objectives.py). When distilling, the teachers see the clean and the
+augmented images; the adversarial view, a perturbation of the clean image, is taught the clean
+image's soft targets. Attack randomness
 is seeded by the batch's identity (run seed + global batch index), so it does not depend on the
 rank or on the restart.
 
@@ -199,33 +199,6 @@ class ViewEngine:
         soft_targets = torch.cat([soft[v] for v in soft_views]) if soft is not None else None
         return TrainInputs(torch.cat(images) if len(images) > 1 else images[0], targets, labels,
                            views, key, source_step, soft_targets=soft_targets)
-
-    def loss(self, objective: Callable[[Tensor, Tensor, Tensor | None], Tensor], logits: Tensor,
-             inputs: TrainInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weighted mean of per-view losses, `objective(logits, targets, soft_targets)` of each
-        view; per-view losses and the adversarial success rate (misclassified adversarial
-        images) as detached device tensors."""
-        logits = logits.float()
-        soft = inputs.soft_targets
-        if len(inputs.views) == 1:  # one view: its loss is the loss (no device operation)
-            part = objective(logits, inputs.targets, soft)
-            return part, {f"{inputs.views[0][0]}_loss": part.detach()}
-        total = logits.new_zeros(())
-        weight_sum = 0.0
-        stats: dict[str, Tensor] = {}
-        start = 0
-        for view, rows, weight in inputs.views:
-            rows_of = slice(start, start + rows)
-            part = objective(logits[rows_of], inputs.targets[rows_of],
-                             soft[rows_of] if soft is not None else None)
-            stats[f"{view}_loss"] = part.detach()
-            if view == "adv":
-                wrong = logits[start:start + rows].argmax(dim=1) != inputs.labels
-                stats["adv_success"] = wrong.float().mean()
-            total = total + weight * part
-            weight_sum += weight
-            start += rows
-        return total / weight_sum, stats
 
 
 @dataclass

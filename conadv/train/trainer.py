@@ -349,7 +349,7 @@ class Trainer:
             with self._no_sync(micro == accumulation - 1):
                 with self.engine.forward_context(inputs), self.autocast():
                     logits = self.train_forward(inputs.images)
-                loss, stats = self.engine.loss(self.objective.view_loss, logits, inputs)
+                loss, stats = self.objective(logits, inputs)
                 self.scaler.scale(loss / accumulation if accumulation > 1 else loss).backward()
             stats.update(self.objective.learn(logits, inputs, accumulation))
             result.add(loss.detach(), stats, inputs, accumulation)
