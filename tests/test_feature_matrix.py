@@ -39,6 +39,10 @@ MODES: dict[str, list[str]] = {
     "conadv-weight-ema": [*CONADV, "train.ema_decay=0.9"],
     "conadv-bf16-autocast": [*CONADV, "train.precision=bf16"],
     "conadv-fp16-autocast": [*CONADV, "train.precision=fp16"],
+    # a term across views, with accumulation (the objective sees each micro-batch's views)
+    "conadv-trades-accumulation": [*CONADV, "adv.trades_beta=6", "train.accumulation=2"],
+    # the skip policy's flat snapshots with channels-last weights (their strides kept)
+    "conadv-skip-channels-last": [*CONADV, "train.on_nonfinite=skip", "model.channels_last=true"],
 }
 
 

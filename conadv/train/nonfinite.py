@@ -51,8 +51,10 @@ class _Snapshot:
     multi-tensor copy and put back where a step was bad with a copy, one `torch.where` per
     buffer and a copy back, however many tensors there are."""
 
-    def __init__(self, tensors: Sequence[Tensor]) -> None:
+    def __init__(self, tensors: Sequence[Tensor], keys: Sequence | None = None) -> None:
+        """`keys`: a stable name of each tensor (what `keep_from` matches them by)."""
         self.tensors = list(tensors)
+        self.keys = list(keys) if keys is not None else list(range(len(self.tensors)))
         self._saved: list[Tensor] = []  # flat buffers, filled with zeros ("not started")
         self._current: list[Tensor] = []
         self.saved_views: list[Tensor] = [torch.empty(0)] * len(self.tensors)
@@ -80,10 +82,10 @@ class _Snapshot:
             torch._foreach_copy_(self.saved_views, self.tensors)
 
     @torch.no_grad()
-    def keep_from(self, older: _Snapshot, keys: list, older_keys: list) -> None:
+    def keep_from(self, older: _Snapshot) -> None:
         """Take over what `older` saved of the tensors both hold (by key)."""
-        position = {key: i for i, key in enumerate(keys)}
-        pairs = [(position[key], j) for j, key in enumerate(older_keys) if key in position]
+        position = {key: i for i, key in enumerate(self.keys)}
+        pairs = [(position[key], j) for j, key in enumerate(older.keys) if key in position]
         if pairs:
             torch._foreach_copy_([self.saved_views[i] for i, _ in pairs],
                                  [older.saved_views[j] for _, j in pairs])
@@ -119,7 +121,7 @@ class NonFiniteGuard:
         self.max_skipped_steps = max_skipped_steps
         self.check_gradients = check_gradients
         self._buffers = _Snapshot(buffers) if policy == "skip" else None
-        self._optimizer: tuple[list, _Snapshot] | None = None  # (keys, snapshot)
+        self._optimizer: _Snapshot | None = None
         self._flags: list[Tensor] = []  # this window's per-step "bad", not yet counted
         # counted flags: [bad steps since the last poll, current run, longest run, skipped]
         self._counts = torch.zeros(4, dtype=torch.long, device=device)
@@ -157,17 +159,17 @@ class NonFiniteGuard:
             step()
             return
         keys, tensors = _optimizer_tensors(optimizers)
-        if self._optimizer is None or not self._optimizer[1].holds(tensors):
-            self._optimizer = (keys, _Snapshot(tensors))
-        self._optimizer[1].save()
+        if self._optimizer is None or not self._optimizer.holds(tensors):
+            self._optimizer = _Snapshot(tensors, keys)
+        self._optimizer.save()
         step()
-        after_keys, after = _optimizer_tensors(optimizers)
-        if not self._optimizer[1].holds(after):
+        keys, tensors = _optimizer_tensors(optimizers)
+        if not self._optimizer.holds(tensors):
             # state the step created (first step) goes back to zeros, i.e. "not started"
-            grown = _Snapshot(after)
-            grown.keep_from(self._optimizer[1], after_keys, self._optimizer[0])
-            self._optimizer = (after_keys, grown)
-        _restore_where(bad, [self._buffers, self._optimizer[1]])
+            grown = _Snapshot(tensors, keys)
+            grown.keep_from(self._optimizer)
+            self._optimizer = grown
+        _restore_where(bad, [self._buffers, self._optimizer])
 
     def _fold(self) -> None:
         """Count the kept flags on the device: bad steps, the run of bad steps they continue
