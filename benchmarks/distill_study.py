@@ -63,7 +63,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def _train(overrides: list[str]) -> dict[str, Any]:
     from conadv.config import load_config
-    from conadv.train.trainer import train
+    from conadv.train.job import train
 
     return train(load_config(None, overrides))
 

@@ -135,7 +135,7 @@ def _config(run_dir: str, overrides: list[str], steps: int) -> RunConfig:
 
 def count_trainer(overrides: list[str], steps: int) -> collections.Counter:
     """The operations `train()` dispatches in a run of `steps` steps, data loading left out."""
-    from conadv.train.trainer import train
+    from conadv.train.job import train
 
     counter = OpCounter()
     real_next = BatchStream.next

@@ -124,7 +124,7 @@ def train_and_measure(run: Run, cache: Path) -> dict[str, Any]:
     from conadv.config import load_config
     from conadv.errors import TrainingDiverged
     from conadv.train.eval_job import run_evaluation
-    from conadv.train.trainer import train
+    from conadv.train.job import train
 
     torch.set_num_threads(1)
     run_dir = cache / "runs" / run.key

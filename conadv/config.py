@@ -678,6 +678,22 @@ def trainer_count(adv: AdvConfig, world_size: int) -> int:
     return trainers
 
 
+@dataclass(frozen=True)
+class JobPlan:
+    """Which ranks of a job train and how the global batch splits over them."""
+
+    trainers: int  # ranks 0..trainers-1; the rest attack (adv.attack_ranks)
+    attackers: int
+    batch: BatchPlan  # over the trainers
+
+
+def plan_job(cfg: RunConfig, world_size: int, attack_ranks: bool = True) -> JobPlan:
+    """The one place a job is planned, for training, its dry run and the evaluation that
+    borrows its per-device batch (`attack_ranks=False`: every rank evaluates)."""
+    trainers = trainer_count(cfg.adv, world_size) if attack_ranks else world_size
+    return JobPlan(trainers, world_size - trainers, plan_batch(cfg.train, trainers))
+
+
 def plan_batch(train: TrainConfig, world_size: int) -> BatchPlan:
     """Derive the missing factors of global = per_device x world_size x accumulation, or say in
     one sentence why the split cannot work."""

@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -41,6 +41,11 @@ class DistEnv:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
+
+
+def trainer_env(env: DistEnv, trainers: int) -> DistEnv:
+    """A trainer's view of the job: the world is the trainers (the last ranks may attack)."""
+    return replace(env, world_size=trainers)
 
 
 def detect_env(environ: dict[str, str] | None = None) -> DistEnv:

@@ -274,3 +274,13 @@ def real_photo_folder(root: Path, classes: int = 2, per_class: int = 100,
                 photos[(c + i) % 2].crop((left, top, left + width, top + height)).save(
                     folder / f"img_{i:03d}.jpg", quality=quality)
     return root
+
+
+def fit(trainer) -> dict:
+    """A Trainer built by a test, trained to the end under the stop request conadv-train's job
+    would make (conadv.train.job.train)."""
+    from conadv.train.preemption import StopRequest
+
+    env = trainer.env
+    return trainer.fit(StopRequest(trainer.run_dir, env.is_main, trainer.device,
+                                   env.is_distributed))

@@ -321,9 +321,9 @@ class OrderChecker(TorchDispatchMode):
         """The data pipeline is host work: building the trainer's loaders (their transforms'
         tensors live in host memory on a GPU run) and drawing batches from them."""
         from conadv.data.loader import BatchStream
-        from conadv.train import eval_job, trainer
+        from conadv.train import eval_job, parts, trainer
 
-        patched = [(BatchStream, "next"), (trainer, "build_train_stream"),
+        patched = [(BatchStream, "next"), (parts, "build_train_stream"),
                    (trainer, "build_eval_loader"), (eval_job, "build_eval_loader")]
         originals = [getattr(owner, name) for owner, name in patched]
         for (owner, name), original in zip(patched, originals):

@@ -22,8 +22,8 @@ import torch
 from conadv.config import load_config, plan_batch
 from conadv.data.decode import UnreadableImage, decode_rgb
 from conadv.errors import ConfigError
+from conadv.train.job import train
 from conadv.train.run_directory import RunDirectoryError
-from conadv.train.trainer import train
 from tests.helpers import run_module, the_error_line, tiny_config
 from tests.test_imagefolder import make_imagefolder
 

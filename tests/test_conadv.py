@@ -19,7 +19,8 @@ from conadv.models.multi_bn import (
 )
 from conadv.optim.param_groups import split_decay_groups
 from conadv.randomness import attack_seed
-from conadv.train.trainer import Trainer, train
+from conadv.train.job import train
+from conadv.train.trainer import Trainer
 from tests.helpers import assert_same_run_state, checkpoint_state, tiny_config
 
 SINGLE = DistEnv("single", 0, 1, 0, "127.0.0.1", 0)

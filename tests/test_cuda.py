@@ -57,7 +57,7 @@ def test_a_cuda_checkpoint_resumes_the_stream_run(tmp_path, slow_side_jobs, tau)
     """Stop at step 3 with the side stream busy (the host copy of the model and of the
     queue's weight snapshots happens while attacks run), resume, and end where the sequential
     run ends."""
-    from conadv.train.trainer import train
+    from conadv.train.job import train
 
     run = [*CUDA_RUN, f"adv.tau={tau}", "checkpoint.every_steps=100"]
     train(tiny_config(tmp_path / "q", *run, "adv.executor=sequential"))

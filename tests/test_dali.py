@@ -16,7 +16,7 @@ from conadv.cli import pack
 from conadv.config import DataConfig
 from conadv.data.loader import build_eval_loader, build_source, build_train_stream, choose_loader
 from conadv.errors import ConfigError
-from conadv.train.trainer import train
+from conadv.train.job import train
 from tests.helpers import (
     TINY,
     assert_same_parameters,

@@ -14,10 +14,12 @@ from conadv.distill.teachers import build_teacher
 from conadv.distributed import DistEnv
 from conadv.errors import CheckpointError, ConfigError
 from conadv.models.factory import CifarResNet, ImageClassifier
-from conadv.train.trainer import Trainer, train
+from conadv.train.job import train
+from conadv.train.trainer import Trainer
 from tests.helpers import (
     assert_same_run_state,
     checkpoint_state,
+    fit,
     run_gloo_ranks,
     run_module,
     teacher_files,
@@ -165,7 +167,7 @@ def test_teachers_are_bit_identical_after_training_and_get_no_grad(teacher_runs,
     ensemble = trainer.engine.context.teachers
     before = _frozen_state(ensemble)
     student_before = trainer.model.backbone.fc.weight.detach().clone()
-    summary = trainer.fit()
+    summary = fit(trainer)
     assert summary["finished"] and summary["training"] == "ConAdv tau=1 + distillation"
     for teacher, saved in zip(ensemble.teachers, before):
         assert all(torch.equal(v, saved[k]) for k, v in teacher.state_dict().items())

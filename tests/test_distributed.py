@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conadv.distributed import detect_env, expand_nodelist
-from conadv.train.trainer import train
+from conadv.train.job import train
 from tests.helpers import (
     TINY,
     assert_same_parameters,
@@ -125,7 +125,7 @@ def _bf16_all_reduce_runs(rank: int, world: int, root: str) -> dict:
 
     from conadv.distributed import DistEnv
     from conadv.train.trainer import Trainer
-    from tests.helpers import tiny_config
+    from tests.helpers import fit, tiny_config
 
     sent: list[int] = []
     hook = default_hooks.bf16_compress_hook
@@ -139,17 +139,17 @@ def _bf16_all_reduce_runs(rank: int, world: int, root: str) -> dict:
     env = DistEnv("torchrun", rank, world, rank, "127.0.0.1", 0)
     common = ["train.max_steps=4", "train.deterministic=false", "checkpoint.every_steps=100"]
 
-    def fit(name: str, *extra: str) -> Trainer:
+    def trained(name: str, *extra: str) -> Trainer:
         trainer = Trainer(tiny_config(Path(root) / name, *common, *extra), env,
                           torch.device("cpu"))
-        trainer.fit()
+        fit(trainer)
         return trainer
 
-    fit("fp32")
-    trainer = fit("bf16", "dist.grad_compression=bf16")
+    trained("fp32")
+    trainer = trained("bf16", "dist.grad_compression=bf16")
     bytes_per_step = sum(sent) / 4
-    fit("resumed", "dist.grad_compression=bf16", "train.stop_at_step=2")
-    fit("resumed", "dist.grad_compression=bf16", "checkpoint.resume=auto")
+    trained("resumed", "dist.grad_compression=bf16", "train.stop_at_step=2")
+    trained("resumed", "dist.grad_compression=bf16", "checkpoint.resume=auto")
     gradients = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return {"bytes_per_step": bytes_per_step, "fp32_bytes_per_step": 4 * gradients}
 

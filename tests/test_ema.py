@@ -91,7 +91,7 @@ def test_training_with_an_ema_resumes_bit_identically_and_evaluates_it(tmp_path)
     """ConAdv with the EMA: stop and resume equal an uninterrupted run (the EMA included);
     ema_top1 is reported beside top1, and conadv-eval --ema gives the same numbers."""
     from conadv.train.eval_job import run_evaluation
-    from conadv.train.trainer import train
+    from conadv.train.job import train
     from tests.helpers import assert_same_run_state, checkpoint_state, tiny_config
 
     run = ["adv.enabled=true", "train.ema_decay=0.8", "train.ema_warmup=true",

@@ -10,7 +10,7 @@ from conadv.models import build_model
 from conadv.models.multi_bn import main_state_dict
 from conadv.models.onnx_export import LOGIT_TOLERANCE
 from conadv.train.eval_job import run_evaluation
-from conadv.train.trainer import train
+from conadv.train.job import train
 from tests.helpers import checkpoint_state, tiny_config
 
 ort = pytest.importorskip("onnxruntime")

@@ -22,15 +22,17 @@ from conadv.distributed import DistEnv
 from conadv.errors import CheckpointWriteError, TrainingDiverged
 from conadv.train import checkpoint as checkpoint_module
 from conadv.train import objectives, preemption
+from conadv.train.job import train
 from conadv.train.nonfinite import NonFiniteGuard, first_non_finite
 from conadv.train.preemption import StopRequest
-from conadv.train.trainer import Trainer, train
+from conadv.train.trainer import Trainer
 from tests.helpers import (
     REPO,
     TINY,
     assert_same_run_state,
     checkpoint_state,
     children_of,
+    fit,
     free_port,
     newest_checkpoint,
     run_module,
@@ -156,7 +158,7 @@ def test_skip_policy_restores_the_batchnorm_statistics_of_a_skipped_step(tmp_pat
     after = trainer.model.state_dict()
     for key, value in before.items():
         assert torch.equal(value, after[key]), key
-    summary = trainer.fit()
+    summary = fit(trainer)
     assert summary["finished"] and summary["skipped_steps"] == 1
     assert math.isfinite(summary["final_eval"]["loss"])
     assert first_non_finite(checkpoint_state(tmp_path)) is None
@@ -255,7 +257,7 @@ def _one_rank_goes_non_finite(rank: int, world: int, run_dir: str, overrides: tu
                                   "train.deterministic=false", *overrides), env,
                       torch.device("cpu"))
     try:
-        summary = trainer.fit()
+        summary = fit(trainer)
         error = None
     except TrainingDiverged as err:
         summary, error = None, str(err)
@@ -497,16 +499,16 @@ def test_a_stop_signal_during_a_quick_start_up_stops_after_the_first_step(tmp_pa
     """A signal while the ranks start is a request (they agree on it after the first step);
     a start-up that reaches the first step within the grace stands the timer down (a timer
     that fired would end this very process)."""
-    from conadv.train import trainer as trainer_module
+    from conadv.train import parts as parts_module
 
     monkeypatch.setattr(preemption, "STARTUP_GRACE_S", 1.0)
-    build = trainer_module.build_model
+    build = parts_module.build_model
 
     def signalled_while_building(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "build_model", signalled_while_building)
+    monkeypatch.setattr(parts_module, "build_model", signalled_while_building)
     stopped = train(tiny_config(tmp_path / "run", "train.max_steps=4"))
     assert stopped["terminated"] and stopped["steps"] == 1, stopped
     assert newest_checkpoint(tmp_path / "run").name == "step-00000001"
@@ -523,13 +525,12 @@ def test_a_start_up_that_cannot_reach_its_first_step_after_a_signal_ends_with_a_
     stuck = textwrap.dedent(f"""
         import os, signal, sys, time
         from conadv.cli.train import main
-        from conadv.train import preemption, trainer
+        from conadv.train import parts, preemption
         preemption.STARTUP_GRACE_S = 1.0
-        build = trainer.build_model
         def stuck_after_the_claim(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGTERM)  # as the scheduler sends it
             time.sleep(120)  # start-up that would not end by itself
-        trainer.build_model = stuck_after_the_claim
+        parts.build_model = stuck_after_the_claim
         main({[*TINY, f"log.run_dir={run}", "train.max_steps=4"]!r})
         """)
     started = time.monotonic()

@@ -20,7 +20,7 @@ import pytest
 
 from conadv.config import load_config
 from conadv.errors import ConfigError
-from conadv.train.trainer import train
+from conadv.train.job import train
 from tests.helpers import (
     TINY,
     assert_same_run_state,

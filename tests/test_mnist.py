@@ -34,7 +34,7 @@ def test_the_splits_are_fixed_balanced_and_disjoint():
 
 def test_training_on_mnist_and_measuring_its_sharpness(tmp_path):
     from conadv.train.eval_job import run_evaluation
-    from conadv.train.trainer import train
+    from conadv.train.job import train
     from tests.helpers import tiny_config
 
     run = ["data.name=mnist", "data.image_size=28", "data.eval_resize=28",

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from conadv.adversarial.engine import TrainInputs
 from conadv.config import load_config
 from conadv.errors import ConfigError
+from conadv.train.job import train
 from conadv.train.objectives import CrossEntropy, Trades, build_objective
-from conadv.train.trainer import train
 from tests.helpers import tiny_config
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from conadv.config import load_config, plan_batch
 from conadv.errors import ConfigError
-from conadv.train.trainer import train
+from conadv.train.job import train
 from tests.helpers import REPO, tiny_config
 
 # batch: (peak LR, warm-up epochs, momentum, poly power) from the MLPerf ResNet-50 LARS policy

@@ -11,7 +11,7 @@ from conadv.config import load_config
 from conadv.data.loader import build_eval_loader
 from conadv.models.factory import CifarResNet, ImageClassifier
 from conadv.train.evaluate import evaluate
-from conadv.train.trainer import train
+from conadv.train.job import train
 from tests.helpers import TINY, run_gloo_ranks, run_module, tiny_config
 
 

@@ -13,12 +13,14 @@ import torch
 from conadv.distributed import DistEnv
 from conadv.errors import ConfigError
 from conadv.optim.schedules import WarmupDecay
-from conadv.train.trainer import Trainer, train
+from conadv.train.job import train
+from conadv.train.trainer import Trainer
 from tests.helpers import (
     REPO,
     TINY,
     assert_same_parameters,
     checkpoint_state,
+    fit,
     newest_checkpoint,
     run_module,
     run_torchrun,
@@ -125,7 +127,7 @@ def test_allowed_switch_from_vanilla_to_conadv_starts_the_auxiliary_bn_as_the_tr
         assert torch.equal(state[key], vanilla[key.replace("aux.adv.", "")]), key
     trained = [key for key in vanilla if key.endswith("running_mean")]
     assert all(vanilla[key].abs().sum() > 0 for key in trained)  # not the initial zeros
-    summary = switched.fit()
+    summary = fit(switched)
     assert summary["training"] == "ConAdv tau=1" and summary["finished"]
 
 

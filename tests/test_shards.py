@@ -8,7 +8,7 @@ from conadv.config import DataConfig
 from conadv.data.loader import build_source
 from conadv.data.shards import ShardSource, pack_image_folder
 from conadv.errors import DataError
-from conadv.train.trainer import train
+from conadv.train.job import train
 from tests.helpers import checkpoint_state, run_module, tiny_config
 from tests.test_imagefolder import make_imagefolder
 

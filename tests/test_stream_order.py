@@ -11,8 +11,15 @@ import torch
 
 from conadv.adversarial import executors
 from conadv.distributed import DistEnv
-from conadv.train.trainer import Trainer, train
-from tests.helpers import assert_same_run_state, checkpoint_state, teacher_files, tiny_config
+from conadv.train.job import train
+from conadv.train.trainer import Trainer
+from tests.helpers import (
+    assert_same_run_state,
+    checkpoint_state,
+    fit,
+    teacher_files,
+    tiny_config,
+)
 from tests.stream_order import StreamOrderError, checked_streams
 
 SINGLE = DistEnv("single", 0, 1, 0, "127.0.0.1", 0)
@@ -149,7 +156,7 @@ def test_fit_reads_device_values_on_the_host_only_at_logging_steps(tmp_path, mon
                                       "adv.enabled=true", "adv.executor=stream"), SINGLE, CPU)
         trainer._checker = checker
         with checker.no_host_sync():
-            trainer.fit()
+            fit(trainer)
     steps = {read.split("'step': ")[1].split("}")[0] for read in checker.host_reads}
     assert checker.host_reads and steps <= {"4", "8", "9"}, checker.host_reads
     assert not [r for r in checker.host_reads if "in a step" in r], checker.host_reads

@@ -10,7 +10,7 @@ from conadv.config import ModelConfig
 from conadv.errors import ConfigError
 from conadv.models import build_model
 from conadv.models.multi_bn import MultiBatchNorm2d, bn_views, convert_to_multi_bn
-from conadv.train.trainer import train
+from conadv.train.job import train
 from tests.helpers import tiny_config
 
 timm = pytest.importorskip("timm")

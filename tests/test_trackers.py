@@ -17,7 +17,7 @@ import pytest
 
 import conadv.trackers
 from conadv.trackers import STATE_FILE, Trackers
-from conadv.train.trainer import train
+from conadv.train.job import train
 from tests.helpers import REPO, subprocess_env, tiny_config
 
 RUN = ["train.max_steps=6", "checkpoint.every_steps=2", "train.eval_every_epochs=0"]

@@ -10,7 +10,7 @@ import torchvision
 from conadv.checkpoints.format import problem
 from conadv.models import build_model, export_state_dict
 from conadv.train.checkpoint import CheckpointManager
-from conadv.train.trainer import train
+from conadv.train.job import train
 from tests.helpers import assert_same_run_state, checkpoint_state, newest_checkpoint, tiny_config
 
 # mid-epoch (44 batches of 32 per epoch), with augmentation and mixup so RNG state matters

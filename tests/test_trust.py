@@ -121,7 +121,7 @@ def test_of_two_runs_started_together_in_one_directory_exactly_one_trains(tmp_pa
 
 def test_resume_auto_with_only_damaged_checkpoints_stops_and_overwrites_nothing(tmp_path):
     train_cfg = ["train.max_steps=2", "checkpoint.every_steps=1", "checkpoint.resume=auto"]
-    from conadv.train.trainer import train
+    from conadv.train.job import train
 
     train(tiny_config(tmp_path, *train_cfg))
     for checkpoint in (tmp_path / "checkpoints").iterdir():
@@ -296,7 +296,7 @@ def _manifest_as_list(tmp_path: Path) -> list[str]:
 
 
 def _another_architecture(tmp_path: Path) -> list[str]:
-    from conadv.train.trainer import train
+    from conadv.train.job import train
 
     train(tiny_config(tmp_path / "run", "train.max_steps=1"))
     return [*TINY, f"log.run_dir={tmp_path / 'run'}", "checkpoint.resume=auto",
@@ -368,7 +368,7 @@ def test_a_read_only_run_directory_is_one_sentence(tmp_path):
 
 
 def _trained_run(tmp_path: Path) -> Path:
-    from conadv.train.trainer import train
+    from conadv.train.job import train
 
     train(tiny_config(tmp_path / "run", "train.max_steps=1"))
     return tmp_path / "run"

@@ -44,7 +44,6 @@ at a new start and (t + tau, t + tau) afterwards.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -513,7 +512,3 @@ def _trainers_failed() -> TrainersFailed:
     return TrainersFailed("the trainers ended with an error (see trainer 0's log); this attack "
                           "rank ends with them")
 
-
-def trainer_env(env: DistEnv, trainers: int) -> DistEnv:
-    """A trainer's view of the job: the world is the trainers."""
-    return dataclasses.replace(env, world_size=trainers)

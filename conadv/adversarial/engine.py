@@ -36,7 +36,7 @@ rank or on the restart.
 What a checkpoint keeps of the queue is what determines it, not its tensors: an attack is a pure
 function of (weights, batch, batch key) and the teachers' outputs a function of the batch, so
 the engine saves the source step of each queued optimizer step and the weights of those source
-steps (at most tau snapshots, copied when the attack reads them). On resume the trainer
+steps (at most tau snapshots, copied when a fresh batch is fed). On resume the trainer
 positions the data stream at the first untrained step; the engine then refills its queue from
 the stream as usual, but attacks the replayed batches with the saved weights (the teachers just
 run again). No image and no teacher output is stored, and the queue is rebuilt for whatever
@@ -47,18 +47,17 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from conadv.adversarial.attacks import AttackSpec, perturb
-from conadv.adversarial.executors import Launched, build_executor
+from conadv.adversarial.executors import Executor, FreshBatch, Launched, build_executor
 from conadv.config import AdvConfig
 from conadv.data.device import batch_to_device
 from conadv.errors import CheckpointError, ConfigError
@@ -70,6 +69,9 @@ from conadv.models.multi_bn import (
     routable,
 )
 from conadv.randomness import MIXING, attack_seed, batch_seed, seeded
+
+if TYPE_CHECKING:
+    from conadv.adversarial.attack_ranks import AttackLink
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ class EngineContext:
     compile: Callable[[nn.Module], nn.Module] | None = None
     # distillation: images -> the teachers' mean softmax (no grad, no collective)
     teachers: Callable[[Tensor], Tensor] | None = None
+    # adv.attack_ranks, on a trainer: fresh attacks come from the attack ranks (their executor)
+    attack_link: AttackLink | None = None
 
 
 @dataclass
@@ -160,6 +164,10 @@ class ViewEngine:
     def drain(self) -> None:
         """End of a clean run: wait for the side work still in flight."""
 
+    def summary(self) -> dict[str, Any]:
+        """What the engine adds to the run summary (its executor's costs)."""
+        return {}
+
     def attack_events(self) -> tuple[Any, Any] | None:
         """CUDA (begin, end) events of the newest attack, for the overlap measurement."""
         return None
@@ -207,21 +215,18 @@ class _Pending:
     key: int
     source_step: int
     batch: Batch  # the clean batch as loaded (uint8, pinned on CUDA): on the host until taken
-    remote: bool = False  # made on an attack rank
-    incoming: Any = None  # attack ranks: the posted receive of the adversarial images
 
 
 class LookaheadEngine(ViewEngine):
     """Batches fed `lookahead` optimizer steps before they are trained; their side work (the
     attack with the weights of the feeding step, the teachers' outputs) runs meanwhile.
-    `spec=None`: no attack (distillation alone). `link`: fresh attacks come from attack ranks
-    (conadv.adversarial.attack_ranks.AttackLink); replayed ones are still made here."""
+    `spec=None`: no attack (distillation alone). Where the side work runs is the executor's:
+    on a side stream, inline, or (fresh attacks) on the attack ranks."""
 
     def __init__(self, model: nn.Module, context: EngineContext, weights: ViewWeights,
                  routes: dict[str, str], spec: AttackSpec | None, lookahead: int,
-                 executor, link=None) -> None:
+                 executor: Executor) -> None:
         super().__init__(model, context, weights, routes)
-        self.link = link
         self.spec = spec
         self.tau = lookahead if spec is not None else None  # the attack's staleness
         self.lookahead = lookahead
@@ -242,76 +247,43 @@ class LookaheadEngine(ViewEngine):
         self._replay: deque[int] = deque()
         self._restored: dict[int, Weights] = {}
         self._replica: tuple[int, nn.Module] | None = None
-        self._taken = 0  # micro-batches taken in this optimizer step
 
     def wants_batch(self) -> bool:
         return len(self.queue) < self.lookahead * self.accumulation + 1
 
     def begin_step(self, step: int) -> None:
-        """Attack ranks: announce which steps this step feeds fresh (its weights attack them):
-        all up to step + tau that are neither queued nor to be replayed."""
-        self._taken = 0
-        if self.link is not None:
-            first = step + (len(self.queue) + len(self._replay)) // self.accumulation
-            self.link.announce(step, first, step + self.lookahead, self.model.parameters())
-            self._post_due_receives()
-
-    def _post_due_receives(self) -> None:
-        """Post the receives of the views trained in this optimizer step or the next, in queue
-        order: the attack ranks send a step's views, in the same order, when the order of the
-        step before reaches them (AttackOrders.release), so both sides post in the same step.
-        Posting them all tau steps ahead would keep tau x A receives pending on the
-        point-to-point communicator beside DDP's all-reduces (on NCCL, each a kernel that holds
-        its GPU resources while it waits); one step ahead still gives a view a whole step to
-        arrive before it is trained."""
-        for index, pending in enumerate(self.queue):
-            if (self._taken + index) // self.accumulation > 1:
-                break
-            if pending.remote and pending.incoming is None:
-                pending.incoming = self.link.receive(pending.batch, pending.key,
-                                                     pending.source_step)
+        """Tell the executor which steps this step's weights attack fresh: all up to
+        step + lookahead that are neither queued nor to be replayed (attack ranks need it)."""
+        first = step + (len(self.queue) + len(self._replay)) // self.accumulation
+        self.executor.begin_step(step, first, step + self.lookahead, self.model.parameters())
 
     def feed(self, batch: Batch, key: int, step: int) -> None:
-        if self.link is not None and not self._replay:
-            self._keep_weights(self.model, step)  # a checkpoint saves what the attack used
-            self.queue.append(_Pending(Launched({}), key, step, batch, remote=True))
-            self._last_events = None  # no attack on this device to time
-            self._post_due_receives()
-            return
         if self._replay:  # rebuilding the queue of a checkpoint: attack with the saved weights
             source = self._replay.popleft()
             self._snapshots[source] = self._restored[source]
 
-            def model() -> nn.Module:
-                # loaded on the executor's stream, so after the attacks launched before,
-                # which may still read the replica's previous weights
-                return self._replica_at(source)
-        else:
-            source = step
+            def job() -> dict[str, Any]:
+                # the replica is loaded on the executor's stream, so after the attacks
+                # launched before, which may still read its previous weights
+                return self._prepare(self._replica_at(source), batch, key, source)
 
-            def model() -> nn.Module:
-                return self.model
-        launched = self.executor.launch(lambda: self._prepare(model(), batch, key, source))
+            launched = self.executor.launch(job)
+        else:
+            if self.tau:  # a checkpoint saves what the attack reads
+                self._keep_weights(step)
+            launched = self.executor.launch(lambda: self._prepare(self.model, batch, key, step),
+                                            FreshBatch(batch, key, step))
+            source = step
         self._last_events = launched.events
         self.queue.append(_Pending(launched, key, source, batch))
 
     def take(self) -> TrainInputs:
-        self._post_due_receives()  # (posted already, unless fed in this very step)
         pending = self.queue.popleft()
-        self._taken += 1
-        if pending.remote:  # made on an attack rank: wait for it if need be
-            # (nothing ran on the executor: its receive is ordered by the link alone)
-            start = time.perf_counter()
-            adv = self.link.consume(pending.incoming)
-            if self.context.channels_last:
-                adv = adv.contiguous(memory_format=torch.channels_last)
-            made, seconds = {"adv": adv}, time.perf_counter() - start
-        else:
-            made, seconds = self.executor.consume(pending.launched), pending.launched.seconds
+        made = self.executor.consume(pending.launched)
         moved = batch_to_device(pending.batch, self.device, self.context.channels_last)
         inputs = self._assemble(moved, pending.key, made.get("adv"), made.get("soft"),
                                 pending.source_step if self.spec is not None else None)
-        inputs.attack_seconds = seconds
+        inputs.attack_seconds = pending.launched.seconds
         oldest = self.queue[0].source_step if self.queue else None
         for source in [s for s in self._snapshots if oldest is None or s < oldest]:
             del self._snapshots[source]
@@ -327,9 +299,10 @@ class LookaheadEngine(ViewEngine):
             self._replica = None
 
     def drain(self) -> None:
-        if self.link is not None:  # the attack ranks' sends must complete
-            # the views asked for (by now sent); the attack ranks drop the others at the end
-            self.link.drain([p.incoming for p in self.queue if p.incoming is not None])
+        self.executor.drain()
+
+    def summary(self) -> dict[str, Any]:
+        return self.executor.summary()
 
     def attack_events(self) -> tuple[Any, Any] | None:
         return self._last_events
@@ -351,8 +324,7 @@ class LookaheadEngine(ViewEngine):
 
     def _prepare(self, model: nn.Module, batch: Batch, key: int,
                  source: int) -> dict[str, Any]:
-        """Runs on the executor: keep the weights the attack reads (a checkpoint may need them
-        while the batch is queued), copy the batch to the device, attack it, run the teachers.
+        """Runs on the executor: copy the batch to the device, attack it, run the teachers.
         Only the adversarial images (and the teachers' probabilities) stay on the device while
         queued: the clean (and augmented) views are copied again from host memory when the
         batch is taken, so a queue of tau x A micro-batches holds one float view per
@@ -360,8 +332,6 @@ class LookaheadEngine(ViewEngine):
         made: dict[str, Any] = {}
         moved = batch_to_device(batch, self.device, self.context.channels_last)
         if self.spec is not None:
-            if self.tau:
-                self._keep_weights(model, source)
             adv = self.make_adversarial(model, moved["image"], moved["label"], key)
             if self.context.channels_last:
                 adv = adv.contiguous(memory_format=torch.channels_last)
@@ -373,12 +343,12 @@ class LookaheadEngine(ViewEngine):
                 made["soft"]["aug"] = teachers(moved["aug_image"])
         return made
 
-    def _keep_weights(self, model: nn.Module, source: int) -> None:
-        """Snapshot the weights of step `source` once, for checkpoints: the parameters only
-        (the attack normalises with batch statistics, and the main stream's forward updates
-        the running statistics meanwhile)."""
+    def _keep_weights(self, source: int) -> None:
+        """Snapshot the weights of step `source` once, for checkpoints, on the caller's stream
+        before its optimizer step: the parameters only (the attack normalises with batch
+        statistics, and the main stream's forward updates the running statistics meanwhile)."""
         if source not in self._snapshots:
-            names, values = zip(*model.named_parameters())
+            names, values = zip(*self.model.named_parameters())
             with torch.no_grad():  # one multi-tensor copy, not two operations per tensor:
                 # x * 1 is x exactly (NaN, infinities and -0 included); torch has no
                 # multi-tensor clone
@@ -468,11 +438,10 @@ def _check_normalisation(model: nn.Module, auxiliary: list[str], attacks: bool) 
                           "model with BatchNorm2d, LayerNorm or GroupNorm")
 
 
-def build_engine(cfg: AdvConfig, model: nn.Module, context: EngineContext,
-                 link=None) -> ViewEngine:
+def build_engine(cfg: AdvConfig, model: nn.Module, context: EngineContext) -> ViewEngine:
     """The engine a config asks for. Converts `model`'s BatchNorm for the views that need their
     own (call before building the optimizer and wrapping in DDP); `model` is the plain module,
-    never the DDP wrapper. `link`: the attack ranks' (adv.attack_ranks), on a trainer."""
+    never the DDP wrapper."""
     routes = {"clean": MAIN}
     if context.second_view:
         routes["aug"] = "aug" if cfg.aug_bn else MAIN
@@ -487,13 +456,14 @@ def build_engine(cfg: AdvConfig, model: nn.Module, context: EngineContext,
     weights = ViewWeights(cfg.clean_weight, cfg.aug_weight, cfg.adv_weight)
     if not cfg.enabled and context.teachers is None:
         return ViewEngine(model, context, weights, routes)
-    executor = build_executor(cfg.executor, context.device)
+    executor = build_executor(cfg.executor, context.device, context.accumulation,
+                              context.channels_last, context.attack_link)
     if not cfg.enabled:  # distillation alone: the teachers run one step ahead
         engine = LookaheadEngine(model, context, weights, routes, None, 1, executor)
     else:
         spec = AttackSpec(cfg.epsilon, cfg.step_size, cfg.steps, cfg.random_start_prob,
                           cfg.targeted)
-        engine = LookaheadEngine(model, context, weights, routes, spec, cfg.tau, executor, link)
+        engine = LookaheadEngine(model, context, weights, routes, spec, cfg.tau, executor)
     if context.teachers is not None:
         engine.label += " + distillation"
     return engine

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from conadv.cli.common import run_cli
-from conadv.config import describe_knobs, load_config, plan_batch, trainer_count
+from conadv.config import describe_knobs, load_config, plan_job
 from conadv.distributed import detect_env
 
 
@@ -48,18 +48,18 @@ def main(argv: list[str] | None = None) -> None:
         if args.dry_run:
             env = detect_env()
             world = env.world_size if env.is_distributed else int(os.environ.get("WORLD_SIZE", 1))
-            trainers = trainer_count(cfg.adv, world)
-            plan = plan_batch(cfg.train, trainers)
+            job = plan_job(cfg, world)
+            plan, trainers = job.batch, job.trainers
             print(f"global batch {plan.global_batch} = {plan.per_device} per device x "
                   f"{plan.world_size} ranks x {plan.accumulation} accumulation steps")
-            if trainers < world:
+            if job.attackers:
                 print(f"ranks 0-{trainers - 1} train; ranks {trainers}-{world - 1} attack "
                       f"(each serves {-(-trainers // (world - trainers))} trainers or fewer, "
                       f"weights sent in {cfg.adv.attack_weights})")
             return 0
         # heavy imports only when training
+        from conadv.train.job import train
         from conadv.train.preemption import TERMINATED_EXIT_STATUS
-        from conadv.train.trainer import train
 
         summary = train(cfg)
         final = summary.get("final_eval")

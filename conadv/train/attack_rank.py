@@ -9,46 +9,29 @@ from typing import Any
 
 import torch
 
-from conadv.adversarial import EngineContext, build_engine
 from conadv.adversarial.attack_ranks import AttackOrders, view_header
-from conadv.config import RunConfig, plan_batch
-from conadv.data import build_train_stream
+from conadv.config import BatchPlan, RunConfig
 from conadv.data.device import batch_to_device
 from conadv.distributed import DistEnv, JobGroups, served_by
-from conadv.models import build_model
-from conadv.train.runtime import (
-    attack_compiler,
-    autocast_dtype,
-    autocast_factory,
-    configure_determinism,
-)
+from conadv.train.parts import build_training_parts, train_stream
+from conadv.train.runtime import configure_determinism
 
 
 def run_attack_rank(cfg: RunConfig, env: DistEnv, device: torch.device, groups: JobGroups,
-                    trainers: int) -> dict[str, Any]:
+                    plan: BatchPlan) -> dict[str, Any]:
     """Serve the trainers until trainer 0 says stop. An attack is a pure function of (weights,
     batch, batch key), so this rank reads each served trainer's micro-batches through the
     trainers' sampler and attacks them with the broadcast weights: the views it sends are the
-    ones the trainer would have made itself."""
-    plan = plan_batch(cfg.train, trainers)
+    ones the trainer would have made itself. `plan`: the trainers' batch plan."""
+    trainers = plan.world_size
     configure_determinism(cfg.train.deterministic)
     served = served_by(env.rank, trainers, env.world_size - trainers)
-    streams = {r: build_train_stream(cfg.data, trainers, r, plan.per_device, plan.accumulation,
-                                     cfg.train.seed, device)
-               for r in served}
+    streams = {r: train_stream(cfg, plan, r, device) for r in served}
     num_classes = cfg.model.num_classes or next(iter(streams.values())).num_classes
-    model = build_model(cfg.model, num_classes).to(device)
-    autocast = autocast_factory(device, autocast_dtype(cfg.train.precision, device))
-    # the trainers' engine, for its BatchNorm routes and its attack (run inline here)
-    engine = build_engine(dataclasses.replace(cfg.adv, executor="sequential"), model,
-                          EngineContext(device=device, num_classes=num_classes,
-                                        seed=cfg.train.seed, accumulation=plan.accumulation,
-                                        channels_last=cfg.model.channels_last,
-                                        second_view=cfg.data.second_view,
-                                        autocast=autocast,
-                                        compile=attack_compiler(cfg.train.compile,
-                                                                cfg.train.compile_mode,
-                                                                device)))
+    # the trainers' parts, for the BatchNorm routes and the attack (run inline here)
+    inline = dataclasses.replace(cfg, adv=dataclasses.replace(cfg.adv, executor="sequential"))
+    parts = build_training_parts(inline, plan, num_classes, device)
+    model, engine = parts.model, parts.engine
     model.train()  # the attack normalises with batch statistics, as on the trainers
     orders = AttackOrders(cfg.adv, groups, list(model.parameters()), cfg.dist.timeout_s, device)
     positioned, served_steps = False, 0

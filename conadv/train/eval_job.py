@@ -15,7 +15,7 @@ from conadv.checkpoints.format import (
     resolve_checkpoint,
     resolve_checkpoint_everywhere,
 )
-from conadv.config import RunConfig, load_config, parse_saved_config, plan_batch
+from conadv.config import RunConfig, load_config, parse_saved_config, plan_job
 from conadv.data import build_eval_loader
 from conadv.data.device import batch_to_device
 from conadv.data.loader import build_source
@@ -80,7 +80,7 @@ def run_evaluation(cfg: RunConfig, checkpoint: Path, export_to: Path | None = No
         # a run directory's config.yaml pins the training split of its world size; evaluation
         # only borrows the per-device batch, on any number of ranks
         per_device = (cfg.train.per_device_batch
-                      or plan_batch(cfg.train, env.world_size).per_device)
+                      or plan_job(cfg, env.world_size, attack_ranks=False).batch.per_device)
         num_classes = cfg.model.num_classes or build_source(cfg.data, "val").num_classes
         model = build_model(cfg.model, num_classes).to(device)
         saved = load_state_everywhere(path, device)

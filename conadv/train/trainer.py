@@ -1,5 +1,7 @@
 """The training loop: components are built from the config, then one linear loop of
-micro-steps (gradient accumulation), optimizer steps, logging, evaluation and checkpoints."""
+micro-steps (gradient accumulation), optimizer steps, logging, evaluation and checkpoints.
+A process's role in the job (trainer, trainer beside attack ranks, attack rank) is
+conadv/train/job.py's."""
 
 from __future__ import annotations
 
@@ -8,134 +10,56 @@ import logging
 import time
 import weakref
 from contextlib import AbstractContextManager, nullcontext
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from conadv.adversarial import EngineContext, build_engine
-from conadv.adversarial.attack_ranks import AttackLink, trainer_env
 from conadv.checkpoints.format import list_checkpoints, load_state_everywhere
-from conadv.checkpoints.weights import load_into, read_weights
 from conadv.config import (
     BatchPlan,
     RunConfig,
     flat_config,
     parse_saved_config,
-    plan_batch,
+    plan_job,
     to_yaml,
-    trainer_count,
     trajectory_changes,
 )
-from conadv.data import build_eval_loader, build_train_stream
+from conadv.data import build_eval_loader
 from conadv.data.loader import choose_loader
-from conadv.data.transforms import build_batch_mix
-from conadv.distill import build_teachers
 from conadv.distributed import (
     DistEnv,
-    JobGroups,
     broadcast_buffers,
     broadcast_object,
     compress_gradients,
-    detect_env,
-    pick_device,
-    process_group,
+    trainer_env,
     trainers_group,
 )
 from conadv.errors import ConfigError, DataError
-from conadv.models import build_model
 from conadv.optim import build_optimizer, build_scheduler, scaled_lr
 from conadv.report import build_report
 from conadv.streams import DeviceStreams, streams_for, wait_for_current_stream
-from conadv.telemetry import Telemetry, setup_logging, write_summary
+from conadv.telemetry import Telemetry
 from conadv.trackers import Trackers
-from conadv.train.attack_rank import run_attack_rank
 from conadv.train.cadence import Cadence
 from conadv.train.checkpoint import CheckpointManager, host_copy
 from conadv.train.ema import WeightEma
 from conadv.train.evaluate import evaluate, final_eval_attacks
 from conadv.train.nonfinite import NonFiniteGuard
 from conadv.train.objectives import build_objective
+from conadv.train.parts import build_training_parts, train_stream
 from conadv.train.preemption import StopRequest, slurm_attempt
-from conadv.train.run_directory import claim_on_rank_zero, drop_records_after, held_here
-from conadv.train.runtime import (
-    attack_compiler,
-    autocast_dtype,
-    autocast_factory,
-    compiler,
-    configure_determinism,
-    seed_everything,
-)
+from conadv.train.run_directory import claim_on_rank_zero, drop_records_after
+from conadv.train.runtime import compiler, configure_determinism, seed_everything
 from conadv.train.state import OptimizerState, Progress, RunState
 from conadv.train.step_metrics import MetricWindow, StepResult
 
+if TYPE_CHECKING:
+    from conadv.adversarial.attack_ranks import AttackLink
+
 log = logging.getLogger(__name__)
-
-
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run a whole training job in this process (one rank of it under torchrun or Slurm).
-    Returns the run summary on rank 0; elsewhere only whether a signal ended it."""
-    env = detect_env()
-    setup_logging(env.is_main)
-    device = pick_device(cfg.train.device, env, cfg.dist.backend)
-    trainers = trainer_count(cfg.adv, env.world_size)  # the last adv.attack_ranks attack
-    # A stop signal is a request from here on (acted on after the first step), not the end of
-    # the process: joining the process group and resuming take minutes on a thousand ranks.
-    # A start-up that does not reach the first step in time ends on its own (preemption.py).
-    # (An attack rank only survives it: trainer 0 tells it when the trainers stop.)
-    stop_request = StopRequest(Path(cfg.log.run_dir), env.is_main, device,
-                               trainers > 1 and env.rank < trainers,
-                               partial(_record_startup_stop, cfg, env.is_main))
-    try:
-        with process_group(env, device, cfg.dist.backend, cfg.dist.timeout_s,
-                           trainers) as groups:
-            if env.rank >= trainers:
-                stop_request.begin()  # it ends when trainer 0 says so, whenever that is
-                return run_attack_rank(cfg, env, device, groups, trainers)
-            if groups is None:
-                summary = Trainer(cfg, env, device).fit(stop_request)
-            else:
-                summary = _train_beside_attack_ranks(cfg, env, device, groups, trainers,
-                                                     stop_request)
-    finally:
-        stop_request.close(wait=False)  # if fit() did not get to
-    return summary if env.is_main else {"terminated": summary["terminated"]}
-
-
-def _record_startup_stop(cfg: RunConfig, is_main: bool, reason: str) -> None:
-    """The summary of a run ended before its first step, written by rank 0 where it holds the
-    run directory (launch/slurm.sbatch requeues on it), never into another run's; with the
-    config, if start-up had not written it yet, so that the requeued attempt recognises this
-    run (free keys such as the derived batch split may differ; resume ignores those)."""
-    run_dir = Path(cfg.log.run_dir)
-    if not (is_main and held_here(run_dir)):
-        return
-    if not (run_dir / "config.yaml").exists():
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    write_summary(run_dir, {"steps": None, "finished": False, "stop_reason": reason,
-                            "terminated": True, "planned_stop": False,
-                            "slurm_attempt": slurm_attempt(), "final_eval": None})
-
-
-def _train_beside_attack_ranks(cfg: RunConfig, env: DistEnv, device: torch.device,
-                               groups: JobGroups, trainers: int,
-                               stop_request: StopRequest) -> dict[str, Any]:
-    """A trainer of a job with attack ranks: whatever ends the run (the last step, a stop
-    signal, an error before or during the loop), trainer 0 tells the attack ranks."""
-    link = AttackLink(cfg.adv, groups, env, trainers, cfg.dist.timeout_s, device)
-    if env.is_main:
-        log.info("ranks 0-%d train; ranks %d-%d attack (weights sent in %s)", trainers - 1,
-                 trainers, env.world_size - 1, link.weights)
-    failed = True
-    try:
-        summary = Trainer(cfg, trainer_env(env, trainers), device, link).fit(stop_request)
-        failed = False
-    finally:
-        link.stop(failed, terminated=not failed and summary["terminated"])
-    return summary
 
 
 def _record_event(streams: DeviceStreams) -> Any:
@@ -147,14 +71,15 @@ def _record_event(streams: DeviceStreams) -> Any:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv, device: torch.device,
-                 link: AttackLink | None = None) -> None:
-        """`env`: the trainers' view of the job; `link`: its attack ranks, if any."""
+                 attack_link: AttackLink | None = None) -> None:
+        """`env`: the whole job; `attack_link`: the trainers' end of its attack ranks, if any
+        (handed to the engine's executor)."""
+        job = plan_job(cfg, env.world_size)
+        env = trainer_env(env, job.trainers)  # the trainers' view of the job
         self.cfg, self.env, self.device = cfg, env, device
         self.streams = streams_for(device)  # None on the CPU (unless a test stands in)
-        self.link = link
-        self.plan: BatchPlan = plan_batch(cfg.train, env.world_size)
+        self.plan: BatchPlan = job.batch
         compile_model = compiler(cfg.train.compile, cfg.train.compile_mode, device)
-        compile_attack = attack_compiler(cfg.train.compile, cfg.train.compile_mode, device)
         self.run_dir = Path(cfg.log.run_dir)
         configure_determinism(cfg.train.deterministic)
         seed_everything(cfg.train.seed)  # identical model init on every rank
@@ -168,9 +93,7 @@ class Trainer:
         self.checkpoints.run_id = self.run_id
         self.checkpoints.remove_leftovers()
 
-        self.stream = build_train_stream(cfg.data, env.world_size, env.rank,
-                                         self.plan.per_device, self.plan.accumulation,
-                                         cfg.train.seed, device)
+        self.stream = train_stream(cfg, self.plan, env.rank, device)
         self.eval_loader = build_eval_loader(cfg.data, env.world_size, env.rank,
                                              self.plan.per_device, device)
         self.train_eval_loader = None
@@ -182,22 +105,9 @@ class Trainer:
         if num_classes < 2:  # and a targeted attack has no wrong label to draw
             raise DataError(f"the training set has {num_classes} class; a classifier needs "
                             "at least 2 (data.root's train/ holds one folder per class)")
-        self.model = build_model(cfg.model, num_classes).to(device)
-        if cfg.model.init_from and resume_path is None:  # before auxiliary BN copies the main
-            load_into(self.model.backbone, read_weights(cfg.model.init_from, "model.init_from"),
-                      cfg.model.init_strict, "model.init_from")
-        amp_dtype = autocast_dtype(cfg.train.precision, device)
-        self.autocast = autocast_factory(device, amp_dtype)
-        distill = cfg.distill
-        teachers = (build_teachers(distill, num_classes, device, cfg.model.channels_last,
-                                   self.autocast) if distill.enabled else None)
-        # the engine converts the model's BatchNorm, so it comes before optimizer and DDP
-        self.engine = build_engine(cfg.adv, self.model, EngineContext(
-            device=device, num_classes=num_classes, seed=cfg.train.seed,
-            accumulation=self.plan.accumulation, channels_last=cfg.model.channels_last,
-            second_view=cfg.data.second_view, autocast=self.autocast,
-            mix=build_batch_mix(cfg.train, num_classes), compile=compile_attack,
-            teachers=teachers), link)
+        parts = build_training_parts(cfg, self.plan, num_classes, device,
+                                     init_from=resume_path is None, attack_link=attack_link)
+        self.model, self.engine, self.autocast = parts.model, parts.engine, parts.autocast
         self.ema = (WeightEma(self.model, cfg.train.ema_decay, cfg.train.ema_every_steps,
                               cfg.train.ema_warmup) if cfg.train.ema_decay else None)
         self.ddp: nn.Module = self.model
@@ -215,7 +125,8 @@ class Trainer:
         self.peak_lr = scaled_lr(cfg.optim.lr, cfg.optim.scale_rule, self.plan.global_batch,
                                  cfg.optim.base_batch)
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim, self.peak_lr)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type,
+                                           enabled=parts.amp_dtype == torch.float16)
         self.objective = build_objective(cfg, num_classes, device)
         self.optimizers = [self.optimizer, *self.objective.optimizers]
         self.final_attacks = final_eval_attacks(cfg.eval)
@@ -232,6 +143,7 @@ class Trainer:
         self.state.register("scaler", self.scaler)
         self.state.register("engine", self.engine)
         self.state.register("progress", self.progress)
+        teachers = parts.teachers
         if teachers is not None:  # which teachers (file checksums), never their weights
             self.state.register("teachers", teachers)
         for name, part in self.objective.checkpointed().items():
@@ -402,8 +314,9 @@ class Trainer:
                            if key not in ("count", "unreadable")})
         return result
 
-    def fit(self, stop_request: StopRequest | None = None) -> dict[str, Any]:
-        """Train to the end (or a stop); returns the run summary."""
+    def fit(self, stop_request: StopRequest) -> dict[str, Any]:
+        """Train to the end (or a stop, which `stop_request` watches: the job's, made before
+        the process group); returns the run summary."""
         cfg, env = self.cfg, self.env
         trackers = Trackers(self.run_dir, env.is_main, cfg.log.mlflow, cfg.log.wandb,
                             self.run_dir.name, flat_config(self.resolved_config()))
@@ -415,8 +328,6 @@ class Trainer:
                      "x %d accumulation, %s", cfg.model.arch, cfg.data.name, self.total_steps,
                      self.plan.global_batch, self.plan.per_device, env.world_size,
                      self.plan.accumulation, self.device)
-        stop_request = stop_request or StopRequest(self.run_dir, env.is_main, self.device,
-                                                   env.is_distributed)
         cadence = Cadence(cfg, self.steps_per_epoch, self.total_steps, self.step, stop_request)
         window = MetricWindow(self.device)
         result: dict[str, float] = {}
@@ -457,7 +368,7 @@ class Trainer:
         finally:
             try:
                 if finished_cleanly:
-                    self.engine.drain()  # attack ranks: the views still in flight
+                    self.engine.drain()  # the side work still in flight (attack ranks' views)
             finally:
                 stop_request.close(wait=finished_cleanly)
                 telemetry.close()
@@ -482,13 +393,7 @@ class Trainer:
                                       if stop_reason and stop_request.requested_at else None),
                    "checkpoint_write_s": self.checkpoints.last_write_seconds,
                    "slurm_attempt": slurm_attempt(), "final_eval": result}
-        if self.link is not None:  # what the attack ranks cost this trainer, per step
-            counters, steps = self.link.counters, max(1, self.link.counters.steps)
-            summary["attack_link"] = {
-                "attack_ranks": self.link.attackers, "weights": self.link.weights,
-                "weights_out_bytes_per_step": counters.weights_out / steps,
-                "images_in_bytes_per_step": counters.images_in / steps,
-                "wait_s_per_step": counters.wait_s / steps}
+        summary.update(self.engine.summary())  # attack ranks: what they cost, per step
         telemetry.write_summary(summary)
         if trackers.active:  # the summary, the config and the report's figures as artifacts
             trackers.finish(summary["finished"], [self.run_dir / "summary.json",
