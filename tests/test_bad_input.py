@@ -23,6 +23,7 @@ from conadv.config import load_config, plan_batch
 from conadv.data.decode import UnreadableImage, decode_rgb
 from conadv.errors import ConfigError
 from conadv.train.job import train
+from conadv.train.parts import check_factories
 from conadv.train.run_directory import RunDirectoryError
 from tests.helpers import run_module, the_error_line, tiny_config
 from tests.test_imagefolder import make_imagefolder
@@ -323,7 +324,7 @@ def test_values_nested_too_deeply_are_refused_in_one_sentence(tmp_path):
 ])
 def test_values_that_ended_in_a_traceback_or_a_kill_are_one_sentence(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override, "data.eval_resize=4096"])
+        check_factories(load_config(None, [override, "data.eval_resize=4096"]))
 
 
 def test_the_largest_seed_trains_and_draws_the_same_epoch_order_as_before(tmp_path):

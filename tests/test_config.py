@@ -1,9 +1,14 @@
 """Config loading and validation: every user mistake is one clear sentence."""
 
 import pytest
+import torch
 
 from conadv.config import RunConfig, TrainConfig, load_config, plan_batch, to_yaml
+from conadv.data.loader import build_source
 from conadv.errors import ConfigError
+from conadv.models import build_model
+from conadv.optim import build_optimizer
+from conadv.train.parts import check_factories
 from tests.helpers import REPO, TINY, run_module
 
 
@@ -41,7 +46,6 @@ def test_wrong_type_names_the_key():
 @pytest.mark.parametrize("override, message", [
     ("optim.momentum=1.5", "optim.momentum' must be at most 1.0"),
     ("train.global_batch=0", "train.global_batch' must be at least 1"),
-    ("data.name=imagenet", "data.name' must be one of digits, mnist, synthetic, imagefolder"),
     ("train.epochs=0", "train.epochs' must be greater than 0.0"),
 ])
 def test_out_of_range_and_choices(override, message):
@@ -108,7 +112,48 @@ def test_dali_settings_are_checked_in_one_sentence_whether_or_not_dali_is_instal
     load_config(None, [*TINY, "data.loader=dali", "data.name=imagefolder", "data.root=/x",
                        "data.augment=autoaugment", "data.second_view=true", "adv.enabled=true"])
     with pytest.raises(ConfigError, match="decodes image files"):
-        load_config(None, [*TINY, "data.loader=dali"])
+        check_factories(load_config(None, [*TINY, "data.loader=dali"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.name=imagenet", "'data.name' must be one of digits, mnist, synthetic, imagefolder, "
+                           "shards; got 'imagenet'"),
+    ("data.loader=nvjpeg", "'data.loader' must be one of auto, torchvision, dali"),
+    ("model.arch=vgg", "model.arch must be one of resnet18, .*, cifar_resnet or timm:<name>; "
+                       "got 'vgg'"),
+    ("optim.name=adamw", "'optim.name' must be one of sgd, lars, lamb; got 'adamw'"),
+    ("optim.backend=apex", "optim.backend=apex provides only FusedLAMB"),
+    ("data.name=shards", "data.root must name the directory of shards"),
+])
+def test_the_factories_refuse_the_names_they_do_not_serve(override, message):
+    """The config module does not know the registries' names (it sits below them): loading
+    accepts any string, the factories' check refuses it in one sentence, as does the factory
+    itself when it is called without the check."""
+    cfg = load_config(None, [override])
+    with pytest.raises(ConfigError, match=message):
+        check_factories(cfg)
+    build = {"data": lambda: build_source(cfg.data, "train"),
+             "model": lambda: build_model(cfg.model, 10),
+             "optim": lambda: build_optimizer([("w", torch.nn.Parameter(torch.ones(1)))],
+                                              cfg.optim, 0.1)}[override.split(".")[0]]
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_a_registered_optimizer_is_a_valid_name_without_touching_the_config(monkeypatch):
+    """Adding a name is one registration beside its factory: the config, its checks and
+    `--help-config` take it from the registry."""
+    from conadv.optim import OPTIMIZERS, register_optimizer
+    from conadv.train.parts import registered_names
+
+    monkeypatch.setitem(OPTIMIZERS, "plain_sgd", None)  # restored after the test
+    register_optimizer("plain_sgd")(
+        lambda groups, cfg, lr: torch.optim.SGD([{"params": g["params"]} for g in groups], lr))
+    cfg = load_config(None, ["optim.name=plain_sgd"])
+    check_factories(cfg)
+    assert "plain_sgd" in registered_names()["optim.name"]
+    optimizer = build_optimizer([("w", torch.nn.Parameter(torch.ones(1)))], cfg.optim, 0.1)
+    assert type(optimizer) is torch.optim.SGD
 
 
 def test_a_renamed_key_names_its_new_name():

@@ -15,6 +15,7 @@ from conadv.distributed import DistEnv
 from conadv.errors import CheckpointError, ConfigError
 from conadv.models.factory import CifarResNet, ImageClassifier
 from conadv.train.job import train
+from conadv.train.parts import check_factories
 from conadv.train.trainer import Trainer
 from tests.helpers import (
     assert_same_run_state,
@@ -299,7 +300,7 @@ def test_init_from_a_conadv_run_directory(teacher_runs, tmp_path):
 ])
 def test_config_mistakes_are_named(overrides, words):
     with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
-        load_config(None, overrides)
+        check_factories(load_config(None, overrides))
 
 
 @pytest.mark.parametrize("arch", ["resnet101", "resnet152"])

@@ -5,6 +5,7 @@ import pytest
 from conadv.config import load_config, plan_batch
 from conadv.errors import ConfigError
 from conadv.train.job import train
+from conadv.train.parts import check_factories
 from tests.helpers import REPO, tiny_config
 
 # batch: (peak LR, warm-up epochs, momentum, poly power) from the MLPerf ResNet-50 LARS policy
@@ -32,7 +33,7 @@ def test_preset_matches_the_published_table(name):
 
 def test_preset_without_data_root_says_what_to_set():
     with pytest.raises(ConfigError, match="data.root must name the imagefolder directory"):
-        load_config(REPO / "configs/imagenet/resnet50_96k.yaml")
+        check_factories(load_config(REPO / "configs/imagenet/resnet50_96k.yaml"))
 
 
 @pytest.mark.parametrize("optimizer", ["lars", "lamb"])

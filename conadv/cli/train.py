@@ -41,10 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
     def body() -> int:
+        # the factories own the names of data sources, architectures and optimizers
+        from conadv.train.parts import check_factories, registered_names
+
         if args.help_config:
-            print(describe_knobs())
+            print(describe_knobs(registered_names()))
             return 0
         cfg = load_config(args.config, args.overrides)
+        check_factories(cfg)
         if args.dry_run:
             env = detect_env()
             world = env.world_size if env.is_distributed else int(os.environ.get("WORLD_SIZE", 1))

@@ -6,13 +6,15 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from conadv.config import DataConfig
+from conadv.config import DataConfig, shown
 from conadv.data.dataset import ViewDataset
 from conadv.data.sampler import ExactShardSampler, ResumableShardSampler
 from conadv.data.shards import ShardSource
@@ -31,22 +33,64 @@ Batch = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
 
 
-def build_source(cfg: DataConfig, split: str) -> ImageSource:
-    """split is 'train' or 'val'."""
-    if cfg.name == "digits":
-        return DigitsSource("train" if split == "train" else "test")
-    if cfg.name == "mnist":
-        return MnistSource("train" if split == "train" else cfg.holdout)
-    if cfg.name == "synthetic":
-        samples = cfg.synthetic_samples if split == "train" else max(1, cfg.synthetic_samples // 8)
-        return SyntheticSource(samples, cfg.synthetic_classes, cfg.image_size)
-    if cfg.name == "shards":
-        return ShardSource(cfg.root, split, cfg.max_pixels)
+def _synthetic(cfg: DataConfig, split: str) -> ImageSource:
+    samples = cfg.synthetic_samples if split == "train" else max(1, cfg.synthetic_samples // 8)
+    return SyntheticSource(samples, cfg.synthetic_classes, cfg.image_size)
+
+
+def _image_folder(cfg: DataConfig, split: str) -> ImageSource:
     classes, _ = shared_folder_index(Path(cfg.root) / "train")  # its order fixes the indices
     if split == "train":
         return ImageFolderSource(Path(cfg.root) / "train", classes, max_pixels=cfg.max_pixels)
     return ImageFolderSource(Path(cfg.root) / "val", classes, cfg.val_labels or None,
                              cfg.max_pixels)
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """A dataset data.name can name: how to build a split of it ('train' or 'val'), and what
+    data.root must hold ('' when it reads no files: nothing for a decoder such as DALI)."""
+
+    build: Callable[[DataConfig, str], ImageSource]
+    root: str = ""
+
+
+# data.name's names
+SOURCES: dict[str, SourceKind] = {
+    "digits": SourceKind(lambda cfg, split: DigitsSource("train" if split == "train" else "test")),
+    "mnist": SourceKind(lambda cfg, split: MnistSource("train" if split == "train"
+                                                        else cfg.holdout)),
+    "synthetic": SourceKind(_synthetic),
+    "imagefolder": SourceKind(_image_folder, "the imagefolder directory (with train/ and val/)"),
+    "shards": SourceKind(lambda cfg, split: ShardSource(cfg.root, split, cfg.max_pixels),
+                         "the directory of shards made by conadv-pack"),
+}
+# data.loader's names: who decodes image files
+LOADERS = ("auto", "torchvision", "dali")
+
+
+def check_data(cfg: DataConfig) -> None:
+    """One sentence unless data.name and data.loader are names this module serves, with what
+    they need."""
+    if cfg.name not in SOURCES:
+        raise ConfigError(f"config key 'data.name' must be one of {', '.join(SOURCES)}; got "
+                          f"{shown(cfg.name)}")
+    if cfg.loader not in LOADERS:
+        raise ConfigError(f"config key 'data.loader' must be one of {', '.join(LOADERS)}; got "
+                          f"{shown(cfg.loader)}")
+    kind = SOURCES[cfg.name]
+    if kind.root and not cfg.root:
+        raise ConfigError(f"data.root must name {kind.root}")
+    if cfg.loader == "dali" and not kind.root:
+        files = " or ".join(name for name, k in SOURCES.items() if k.root)
+        raise ConfigError(f"data.loader=dali decodes image files: use data.name={files}, or "
+                          "data.loader=torchvision")
+
+
+def build_source(cfg: DataConfig, split: str) -> ImageSource:
+    """split is 'train' or 'val'."""
+    check_data(cfg)
+    return SOURCES[cfg.name].build(cfg, split)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
@@ -133,7 +177,7 @@ def choose_loader(cfg: DataConfig, device: torch.device) -> str:
 
     if cfg.loader != "auto":
         choice, why = cfg.loader, "data.loader says so"
-    elif cfg.name not in ("imagefolder", "shards"):
+    elif not SOURCES[cfg.name].root:
         choice, why = "torchvision", f"data.name={cfg.name} is not image files"
     elif device.type != "cuda":
         choice, why = "torchvision", "no CUDA device is used"

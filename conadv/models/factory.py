@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torchvision.models import resnet18, resnet34, resnet50, resnet101, resnet152
 from torchvision.models.resnet import BasicBlock
 
-from conadv.config import ModelConfig
+from conadv.config import ModelConfig, shown
 from conadv.errors import ConfigError
 from conadv.models.multi_bn import main_state_dict
 
@@ -97,20 +99,49 @@ def timm_backbone(name: str, num_classes: int) -> tuple[nn.Module, tuple, tuple]
             tuple(pretrained.get("std", IMAGENET_STD)))
 
 
+Backbone = Callable[[ModelConfig, int], nn.Module]
+
+
+def _torchvision(resnet: Callable[..., nn.Module]) -> Backbone:
+    def build(cfg: ModelConfig, classes: int) -> nn.Module:
+        return resnet(weights=None, num_classes=classes,
+                      zero_init_residual=cfg.zero_init_residual)
+    return build
+
+
+def _cifar_resnet(cfg: ModelConfig, classes: int) -> nn.Module:
+    return CifarResNet(classes, cfg.cifar_width, cfg.cifar_blocks, cfg.zero_init_residual)
+
+
+# model.arch's names (and a teacher's arch); "timm:<name>" names any of timm's models besides
+ARCHITECTURES: dict[str, Backbone] = {
+    "resnet18": _torchvision(resnet18), "resnet34": _torchvision(resnet34),
+    "resnet50": _torchvision(resnet50), "resnet101": _torchvision(resnet101),
+    "resnet152": _torchvision(resnet152), "cifar_resnet": _cifar_resnet,
+}
+
+
+def check_arch(key: str, arch: str) -> None:
+    """One sentence unless `arch` (the value of config key `key`) is a name of
+    ARCHITECTURES or timm:<name>, a name timm builds locally."""
+    if arch not in ARCHITECTURES and not (arch.startswith("timm:") and len(arch) > len("timm:")):
+        raise ConfigError(f"{key} must be one of {', '.join(ARCHITECTURES)} or timm:<name>; "
+                          f"got {shown(arch)}")
+    if ":" in arch.removeprefix("timm:"):  # timm's hf-hub:/local-dir: read a config remotely
+        raise ConfigError(f"{key}={shown(arch)} names a model hub entry, which would be "
+                          "downloaded; conadv builds timm models by name (timm:<name>) and "
+                          "takes weights from a local file (model.init_from)")
+
+
 def build_model(cfg: ModelConfig, num_classes: int) -> ImageClassifier:
     """num_classes: the dataset's, unless the config sets its own."""
+    check_arch("model.arch", cfg.arch)
     classes = cfg.num_classes or num_classes
     if cfg.arch.startswith("timm:"):
         backbone, mean, std = timm_backbone(cfg.arch.removeprefix("timm:"), classes)
         model = ImageClassifier(backbone, mean, std)
-    elif cfg.arch == "cifar_resnet":
-        model = ImageClassifier(CifarResNet(classes, cfg.cifar_width, cfg.cifar_blocks,
-                                            cfg.zero_init_residual))
     else:
-        factory = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50,
-                   "resnet101": resnet101, "resnet152": resnet152}[cfg.arch]
-        model = ImageClassifier(factory(weights=None, num_classes=classes,
-                                        zero_init_residual=cfg.zero_init_residual))
+        model = ImageClassifier(ARCHITECTURES[cfg.arch](cfg, classes))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

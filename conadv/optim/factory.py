@@ -6,19 +6,20 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from conadv.config import OptimConfig
+from conadv.config import OptimConfig, shown
 from conadv.errors import ConfigError
 from conadv.optim.lamb import LAMB
 from conadv.optim.lars import LARS
 from conadv.optim.param_groups import split_decay_groups
 
 Builder = Callable[[list[dict], OptimConfig, float], torch.optim.Optimizer]
-_BUILDERS: dict[str, Builder] = {}
+# optim.name's names
+OPTIMIZERS: dict[str, Builder] = {}
 
 
 def register_optimizer(name: str) -> Callable[[Builder], Builder]:
     def add(builder: Builder) -> Builder:
-        _BUILDERS[name] = builder
+        OPTIMIZERS[name] = builder
         return builder
 
     return add
@@ -64,6 +65,16 @@ def _apex_fused_lamb(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.o
                      max_grad_norm=cfg.max_grad_norm, use_nvlamb=cfg.always_adapt)
 
 
+def check_optimizer(cfg: OptimConfig) -> None:
+    """One sentence unless optim.name is a registered optimizer its backend provides."""
+    if cfg.name not in OPTIMIZERS:
+        raise ConfigError(f"config key 'optim.name' must be one of {', '.join(OPTIMIZERS)}; got "
+                          f"{shown(cfg.name)}")
+    if cfg.backend == "apex" and cfg.name != "lamb":
+        raise ConfigError("optim.backend=apex provides only FusedLAMB; set optim.name=lamb or "
+                          "optim.backend=native")
+
+
 def build_optimizer(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimConfig,
                     lr: float) -> torch.optim.Optimizer:
     """The optimizer of the config over default groups (MLPerf skip list for BN/bias)."""
@@ -71,4 +82,5 @@ def build_optimizer(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], 
     if cfg.always_adapt:
         for group in groups:
             group["adapt"] = True
-    return _BUILDERS[cfg.name](groups, cfg, lr)
+    check_optimizer(cfg)
+    return OPTIMIZERS[cfg.name](groups, cfg, lr)

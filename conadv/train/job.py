@@ -22,6 +22,7 @@ from conadv.distributed import (
 )
 from conadv.telemetry import setup_logging, write_summary
 from conadv.train.attack_rank import run_attack_rank
+from conadv.train.parts import check_factories
 from conadv.train.preemption import StopRequest, slurm_attempt
 from conadv.train.run_directory import held_here
 from conadv.train.trainer import Trainer
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run a whole training job in this process (one rank of it under torchrun or Slurm).
     Returns the run summary on rank 0; elsewhere only whether a signal ended it."""
+    check_factories(cfg)  # before any rank joins the job
     env = detect_env()
     setup_logging(env.is_main)
     device = pick_device(cfg.train.device, env, cfg.dist.backend)

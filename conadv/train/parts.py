@@ -16,13 +16,35 @@ from conadv.adversarial import EngineContext, ViewEngine, build_engine
 from conadv.checkpoints.weights import load_into, read_weights
 from conadv.config import BatchPlan, RunConfig
 from conadv.data import BatchStream, build_train_stream
+from conadv.data.loader import LOADERS, SOURCES, check_data
 from conadv.data.transforms import build_batch_mix
 from conadv.distill import TeacherEnsemble, build_teachers
-from conadv.models import build_model
+from conadv.models import ARCHITECTURES, build_model, check_arch
+from conadv.optim import OPTIMIZERS, check_optimizer
 from conadv.train.runtime import attack_compiler, autocast_dtype, autocast_factory
 
 if TYPE_CHECKING:
     from conadv.adversarial.attack_ranks import AttackLink
+
+
+def check_factories(cfg: RunConfig) -> None:
+    """The names and rules that belong to the factories (data sources and loaders,
+    architectures, optimizers), checked before any work: the config module sits below the
+    factories and does not know their registries. Each factory also refuses a name it lacks
+    when it is called."""
+    check_data(cfg.data)
+    check_arch("model.arch", cfg.model.arch)
+    if cfg.distill.enabled:
+        for i, teacher in enumerate(cfg.distill.teachers):
+            if teacher.arch:
+                check_arch(f"distill.teachers[{i}].arch", teacher.arch)
+    check_optimizer(cfg.optim)
+
+
+def registered_names() -> dict[str, list[str]]:
+    """The names each factory-owned key takes, for `conadv-train --help-config`."""
+    return {"data.name": list(SOURCES), "data.loader": list(LOADERS),
+            "model.arch": [*ARCHITECTURES, "timm:<name>"], "optim.name": list(OPTIMIZERS)}
 
 
 @dataclass
