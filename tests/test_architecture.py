@@ -56,3 +56,48 @@ def test_nothing_below_the_training_loop_imports_it():
     for unit in ("distill", "models", "data", "optim", "adversarial", "checkpoints"):
         assert "train" not in real.get(unit, set()), unit
         assert "cli" not in real.get(unit, set()), unit
+
+
+def _listed(heading: str) -> list[str]:
+    """The backticked conadv paths of the ARCHITECTURE.md paragraph that starts with
+    `heading` (a directory ends with /)."""
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    paragraph = re.search(re.escape(heading) + r"(.*?)\n\n", text, re.S).group(1)
+    return [p for p in re.findall(r"`([\w/]+(?:\.py|/))`", paragraph)
+            if not p.startswith("tests/")]
+
+
+def test_the_reading_list_of_one_conadv_step_is_what_the_step_runs(tmp_path):
+    """A step of ConAdv (tau = 1, the second one: the queue is full) traced by the functions it
+    calls: every file of the reading list runs, and nothing runs outside the list and the
+    one-job helpers below it. (sys.setprofile, not settrace: the suite's coverage owns that.)"""
+    import sys
+
+    import torch
+
+    from conadv.distributed import DistEnv
+    from conadv.train.trainer import Trainer
+    from tests.helpers import tiny_config
+
+    reading, below = _listed("**Reading one ConAdv step**"), _listed("**Below them")
+    assert len(reading) <= 8 and len(below) >= 5, (reading, below)
+    trainer = Trainer(tiny_config(tmp_path / "run", "adv.enabled=true", "adv.tau=1",
+                                  "train.max_steps=4"),
+                      DistEnv("single", 0, 1, 0, "127.0.0.1", 0), torch.device("cpu"))
+    trainer.train_step()
+    ran: set[str] = set()
+    root = str(PACKAGE) + "/"
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(root):
+            ran.add(frame.f_code.co_filename[len(root):])
+
+    sys.setprofile(profile)
+    try:
+        trainer.train_step()
+    finally:
+        sys.setprofile(None)
+    assert set(reading) <= ran, f"listed but never run: {set(reading) - ran}"
+    unlisted = {f for f in ran if f not in reading
+                and not any(f == b or (b.endswith("/") and f.startswith(b)) for b in below)}
+    assert not unlisted, f"a ConAdv step runs files ARCHITECTURE.md does not list: {unlisted}"
