@@ -760,9 +760,9 @@ def packed_dataset(root: Path) -> Path:
     """A small packed image folder (made once per process, copied for each case)."""
     if "packed" not in _trained:
         from conadv.data.shards import pack_image_folder
-        from tests.test_imagefolder import make_imagefolder
+        from tests.helpers import jpeg_folder
 
-        make_imagefolder(root / "folder", corrupt=False)
+        jpeg_folder(root / "folder")
         pack_image_folder(root / "folder", root / "packed")
         _trained["packed"] = root / "packed"
     return _trained["packed"]

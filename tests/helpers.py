@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from conadv.config import RunConfig, load_config
+from conadv.distributed import DistEnv
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,6 +25,10 @@ TINY = [
     "log.tensorboard=false", "log.progress=false", "log.every_steps=1",
     "checkpoint.resume=none",
 ]
+
+
+SINGLE = DistEnv("single", 0, 1, 0, "127.0.0.1", 0)  # one process, no process group
+CPU = torch.device("cpu")
 
 
 def tiny_config(run_dir: Path, *overrides: str) -> RunConfig:
@@ -284,3 +289,93 @@ def fit(trainer) -> dict:
     env = trainer.env
     return trainer.fit(StopRequest(trainer.run_dir, env.is_main, trainer.device,
                                    env.is_distributed))
+
+
+# ------------------------------------------------------------------ image folders
+
+def jpeg_folder(root: Path, classes: int = 2, per_class: int = 6, photo_like: bool = False,
+                corrupt: bool = False) -> Path | None:
+    """root/{train,val}/class_k/img_i.jpg, encoded by torchvision. `photo_like`: smooth images
+    of varied sizes (noise would exaggerate resampler differences that real photos do not show;
+    the DALI comparisons need them); else noise of 45 x (37 + i). `corrupt`: one training file
+    truncated mid-scan, whose path is returned."""
+    from torchvision.io import encode_jpeg
+
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                if photo_like:
+                    h, w = 90 + 13 * i, 120 + 7 * c
+                    y, x = torch.linspace(0, 1, h)[:, None], torch.linspace(0, 1, w)[None]
+                    phase = torch.rand(3, generator=gen)
+                    base = (torch.stack([torch.sin(6 * (x + y) + 6 * p) for p in phase]) * 90
+                            + 128)
+                    noise = torch.randn(3, h, w, generator=gen) * 6
+                    image, quality = (base + noise).clamp(0, 255).to(torch.uint8), 92
+                else:
+                    image = torch.randint(0, 256, (3, 37 + i, 45), dtype=torch.uint8,
+                                          generator=gen)
+                    quality = 90
+                (folder / f"img_{i}.jpg").write_bytes(
+                    encode_jpeg(image, quality=quality).numpy().tobytes())
+    if not corrupt:
+        return None
+    bad = root / "train" / "class_1" / "img_2.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated mid-scan
+    return bad
+
+
+def flat_validation(tmp_path: Path) -> tuple[Path, list[str]]:
+    """tmp_path/folders (class folders) and tmp_path/flat: the same train/, and val/ as
+    ImageNet ships it (one flat folder); returns flat and the rows of its labels CSV."""
+    jpeg_folder(tmp_path / "folders")
+    flat = tmp_path / "flat"
+    (flat / "val").mkdir(parents=True)
+    (flat / "train").symlink_to(tmp_path / "folders" / "train")
+    rows = ["ImageId,PredictionString"]
+    for image in sorted((tmp_path / "folders" / "val").glob("*/*.jpg")):
+        name = f"ILSVRC2012_val_{image.parent.name}_{image.stem}"
+        (flat / "val" / f"{name}.JPEG").write_bytes(image.read_bytes())
+        rows.append(f"{name},{image.parent.name} 1 2 30 40 {image.parent.name} 5 6 7 8")
+    return flat, rows
+
+
+# DALI's three views of a batch (clean, augmented by a policy, adversarial)
+THREE_VIEWS = ["data.loader=dali", "data.augment=autoaugment", "data.second_view=true",
+               "adv.enabled=true", "adv.tau=1"]
+
+
+# ------------------------------------------------------------------ what a step does
+
+COLLECTIVE_WORDS = ("all_reduce", "allreduce", "broadcast", "all_gather", "allgather",
+                    "reduce_scatter", "barrier", "gloo:")
+
+
+def count_collectives(fn) -> int:
+    """Collective calls the profiler sees while `fn` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events()
+               if any(word in e.name.lower() for word in COLLECTIVE_WORDS))
+
+
+def poison_loss_at(monkeypatch, calls: set[int]) -> None:
+    """Make the training loss NaN at the given (0-based) micro-step calls."""
+    from conadv.train import objectives
+
+    original = objectives.weighted_views
+    counter = {"n": 0}
+
+    def loss(view_loss, logits, inputs):
+        value, stats = original(view_loss, logits, inputs)
+        if counter["n"] in calls:
+            value = value * float("nan")
+        counter["n"] += 1
+        return value, stats
+
+    monkeypatch.setattr(objectives, "weighted_views", loss)

@@ -73,17 +73,14 @@ def test_the_reading_list_of_one_conadv_step_is_what_the_step_runs(tmp_path):
     one-job helpers below it. (sys.setprofile, not settrace: the suite's coverage owns that.)"""
     import sys
 
-    import torch
-
-    from conadv.distributed import DistEnv
     from conadv.train.trainer import Trainer
-    from tests.helpers import tiny_config
+    from tests.helpers import CPU, SINGLE, tiny_config
 
     reading, below = _listed("**Reading one ConAdv step**"), _listed("**Below them")
     assert len(reading) <= 8 and len(below) >= 5, (reading, below)
     trainer = Trainer(tiny_config(tmp_path / "run", "adv.enabled=true", "adv.tau=1",
                                   "train.max_steps=4"),
-                      DistEnv("single", 0, 1, 0, "127.0.0.1", 0), torch.device("cpu"))
+                      SINGLE, CPU)
     trainer.train_step()
     ran: set[str] = set()
     root = str(PACKAGE) + "/"

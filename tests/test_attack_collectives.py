@@ -3,23 +3,15 @@
 import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.profiler import ProfilerActivity, profile
 
 from conadv.adversarial.engine import EngineContext, build_engine
 from conadv.config import AdvConfig
 from conadv.models.factory import CifarResNet, ImageClassifier
 from conadv.models.multi_bn import bn_views
-from tests.helpers import run_gloo_ranks
-
-COLLECTIVE_WORDS = ("all_reduce", "allreduce", "broadcast", "all_gather", "allgather",
-                    "reduce_scatter", "barrier", "gloo:")
-
-
-def count_collectives(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(1 for e in prof.events()
-               if any(word in e.name.lower() for word in COLLECTIVE_WORDS))
+from tests.helpers import (
+    count_collectives,
+    run_gloo_ranks,
+)
 
 
 def _count_on_rank(rank: int, world: int) -> tuple[int, int, bool]:

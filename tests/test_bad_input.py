@@ -25,8 +25,7 @@ from conadv.errors import ConfigError
 from conadv.train.job import train
 from conadv.train.parts import check_factories
 from conadv.train.run_directory import RunDirectoryError
-from tests.helpers import run_module, the_error_line, tiny_config
-from tests.test_imagefolder import make_imagefolder
+from tests.helpers import jpeg_folder, run_module, the_error_line, tiny_config
 
 # ------------------------------------------------------------------ run directories
 
@@ -159,7 +158,7 @@ def test_pngs_that_would_crash_or_exhaust_the_decoder_are_unreadable_images():
 
 
 def _folder_with_bad_pngs(root: Path) -> list[Path]:
-    make_imagefolder(root, per_class=1, corrupt=False)  # one step of 4 reads every file
+    jpeg_folder(root, per_class=1)  # one step of 4 reads every file
     short = root / "train" / "class_0" / "short.png"
     short.write_bytes(png_with_rows(40, 40, 10))
     huge = root / "train" / "class_1" / "huge.png"
@@ -203,7 +202,7 @@ def test_conadv_pack_leaves_out_a_png_that_crashes_libpng(tmp_path):
 def test_conadv_pack_takes_the_pixel_limit_of_the_training_it_packs_for(tmp_path):
     from conadv.cli.pack import main as pack
 
-    make_imagefolder(tmp_path / "data", corrupt=False)  # images of 45 x 37 to 45 x 42
+    jpeg_folder(tmp_path / "data")  # images of 45 x 37 to 45 x 42
     with contextlib.redirect_stderr(io.StringIO()) as stderr, pytest.raises(SystemExit):
         pack([str(tmp_path / "data"), str(tmp_path / "shards"), "--max-pixels", "1700"])
     assert "above data.max_pixels=1,700" in stderr.getvalue()
@@ -456,9 +455,9 @@ def test_a_labels_file_that_was_misread_or_silently_trimmed_is_one_sentence(
     from conadv.data.loader import build_source
     from conadv.data.shards import pack_image_folder
     from conadv.errors import DataError
-    from tests.test_imagefolder import make_flat_validation
+    from tests.helpers import flat_validation
 
-    flat, rows = make_flat_validation(tmp_path)
+    flat, rows = flat_validation(tmp_path)
     labels = tmp_path / "labels.csv"
     if damage == "latin-1":
         labels.write_bytes(("\n".join(rows) + "\nvalé,class_0 1\n").encode("latin-1"))
@@ -478,7 +477,7 @@ def test_a_labels_file_that_was_misread_or_silently_trimmed_is_one_sentence(
 def test_a_class_folder_that_links_to_itself_is_indexed_once_and_at_once(tmp_path, caplog):
     from conadv.data.sources import ImageFolderSource
 
-    make_imagefolder(tmp_path, corrupt=False)
+    jpeg_folder(tmp_path)
     (tmp_path / "train" / "class_0" / "loop").symlink_to(tmp_path / "train" / "class_0")
     (tmp_path / "train" / "class_0" / "up").symlink_to(tmp_path / "train")
     (tmp_path / "train" / "class_1" / "again").symlink_to(tmp_path / "train" / "class_1")
@@ -498,7 +497,7 @@ def test_a_shard_index_naming_a_file_outside_its_folder_is_refused(tmp_path, ent
     from conadv.data.shards import ShardSource, index_path, pack_image_folder
     from conadv.errors import DataError
 
-    make_imagefolder(tmp_path / "folder", corrupt=False)
+    jpeg_folder(tmp_path / "folder")
     pack_image_folder(tmp_path / "folder", tmp_path / "shards")
     path = index_path(tmp_path / "shards", "train")
     index = json.loads(path.read_text())

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from conadv.adversarial.attacks import AttackSpec, perturb
-from conadv.distributed import DistEnv
 from conadv.models import build_model
 from conadv.models.multi_bn import (
     MultiBatchNorm2d,
@@ -21,10 +20,13 @@ from conadv.optim.param_groups import split_decay_groups
 from conadv.randomness import attack_seed
 from conadv.train.job import train
 from conadv.train.trainer import Trainer
-from tests.helpers import assert_same_run_state, checkpoint_state, tiny_config
-
-SINGLE = DistEnv("single", 0, 1, 0, "127.0.0.1", 0)
-CPU = torch.device("cpu")
+from tests.helpers import (
+    CPU,
+    SINGLE,
+    assert_same_run_state,
+    checkpoint_state,
+    tiny_config,
+)
 
 
 def make_trainer(run_dir, *overrides) -> Trainer:
@@ -293,9 +295,9 @@ def test_stop_and_resume_mid_epoch_with_tau_two_is_bit_identical(tmp_path, stop_
 
 def test_three_views_with_their_own_batchnorm_train_and_resume(tmp_path):
     """clean + AutoAugment view + adversarial view, each with its BatchNorm (as released)."""
-    from tests.test_imagefolder import make_imagefolder
+    from tests.helpers import jpeg_folder
 
-    make_imagefolder(tmp_path / "data", corrupt=False)
+    jpeg_folder(tmp_path / "data")
     run = ["data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.augment=autoaugment",
            "data.second_view=true", "adv.enabled=true", "adv.tau=1", "train.global_batch=4",
            "train.max_steps=4", "data.eval_resize=32", "checkpoint.every_steps=100"]

@@ -4,13 +4,16 @@ steady-state training steps make no host synchronisation."""
 import pytest
 import torch
 
-from conadv.distributed import DistEnv
 from conadv.train.trainer import Trainer
-from tests.helpers import checkpoint_state, teacher_files, tiny_config
+from tests.helpers import (
+    SINGLE,
+    checkpoint_state,
+    teacher_files,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.cuda
 
-SINGLE = DistEnv("single", 0, 1, 0, "127.0.0.1", 0)
 CUDA_RUN = ["train.device=cuda", "adv.enabled=true", "adv.tau=1", "train.max_steps=6",
             "train.precision=fp32", "model.cifar_width=16"]
 

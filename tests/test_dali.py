@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.io import encode_jpeg
 from torchvision.transforms import v2
 
 from conadv.cli import pack
@@ -18,10 +17,13 @@ from conadv.data.loader import build_eval_loader, build_source, build_train_stre
 from conadv.errors import ConfigError
 from conadv.train.job import train
 from tests.helpers import (
+    CPU,
+    THREE_VIEWS,
     TINY,
     assert_same_parameters,
     assert_same_run_state,
     checkpoint_state,
+    jpeg_folder,
     quirky_folder,
     real_photo_folder,
     run_module,
@@ -32,28 +34,6 @@ from tests.helpers import (
 dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
 from conadv.data.dali import crop_and_flip, require_dali  # noqa: E402
 from conadv.randomness import sample_seed  # noqa: E402
-
-CPU = torch.device("cpu")
-
-
-def photo_folder(root: Path, classes: int = 3, per_class: int = 8) -> Path:
-    """Smooth, photo-like JPEGs of varied sizes (noise would exaggerate resampler differences
-    that real photos do not show)."""
-    gen = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                h, w = 90 + 13 * i, 120 + 7 * c
-                y, x = torch.linspace(0, 1, h)[:, None], torch.linspace(0, 1, w)[None]
-                phase = torch.rand(3, generator=gen)
-                base = torch.stack([torch.sin(6 * (x + y) + 6 * p) for p in phase]) * 90 + 128
-                noise = torch.randn(3, h, w, generator=gen) * 6
-                image = (base + noise).clamp(0, 255).to(torch.uint8)
-                (folder / f"img_{i}.jpg").write_bytes(encode_jpeg(image, quality=92).numpy()
-                                                      .tobytes())
-    return root
 
 
 def _cfg(root, loader, **extra) -> DataConfig:
@@ -92,7 +72,8 @@ def test_dali_batches_equal_the_torchvision_path_up_to_decoder_rounding(tmp_path
     """Per pixel: DALI's crops are within rounding of torchvision's (mean 0.13-0.20 of 255,
     99th percentile 1 level, measured), and a crop one pixel off would not be (mean 2.6-3.4,
     99th percentile 5-10): the bounds can catch an offset."""
-    root = photo_folder(tmp_path)
+    root = tmp_path
+    jpeg_folder(root, classes=3, per_class=8, photo_like=True)
     streams = {loader: build_train_stream(_cfg(root, loader), 1, 0, 6, 1, 7, CPU)
                for loader in ("torchvision", "dali")}
     crop = v2.RandomResizedCrop(48, scale=(0.25, 1.0), antialias=True)
@@ -125,7 +106,8 @@ def test_exif_rotated_jpegs_are_read_as_stored_as_torchvision_reads_them(tmp_pat
     outside the image."""
     from PIL import Image
 
-    root = photo_folder(tmp_path, classes=2, per_class=4)
+    root = tmp_path
+    jpeg_folder(root, classes=2, per_class=4, photo_like=True)
     for path in (root / "train").rglob("*.jpg"):
         image = Image.open(path)
         exif = Image.Exif()
@@ -139,12 +121,11 @@ def test_exif_rotated_jpegs_are_read_as_stored_as_torchvision_reads_them(tmp_pat
 
 
 # the published recipe's three views: clean, AutoAugment and adversarial (stale by tau = 1)
-THREE_VIEWS = ["data.loader=dali", "data.augment=autoaugment", "data.second_view=true",
-               "adv.enabled=true", "adv.tau=1"]
+
 
 
 def test_the_three_view_conadv_recipe_through_dali_resumes_exactly(tmp_path):
-    photo_folder(tmp_path / "data")
+    jpeg_folder(tmp_path / "data", classes=3, per_class=8, photo_like=True)
     run = ["data.name=imagefolder", f"data.root={tmp_path / 'data'}", *THREE_VIEWS,
            "data.image_size=32", "data.eval_resize=36", "train.global_batch=6",
            "train.max_steps=8", "checkpoint.every_steps=100"]
@@ -159,7 +140,7 @@ def test_the_three_view_conadv_recipe_through_dali_resumes_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_dali_on_two_ranks_equals_one_rank_with_accumulation(tmp_path):
-    photo_folder(tmp_path / "data")
+    jpeg_folder(tmp_path / "data", classes=3, per_class=8, photo_like=True)
     run = [*TINY, "data.name=imagefolder", f"data.root={tmp_path / 'data'}", *THREE_VIEWS,
            "data.image_size=32", "data.eval_resize=36",
            "train.global_batch=6", "train.max_steps=4", "train.deterministic=false"]

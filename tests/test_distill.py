@@ -11,15 +11,17 @@ from torch.nn.parallel import DistributedDataParallel
 from conadv.config import TeacherConfig, load_config
 from conadv.distill import DiscriminatorTrainer, TeacherEnsemble
 from conadv.distill.teachers import build_teacher
-from conadv.distributed import DistEnv
 from conadv.errors import CheckpointError, ConfigError
 from conadv.models.factory import CifarResNet, ImageClassifier
 from conadv.train.job import train
 from conadv.train.parts import check_factories
 from conadv.train.trainer import Trainer
 from tests.helpers import (
+    CPU,
+    SINGLE,
     assert_same_run_state,
     checkpoint_state,
+    count_collectives,
     fit,
     run_gloo_ranks,
     run_module,
@@ -27,10 +29,6 @@ from tests.helpers import (
     the_error_line,
     tiny_config,
 )
-from tests.test_attack_collectives import count_collectives
-
-SINGLE = DistEnv("single", 0, 1, 0, "127.0.0.1", 0)
-CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")

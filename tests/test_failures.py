@@ -28,6 +28,7 @@ from conadv.train.preemption import StopRequest
 from conadv.train.trainer import Trainer
 from tests.helpers import (
     REPO,
+    SINGLE,
     TINY,
     assert_same_run_state,
     checkpoint_state,
@@ -35,29 +36,13 @@ from tests.helpers import (
     fit,
     free_port,
     newest_checkpoint,
+    poison_loss_at,
     run_module,
     signal_job,
     subprocess_env,
     the_error_line,
     tiny_config,
 )
-
-SINGLE = DistEnv("single", 0, 1, 0, "127.0.0.1", 0)
-
-
-def _poison_loss_at(monkeypatch, calls: set[int]) -> None:
-    """Make the training loss NaN at the given (0-based) micro-step calls."""
-    original = objectives.weighted_views
-    counter = {"n": 0}
-
-    def loss(view_loss, logits, inputs):
-        value, stats = original(view_loss, logits, inputs)
-        if counter["n"] in calls:
-            value = value * float("nan")
-        counter["n"] += 1
-        return value, stats
-
-    monkeypatch.setattr(objectives, "weighted_views", loss)
 
 
 def _optimizer_tensors(trainer) -> dict:
@@ -100,7 +85,7 @@ def test_a_diverging_demo_run_stops_within_a_logging_window_and_resumes(tmp_path
 
 
 def test_stop_policy_names_the_step_and_the_newest_finite_checkpoint(tmp_path, monkeypatch):
-    _poison_loss_at(monkeypatch, {2})
+    poison_loss_at(monkeypatch, {2})
     with pytest.raises(TrainingDiverged, match="at step 3") as caught:
         train(tiny_config(tmp_path, "train.max_steps=6", "checkpoint.every_steps=1",
                           "log.every_steps=10"))
@@ -111,7 +96,7 @@ def test_stop_policy_names_the_step_and_the_newest_finite_checkpoint(tmp_path, m
 
 @pytest.mark.parametrize("adv", [[], ["adv.enabled=true"]], ids=["vanilla", "conadv"])
 def test_skip_policy_undoes_a_poisoned_step_on_the_device(tmp_path, monkeypatch, adv):
-    _poison_loss_at(monkeypatch, {2})
+    poison_loss_at(monkeypatch, {2})
     trainer = Trainer(tiny_config(tmp_path, "train.on_nonfinite=skip", "train.max_steps=5",
                                   "optim.name=lamb", "optim.lr=0.01", *adv), SINGLE,
                       torch.device("cpu"))
@@ -165,7 +150,7 @@ def test_skip_policy_restores_the_batchnorm_statistics_of_a_skipped_step(tmp_pat
 
 
 def test_skip_policy_finishes_and_reports_the_skipped_step(tmp_path, monkeypatch):
-    _poison_loss_at(monkeypatch, {2})
+    poison_loss_at(monkeypatch, {2})
     summary = train(tiny_config(tmp_path, "train.on_nonfinite=skip", "train.max_steps=5",
                                 "checkpoint.every_steps=1"))
     assert summary["finished"] and summary["skipped_steps"] == 1
@@ -175,7 +160,7 @@ def test_skip_policy_finishes_and_reports_the_skipped_step(tmp_path, monkeypatch
 
 
 def test_skip_policy_stops_after_too_many_skipped_steps_in_a_row(tmp_path, monkeypatch):
-    _poison_loss_at(monkeypatch, {1, 2, 3})
+    poison_loss_at(monkeypatch, {1, 2, 3})
     with pytest.raises(TrainingDiverged, match="3 optimizer steps in a row were skipped"):
         train(tiny_config(tmp_path, "train.on_nonfinite=skip", "train.max_skipped_steps=2",
                           "train.max_steps=6"))

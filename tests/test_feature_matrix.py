@@ -66,12 +66,12 @@ def test_each_mode_keeps_the_stream_rules_and_the_sequential_numbers(tmp_path, m
 def test_a_skipped_non_finite_step_keeps_the_stream_rules(tmp_path):
     """on_nonfinite=skip with a NaN loss at step 2: the guard restores the weights while the
     next attack may read them."""
-    from tests.test_failures import _poison_loss_at
+    from tests.helpers import poison_loss_at
 
     skipped = []
     for executor in ("stream", "sequential"):
         with pytest.MonkeyPatch.context() as patch:
-            _poison_loss_at(patch, {1})
+            poison_loss_at(patch, {1})
             summary = _run(tmp_path / executor, executor, *CONADV, "train.on_nonfinite=skip",
                            "train.max_steps=4")
         skipped.append(summary["skipped_steps"])

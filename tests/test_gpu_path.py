@@ -16,9 +16,13 @@ from conadv.models.factory import CifarResNet, ImageClassifier
 from conadv.optim.lamb import LAMB
 from conadv.train.step_metrics import MetricWindow, StepResult
 from conadv.train.trainer import Trainer
-from tests.helpers import TINY, run_module, run_torchrun, tiny_config
-
-SINGLE = DistEnv("single", 0, 1, 0, "127.0.0.1", 0)
+from tests.helpers import (
+    SINGLE,
+    TINY,
+    run_module,
+    run_torchrun,
+    tiny_config,
+)
 
 
 def test_lamb_state_follows_its_parameters_after_a_load():

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.io import encode_jpeg
 
 from conadv.config import DataConfig
 from conadv.data.dataset import ViewDataset
@@ -12,30 +11,16 @@ from conadv.data.loader import build_source
 from conadv.data.sources import ImageFolderSource
 from conadv.data.transforms import build_train_transforms
 from conadv.errors import DataError
-from tests.helpers import REPO, run_module
-
-
-def make_imagefolder(root: Path, classes: int = 2, per_class: int = 6,
-                     corrupt: bool = True) -> Path | None:
-    """Writes root/{train,val}/class_k/*.jpg; returns the path of the corrupt file if any."""
-    gen = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                image = torch.randint(0, 256, (3, 37 + i, 45), dtype=torch.uint8, generator=gen)
-                (folder / f"img_{i}.jpg").write_bytes(
-                    encode_jpeg(image, quality=90).numpy().tobytes())
-    if not corrupt:
-        return None
-    bad = root / "train" / "class_1" / "img_2.jpg"
-    bad.write_bytes(bad.read_bytes()[:200])  # truncated mid-scan
-    return bad
+from tests.helpers import (
+    REPO,
+    flat_validation,
+    jpeg_folder,
+    run_module,
+)
 
 
 def test_decodes_real_jpegs_with_augmentation(tmp_path):
-    make_imagefolder(tmp_path, corrupt=False)
+    jpeg_folder(tmp_path)
     cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=24, eval_resize=28,
                      augment="autoaugment", second_view=True)
     source = build_source(cfg, "train")
@@ -49,7 +34,7 @@ def test_decodes_real_jpegs_with_augmentation(tmp_path):
 
 
 def test_skip_policy_replaces_and_counts(tmp_path):
-    bad = make_imagefolder(tmp_path)
+    bad = jpeg_folder(tmp_path, corrupt=True)
     source = ImageFolderSource(tmp_path / "train")
     bad_index = [Path(p) for p, _ in source.samples].index(bad)
     dataset = ViewDataset(source, None, bad_images="skip")
@@ -60,7 +45,7 @@ def test_skip_policy_replaces_and_counts(tmp_path):
 
 
 def test_fail_policy_names_the_file(tmp_path):
-    bad = make_imagefolder(tmp_path)
+    bad = jpeg_folder(tmp_path, corrupt=True)
     dataset = ViewDataset(ImageFolderSource(tmp_path / "train"), None, bad_images="fail")
     with pytest.raises(DataError, match=str(bad)):
         [dataset[i] for i in range(len(dataset))]
@@ -76,7 +61,7 @@ def test_missing_and_empty_directories_are_clear(tmp_path):
 
 @pytest.mark.slow
 def test_training_on_jpegs_skips_or_fails_from_the_cli(tmp_path):
-    bad = make_imagefolder(tmp_path / "data")
+    bad = jpeg_folder(tmp_path / "data", corrupt=True)
     common = ["--config", str(REPO / "configs/demo.yaml"), "data.name=imagefolder",
               f"data.root={tmp_path / 'data'}", "data.image_size=32", "data.eval_resize=32",
               "data.workers=2", "train.global_batch=4", "train.epochs=2",
@@ -111,7 +96,7 @@ def _model_and_eval(cfg, root):
 
 
 def test_hidden_folders_are_not_classes_and_an_empty_class_is_an_error(tmp_path):
-    make_imagefolder(tmp_path, corrupt=False)
+    jpeg_folder(tmp_path)
     (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
     (tmp_path / "train" / "class_0" / ".cache").mkdir()
     (tmp_path / "train" / "class_0" / ".cache" / "x.jpg").write_bytes(b"not an image")
@@ -122,23 +107,8 @@ def test_hidden_folders_are_not_classes_and_an_empty_class_is_an_error(tmp_path)
         ImageFolderSource(tmp_path / "train")
 
 
-def make_flat_validation(tmp_path: Path) -> tuple[Path, list[str]]:
-    """tmp_path/folders (class folders) and tmp_path/flat: the same train/, and val/ as
-    ImageNet ships it (one flat folder); returns flat and the rows of its labels CSV."""
-    make_imagefolder(tmp_path / "folders", corrupt=False)
-    flat = tmp_path / "flat"
-    (flat / "val").mkdir(parents=True)
-    (flat / "train").symlink_to(tmp_path / "folders" / "train")
-    rows = ["ImageId,PredictionString"]
-    for image in sorted((tmp_path / "folders" / "val").glob("*/*.jpg")):
-        name = f"ILSVRC2012_val_{image.parent.name}_{image.stem}"
-        (flat / "val" / f"{name}.JPEG").write_bytes(image.read_bytes())
-        rows.append(f"{name},{image.parent.name} 1 2 30 40 {image.parent.name} 5 6 7 8")
-    return flat, rows
-
-
 def test_a_flat_validation_folder_with_imagenet_labels_evaluates_like_class_folders(tmp_path):
-    flat, rows = make_flat_validation(tmp_path)
+    flat, rows = flat_validation(tmp_path)
     labels = tmp_path / "LOC_val_solution.csv"
     labels.write_text("\n".join(rows) + "\n")
     common = dict(name="imagefolder", image_size=24, eval_resize=28, workers=0)
@@ -159,7 +129,7 @@ def test_a_flat_validation_folder_with_imagenet_labels_evaluates_like_class_fold
 
 
 def test_an_unreadable_evaluation_image_is_left_out_and_counted_never_replaced(tmp_path):
-    make_imagefolder(tmp_path, corrupt=False)
+    jpeg_folder(tmp_path)
     bad = tmp_path / "val" / "class_1" / "img_2.jpg"
     bad.write_bytes(bad.read_bytes()[:200])
     cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=24, eval_resize=28,
@@ -179,7 +149,7 @@ def test_the_file_index_is_cached_and_refreshed_when_a_folder_changes(tmp_path, 
     from conadv.data import sources
 
     monkeypatch.setenv("CONADV_CACHE_DIR", str(tmp_path / "cache"))
-    make_imagefolder(tmp_path / "data", corrupt=False)
+    jpeg_folder(tmp_path / "data")
     first = ImageFolderSource(tmp_path / "data" / "train")
     assert sources.index_cache_path(tmp_path / "data" / "train").is_file()
 
@@ -213,7 +183,7 @@ def _index_on_rank(rank: int, world: int) -> int:
 def test_only_rank_0_walks_the_tree(tmp_path, monkeypatch):
     from tests.helpers import run_gloo_ranks
 
-    make_imagefolder(tmp_path / "data", corrupt=False)
+    jpeg_folder(tmp_path / "data")
     monkeypatch.setenv("CONADV_TEST_ROOT", str(tmp_path / "data"))
     monkeypatch.setenv("CONADV_CACHE_DIR", str(tmp_path / "cache"))
     assert run_gloo_ranks(2, _index_on_rank, tmp_path) == {0: 12, 1: 12}

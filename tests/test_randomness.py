@@ -12,8 +12,8 @@ from conadv.randomness import (
     sample_seed,
     seeded,
 )
+from tests.helpers import CPU
 
-CPU = torch.device("cpu")
 DIGITS = DataConfig(name="digits", image_size=16, eval_resize=16, workers=0)
 
 

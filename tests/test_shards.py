@@ -9,12 +9,11 @@ from conadv.data.loader import build_source
 from conadv.data.shards import ShardSource, pack_image_folder
 from conadv.errors import DataError
 from conadv.train.job import train
-from tests.helpers import checkpoint_state, run_module, tiny_config
-from tests.test_imagefolder import make_imagefolder
+from tests.helpers import checkpoint_state, jpeg_folder, run_module, tiny_config
 
 
 def _packed(tmp_path, shard_bytes=6000):
-    make_imagefolder(tmp_path / "folder", classes=3, per_class=7, corrupt=False)
+    jpeg_folder(tmp_path / "folder", classes=3, per_class=7)
     pack_image_folder(tmp_path / "folder", tmp_path / "shards", shard_bytes)
     return tmp_path / "folder", tmp_path / "shards"
 
@@ -79,7 +78,7 @@ def test_a_flipped_byte_inside_a_shard_is_an_unreadable_image_not_garbage(tmp_pa
 
 
 def test_pack_refuses_an_image_that_does_not_decode_and_can_run_again(tmp_path):
-    bad = make_imagefolder(tmp_path / "folder")
+    bad = jpeg_folder(tmp_path / "folder", corrupt=True)
     result = run_module("conadv.cli.pack", str(tmp_path / "folder"), str(tmp_path / "shards"))
     assert result.returncode == 2
     assert f"cannot pack {bad}: it does not decode" in result.stderr

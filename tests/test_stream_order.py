@@ -14,6 +14,8 @@ from conadv.distributed import DistEnv
 from conadv.train.job import train
 from conadv.train.trainer import Trainer
 from tests.helpers import (
+    CPU,
+    SINGLE,
     assert_same_run_state,
     checkpoint_state,
     fit,
@@ -21,9 +23,6 @@ from tests.helpers import (
     tiny_config,
 )
 from tests.stream_order import StreamOrderError, checked_streams
-
-SINGLE = DistEnv("single", 0, 1, 0, "127.0.0.1", 0)
-CPU = torch.device("cpu")
 
 
 def checked_train(run_dir, *overrides) -> dict:
@@ -91,9 +90,9 @@ def test_teachers_on_the_side_stream_keep_the_rules(tmp_path, adv):
 
 
 def _dali_run(tmp_path) -> list[str]:
-    from tests.test_dali import THREE_VIEWS, photo_folder
+    from tests.helpers import THREE_VIEWS, jpeg_folder
 
-    photo_folder(tmp_path / "data")
+    jpeg_folder(tmp_path / "data", classes=3, per_class=8, photo_like=True)
     return ["data.name=imagefolder", f"data.root={tmp_path / 'data'}", *THREE_VIEWS,
             "data.image_size=32", "data.eval_resize=36", "train.global_batch=6",
             "train.max_steps=4"]

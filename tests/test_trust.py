@@ -425,12 +425,12 @@ def test_conadv_pack_checks_its_inputs_before_writing(tmp_path, capsys):
     import shutil
 
     from conadv.cli import pack
-    from tests.test_imagefolder import make_imagefolder
+    from tests.helpers import jpeg_folder
 
     for args, expected in (([str(tmp_path / "none"), str(tmp_path / "o")], "no train/ folder"),
                            ([str(tmp_path), str(tmp_path / "o")], "no train/ folder")):
         assert expected in _cli_error(capsys, pack.main, args)
-    make_imagefolder(tmp_path / "folder", corrupt=False)
+    jpeg_folder(tmp_path / "folder")
     (tmp_path / "out_file").write_text("x")
     assert "is a file" in _cli_error(capsys, pack.main, [str(tmp_path / "folder"),
                                                          str(tmp_path / "out_file")])
