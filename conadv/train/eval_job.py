@@ -18,10 +18,10 @@ from conadv.checkpoints.format import (
 from conadv.config import RunConfig, load_config, parse_saved_config, plan_job
 from conadv.data import build_eval_loader
 from conadv.data.device import batch_to_device
-from conadv.data.loader import build_source
+from conadv.data.loader import build_source, check_data
 from conadv.distributed import detect_env, pick_device, process_group
 from conadv.errors import CheckpointError, ConfigError, collapsed
-from conadv.models import build_model, export_state_dict
+from conadv.models import build_model, check_arch, export_state_dict
 from conadv.models.multi_bn import main_state_dict
 from conadv.models.onnx_export import export_onnx
 from conadv.telemetry import setup_logging
@@ -72,6 +72,8 @@ def run_evaluation(cfg: RunConfig, checkpoint: Path, export_to: Path | None = No
     any number of ranks), beside clean, FGSM and PGD accuracy on the same images.
     `sharpness_images`: also the flatness of the training loss on that many training images
     (conadv.train.sharpness; computed by each rank alone, reported by rank 0)."""
+    check_data(cfg.data)  # the names the factories own, before any rank joins (no optimizer
+    check_arch("model.arch", cfg.model.arch)  # here: a custom one of the training is fine)
     env = detect_env()
     setup_logging(env.is_main)
     device = pick_device(cfg.train.device, env, cfg.dist.backend)
