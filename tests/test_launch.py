@@ -187,6 +187,18 @@ class SlurmCluster:
                 return token.split("=", 1)[1]
         return ""
 
+    def kill_job_processes(self) -> None:
+        """SIGKILL what this cluster's jobs left running (their environment names its
+        SLURM_CONF): a job that hung past its test would otherwise hold its rendezvous port
+        (20000 + job id), and the next module's cluster numbers its jobs from 1 again."""
+        mine = f"SLURM_CONF={self.conf}".encode()
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if mine in environ.read_bytes().split(b"\0"):
+                    os.kill(int(environ.parent.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass  # gone meanwhile, or not ours to read
+
     def wait_for(self, job: str, states: set[str], timeout: float) -> str:
         deadline = time.time() + timeout
         state = ""
@@ -199,6 +211,7 @@ class SlurmCluster:
 
     def stop(self) -> None:
         self.run("scancel", "--user=root", check=False)
+        self.kill_job_processes()
         for proc in self.procs:
             proc.terminate()
         for proc in self.procs:
