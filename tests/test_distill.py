@@ -168,6 +168,9 @@ def test_teachers_are_bit_identical_after_training_and_get_no_grad(teacher_runs,
     student_before = trainer.model.backbone.fc.weight.detach().clone()
     summary = fit(trainer)
     assert summary["finished"] and summary["training"] == "ConAdv tau=1 + distillation"
+    # the compute it counted: 4 steps x 32 clean images through every teacher
+    assert summary["compute"]["teacher_images"] == 4 * 32 * len(ensemble.teachers)
+    assert summary["compute"]["train_images"] == 4 * 32 * 2  # clean and adversarial views
     for teacher, saved in zip(ensemble.teachers, before):
         assert all(torch.equal(v, saved[k]) for k, v in teacher.state_dict().items())
         assert all(p.grad is None for p in teacher.parameters())

@@ -151,6 +151,8 @@ def _bf16_all_reduce_runs(rank: int, world: int, root: str) -> dict:
     trained("resumed", "dist.grad_compression=bf16", "train.stop_at_step=2")
     trained("resumed", "dist.grad_compression=bf16", "checkpoint.resume=auto")
     gradients = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    # each rank counts the job's compute: 4 steps x the global batch of 32 over both ranks
+    assert trainer.progress.compute.train_images == 4 * 32
     return {"bytes_per_step": bytes_per_step, "fp32_bytes_per_step": 4 * gradients}
 
 

@@ -192,9 +192,11 @@ class SlurmCluster:
         SLURM_CONF): a job that hung past its test would otherwise hold its rendezvous port
         (20000 + job id), and the next module's cluster numbers its jobs from 1 again."""
         mine = f"SLURM_CONF={self.conf}".encode()
+        spared = {os.getpid()} | {proc.pid for proc in self.procs}  # the cluster stops itself
         for environ in Path("/proc").glob("[0-9]*/environ"):
             try:
-                if mine in environ.read_bytes().split(b"\0"):
+                if (int(environ.parent.name) not in spared
+                        and mine in environ.read_bytes().split(b"\0")):
                     os.kill(int(environ.parent.name), signal.SIGKILL)
             except (OSError, ValueError):
                 pass  # gone meanwhile, or not ours to read

@@ -222,3 +222,43 @@ def test_conadv_lives_behind_one_door():
                            "conadv.adversarial.engine"}
     assert not re.search(r"cfg\.adv\.\w+", trainer.read_text())
     assert "conadv.train.trainer" not in _imports(REPO / "conadv" / "train" / "eval_job.py")
+
+
+@pytest.mark.parametrize("extra, views, attack_steps", [
+    ([], 1, 0),
+    (["adv.enabled=true", "adv.tau=1", "adv.steps=2"], 2, 2),
+])
+def test_the_summary_counts_the_compute_of_the_trajectory(tmp_path, extra, views, attack_steps):
+    """Image passes counted, from the batch plan written out here: global batch x steps x
+    views through the training forward and backward, x attack steps through the attack; a run
+    stopped and resumed counts what a straight one does (the queue it threw away is not the
+    trajectory's)."""
+    steps, batch = 4, 32  # tiny_config's global batch
+    train_images, attack = steps * batch * views, steps * batch * attack_steps
+    expected = {"train_images": train_images, "attack_image_steps": attack,
+                "teacher_images": 0, "counted_from_step": 0,
+                "forward_equivalents": 3 * train_images + 2 * attack}
+    straight = train(tiny_config(tmp_path / "straight", f"train.max_steps={steps}", *extra))
+    assert straight["compute"] == expected
+    train(tiny_config(tmp_path / "resumed", f"train.max_steps={steps}", "train.stop_at_step=2",
+                      *extra))
+    resumed = train(tiny_config(tmp_path / "resumed", f"train.max_steps={steps}",
+                                "checkpoint.resume=auto", *extra))
+    assert resumed["compute"] == expected and resumed["resumed_from"]
+
+
+def test_a_checkpoint_from_before_compute_was_counted_counts_from_its_step():
+    from conadv.train.state import Compute, Progress
+
+    progress = Progress(torch.device("cpu"), True, world_size=4, teachers=2)
+    progress.load_state_dict({"step": 5, "bad_images": 0})
+    assert progress.compute.counted_from_step == 5 and progress.compute.train_images == 0
+    progress.count(images=8, attack_image_steps=24, teacher_images=16)
+    assert (progress.compute.train_images, progress.compute.attack_image_steps,
+            progress.compute.teacher_images) == (32, 96, 128)  # x 4 ranks (x 2 teachers)
+    assert progress.compute.forward_equivalents() == 3 * 32 + 2 * 96  # the student's only
+    for wrong in [None, {"train_images": -1}, {"counted_from_step": 6}, {"flops": 1}]:
+        with pytest.raises(ValueError, match="compute is not the counts"):
+            progress.load_state_dict({"step": 5, "bad_images": 0, "compute": wrong})
+    progress.load_state_dict({"step": 5, "bad_images": 0, "compute": {"train_images": 7}})
+    assert progress.compute == Compute(train_images=7)  # a count added later starts at 0

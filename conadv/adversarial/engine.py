@@ -112,6 +112,9 @@ class TrainInputs:
     source_step: int | None = None  # step whose weights made the adversarial view
     attack_seconds: float = 0.0  # host time of the side work (attack, teachers) of the batch
     soft_targets: Tensor | None = None  # distillation: the teachers' probabilities, row by row
+    # the side work this micro-batch cost (counted, not timed: the study matches compute on it)
+    attack_image_steps: int = 0  # images x attack steps (each a forward and an input gradient)
+    teacher_images: int = 0  # images the teacher ensemble saw (each teacher runs on each)
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,11 @@ class LookaheadEngine(ViewEngine):
         inputs = self._assemble(moved, pending.key, made.get("adv"), made.get("soft"),
                                 pending.source_step if self.spec is not None else None)
         inputs.attack_seconds = pending.launched.seconds
+        rows = inputs.labels.shape[0]
+        if self.spec is not None:  # made here or on an attack rank: the job's work either way
+            inputs.attack_image_steps = rows * self.spec.steps
+        if self.context.teachers is not None:
+            inputs.teacher_images = rows * (2 if "aug_image" in moved else 1)
         oldest = self.queue[0].source_step if self.queue else None
         for source in [s for s in self._snapshots if oldest is None or s < oldest]:
             del self._snapshots[source]

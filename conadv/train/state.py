@@ -8,8 +8,10 @@ process-wide generator (augmentation, mixing and attacks are seeded by sample or
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -65,28 +67,76 @@ class RunState:
                                       f"({type(err).__name__}: {collapsed(err)})") from None
 
 
-class Progress:
-    """The run's counters: optimizer steps taken, unreadable images skipped (over all ranks)."""
+@dataclass
+class Compute:
+    """The passes a run's trajectory cost, over the whole job (every rank, attack ranks
+    included), counted rather than timed, so runs on shared or different machines compare.
+    Image passes: an image through the training forward and backward; through one attack step
+    (a forward and a backward to the input); through each teacher's forward. Counted when a
+    micro-batch is trained: a resume counts what the run trained, not what the interrupted
+    attempt threw away, and the side work made ahead for steps past the end is not counted
+    (tau x accumulation micro-batches)."""
 
-    def __init__(self, device: torch.device, is_main: bool) -> None:
+    train_images: int = 0
+    attack_image_steps: int = 0
+    teacher_images: int = 0
+    counted_from_step: int = 0  # a checkpoint from before counting began: counted since then
+
+    def forward_equivalents(self) -> int:
+        """The student's forward passes of one image, the usual FLOP convention: a training
+        backward costs two forwards (activation and weight gradients), an attack's backward
+        one (eager autograd follows the path to the input only and forms no weight gradient;
+        a compiled attack's backward graph may form them too, about one forward more).
+        Teachers are left out: they are other models, often larger; their images are counted
+        on their own."""
+        return 3 * self.train_images + 2 * self.attack_image_steps
+
+    def summary(self) -> dict[str, int]:
+        return {**dataclasses.asdict(self), "forward_equivalents": self.forward_equivalents()}
+
+
+class Progress:
+    """The run's counters: optimizer steps taken, unreadable images skipped (over all ranks),
+    the compute spent."""
+
+    def __init__(self, device: torch.device, is_main: bool, world_size: int = 1,
+                 teachers: int = 0) -> None:
         self.device = device
         self.is_main = is_main
         self.step = 0
         self.bad_images = 0  # this rank's count (rank 0 also carries the restored total)
+        self.compute = Compute()
+        self._world_size, self._teachers = world_size, teachers
+
+    def count(self, images: int, attack_image_steps: int, teacher_images: int) -> None:
+        """One micro-batch of this rank; every rank trains as many rows, so the job's count
+        is the rank's times the world (host integers: no synchronisation)."""
+        world = self._world_size
+        self.compute.train_images += images * world
+        self.compute.attack_image_steps += attack_image_steps * world
+        self.compute.teacher_images += teacher_images * self._teachers * world
 
     def total_bad_images(self) -> int:
         """A collective: every rank calls it."""
         count = torch.tensor(float(self.bad_images), device=self.device)
         return int(all_reduce_sum(count).item())
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "bad_images": self.total_bad_images()}
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "bad_images": self.total_bad_images(),
+                "compute": dataclasses.asdict(self.compute)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if not (is_count(state["step"]) and is_count(state["bad_images"])):
             raise ValueError("its step and bad_images are not counts")
+        names = {f.name for f in dataclasses.fields(Compute)}
+        compute = state.get("compute", {"counted_from_step": state["step"]})  # written before
+        if not (isinstance(compute, dict) and set(compute) <= names  # counting began: from here
+                and all(is_count(v) for v in compute.values())
+                and compute.get("counted_from_step", 0) <= state["step"]):
+            raise ValueError("its compute is not the counts conadv writes")
         self.step = state["step"]
         self.bad_images = state["bad_images"] if self.is_main else 0
+        self.compute = Compute(**compute)  # a count added later starts at 0
 
 
 class OptimizerState:

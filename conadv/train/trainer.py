@@ -136,7 +136,8 @@ class Trainer:
                                     buffers=list(self.model.buffers()),
                                     max_skipped_steps=cfg.train.max_skipped_steps)
 
-        self.progress = Progress(device, env.is_main)
+        self.progress = Progress(device, env.is_main, env.world_size,
+                                 len(parts.teachers.teachers) if parts.teachers else 0)
         self.state = RunState()  # everything a checkpoint saves and restores, in one place
         self.state.register("model", self.model)
         self.state.register("optimizer", OptimizerState(self.optimizer))
@@ -258,6 +259,8 @@ class Trainer:
                 self.engine.feed(batch, key, self.step)
             inputs = self.engine.take()
             result.attack_seconds += inputs.attack_seconds
+            self.progress.count(inputs.images.shape[0], inputs.attack_image_steps,
+                                inputs.teacher_images)
             with self._no_sync(micro == accumulation - 1):
                 with self.engine.forward_context(inputs), self.autocast():
                     logits = self.train_forward(inputs.images)
@@ -384,6 +387,7 @@ class Trainer:
                    "img_per_s": (self.step - start_step) * self.plan.global_batch
                    / max(train_time, 1e-9),
                    "bad_images": self.progress.total_bad_images(),
+                   "compute": self.progress.compute.summary(),
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                    "finished": self.step == self.total_steps, "stop_reason": stop_reason,
                    "terminated": bool(after and after.terminated),
