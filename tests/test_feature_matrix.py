@@ -54,13 +54,25 @@ def _run(run_dir, executor: str, *overrides: str) -> dict:
         return train(cfg)
 
 
+def _counted_compute(overrides: list[str], steps: int = 3, batch: int = 32) -> dict:
+    """The compute a mode's run must count, written out from its views: the clean one, the
+    augmented one, the adversarial one (one FGSM step per image, adv.steps' default)."""
+    adversarial = "adv.enabled=true" in overrides
+    views = 1 + ("data.second_view=true" in overrides) + adversarial
+    train_images, attack = steps * batch * views, steps * batch * adversarial
+    return {"train_images": train_images, "attack_image_steps": attack, "teacher_images": 0,
+            "counted_from_step": 0, "forward_equivalents": 3 * train_images + 2 * attack}
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_each_mode_keeps_the_stream_rules_and_the_sequential_numbers(tmp_path, mode):
     overrides = MODES[mode]
-    _run(tmp_path / "stream", "stream", *overrides)
-    _run(tmp_path / "sequential", "sequential", *overrides)
+    stream = _run(tmp_path / "stream", "stream", *overrides)
+    sequential = _run(tmp_path / "sequential", "sequential", *overrides)
     assert_same_run_state(checkpoint_state(tmp_path / "sequential"),
                           checkpoint_state(tmp_path / "stream"))
+    # the compute counted is the mode's, whichever executor ran it and however it is split
+    assert stream["compute"] == sequential["compute"] == _counted_compute(overrides)
 
 
 def test_a_skipped_non_finite_step_keeps_the_stream_rules(tmp_path):

@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
             print(describe_knobs(registered_names()))
             return 0
         cfg = load_config(args.config, args.overrides)
-        check_factories(cfg)
-        if args.dry_run:
+        if args.dry_run:  # (training checks in train(), before any rank joins)
+            check_factories(cfg)
             env = detect_env()
             world = env.world_size if env.is_distributed else int(os.environ.get("WORLD_SIZE", 1))
             job = plan_job(cfg, world)

@@ -114,10 +114,11 @@ class Trades(CrossEntropy):
         self.beta = beta
 
     def __call__(self, logits: Tensor, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = logits.float()  # once, for both terms (weighted_views' own is then a no-op)
         loss, stats = weighted_views(self.view_loss, logits, inputs)
         rows = view_rows(inputs.views)
-        clean = F.log_softmax(logits[rows["clean"]].float(), dim=1)
-        adv = F.log_softmax(logits[rows["adv"]].float(), dim=1)
+        clean = F.log_softmax(logits[rows["clean"]], dim=1)
+        adv = F.log_softmax(logits[rows["adv"]], dim=1)
         kl = F.kl_div(adv, clean, reduction="batchmean", log_target=True)
         stats["trades_kl"] = kl.detach()
         return loss + self.beta * kl, stats
