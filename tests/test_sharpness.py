@@ -1,6 +1,7 @@
 """The sharpness measures on problems whose answer is known: a quadratic, and a tiny network
 whose Hessian is built densely."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,10 +42,42 @@ def test_the_top_eigenvalue_of_a_tiny_network_matches_its_dense_hessian():
     flat = torch.cat([p.detach().reshape(-1) for p in parameters])
     dense = torch.autograd.functional.hessian(loss_of_flat, flat)
     spectrum = torch.linalg.eigvalsh(dense)
-    largest = spectrum[spectrum.abs().argmax()].item()
+    largest = spectrum.max().item()
     found = top_eigenvalue(lambda: F.cross_entropy(net(x), y), parameters, iterations=500,
                            tolerance=1e-10)
     assert abs(found - largest) < 1e-5 * max(1.0, abs(largest)), (found, spectrum)
+
+
+def test_at_a_saddle_the_top_eigenvalue_is_the_largest_not_the_largest_in_magnitude():
+    generator = torch.Generator().manual_seed(1)
+    basis, _ = torch.linalg.qr(torch.randn(5, 5, generator=generator, dtype=torch.float64))
+    matrix = basis @ torch.diag(torch.tensor([-9.0, 4.0, 1.0, -0.5, 0.2],
+                                             dtype=torch.float64)) @ basis.T
+    w = torch.randn(5, generator=generator, dtype=torch.float64, requires_grad=True)
+    found = top_eigenvalue(lambda: 0.5 * w @ matrix @ w, [w], iterations=500, tolerance=1e-12)
+    assert abs(found - 4.0) < 1e-6
+
+
+def test_the_box_increase_splits_into_its_first_order_term_and_the_curvature_rest():
+    """L = a/2 (w - c)^2 with the box's half-width h = rho (|w| + 1): the increase at the far
+    end is a |w - c| h (first order) + a/2 h^2 (the rest)."""
+    a, c, rho, w0 = 3.0, -1.0, 0.05, 0.7
+    w = torch.tensor([w0], dtype=torch.float64, requires_grad=True)
+    found = worst_case_increase(lambda: (a / 2 * (w - c) ** 2).sum(), [w], rho, steps=5)
+    h = rho * (w0 + 1)
+    assert found["first_order"] == pytest.approx(a * abs(w0 - c) * h, rel=1e-12)
+    assert found["second_order"] == pytest.approx(a / 2 * h ** 2, rel=1e-9)
+
+
+def test_the_ascent_leaves_an_exact_stationary_point():
+    a, c, rho = 2.0, 0.5, 0.1
+    w = torch.tensor([c], dtype=torch.float64, requires_grad=True)  # the minimum: g = 0
+    found = worst_case_increase(lambda: (a / 2 * (w - c) ** 2).sum(), [w], rho, steps=3)
+    h = rho * (c + 1)
+    assert found["first_order"] == 0.0
+    assert found["increase"] == pytest.approx(a / 2 * h ** 2, rel=1e-12)
+    with pytest.raises(ValueError, match="at least one ascent step"):
+        worst_case_increase(lambda: (w ** 2).sum(), [w], rho, steps=0)
 
 
 def test_the_worst_case_in_the_box_is_found_on_a_quadratic():

@@ -2,13 +2,19 @@
 fixed subset of training images, over every parameter but the auxiliary BatchNorms' (which
 only training's adversarial and augmented views use).
 
-- `top_eigenvalue`: the Hessian's eigenvalue of largest magnitude (at a minimum, the largest),
-  by power iteration on Hessian-vector products (double backward; the Hessian is never built).
+- `top_eigenvalue`: the Hessian's largest eigenvalue, by power iteration on Hessian-vector
+  products (double backward; the Hessian is never built). Power iteration finds the eigenvalue
+  of largest magnitude; where that one is negative (a saddle), a second iteration on the
+  shifted Hessian H - lambda I finds the largest.
 - `worst_case_increase`: the largest training loss within the box |delta_i| <= rho (|w_i| + 1)
   around the weights (Keskar et al., ICLR 2017, "On large-batch training...", eq. 3 with
   A = I), found by projected sign-gradient ascent from the box's centre (the first step is
-  SAM's first-order worst case for this box); reported as the increase and as Keskar's
-  100 (max - L) / (1 + L).
+  SAM's first-order worst case for this box; a gradient component that is exactly 0 steps
+  up, so the ascent leaves a stationary point too); reported as the increase and as Keskar's
+  100 (max - L) / (1 + L), and split into its first-order term rho sum |g_i| (|w_i| + 1), what
+  the gradient alone would gain in the box, and the rest. The first-order term measures how
+  far from a stationary point the weights are, not how curved the loss is: comparing minima
+  by the second-order rest is fair even between runs that fit differently.
 
 Both take `loss(parameters) -> scalar` and the list of parameters, so they can be checked on
 problems whose answer is known.
@@ -28,7 +34,18 @@ Loss = Callable[[], Tensor]
 
 def top_eigenvalue(loss: Loss, parameters: Sequence[Tensor], iterations: int = 50,
                    tolerance: float = 1e-4, seed: int = 0) -> float:
-    """The Hessian eigenvalue of largest magnitude of `loss` at `parameters`."""
+    """The largest eigenvalue of the Hessian of `loss` at `parameters`."""
+    dominant = _power_iteration(loss, parameters, iterations, tolerance, seed, shift=0.0)
+    if dominant >= 0:
+        return dominant
+    # H - dominant I has eigenvalues in [0, largest - dominant]: its dominant one is the gap
+    return dominant + _power_iteration(loss, parameters, iterations, tolerance, seed,
+                                       shift=dominant)
+
+
+def _power_iteration(loss: Loss, parameters: Sequence[Tensor], iterations: int,
+                     tolerance: float, seed: int, shift: float) -> float:
+    """The eigenvalue of largest magnitude of H - shift I."""
     generator = torch.Generator().manual_seed(seed)
     vector = [torch.randn(p.shape, generator=generator).to(p) for p in parameters]
     norm = torch.sqrt(sum((v * v).sum() for v in vector))
@@ -37,11 +54,12 @@ def top_eigenvalue(loss: Loss, parameters: Sequence[Tensor], iterations: int = 5
     for _ in range(iterations):
         gradients = torch.autograd.grad(loss(), parameters, create_graph=True)
         product = torch.autograd.grad(gradients, parameters, grad_outputs=vector)
+        product = [h.detach() - shift * v for h, v in zip(product, vector)]
         new_value = float(sum((h * v).sum() for h, v in zip(product, vector)))
         norm = torch.sqrt(sum((h * h).sum() for h in product))
         if float(norm) == 0.0:
             return 0.0
-        vector = [h.detach() / norm for h in product]
+        vector = [h / norm for h in product]
         if abs(new_value - value) <= tolerance * max(1.0, abs(new_value)):
             return new_value
         value = new_value
@@ -58,22 +76,25 @@ def _set(parameters: Sequence[Tensor], originals: Sequence[Tensor],
 
 def worst_case_increase(loss: Loss, parameters: Sequence[Tensor], rho: float,
                         steps: int = 10) -> dict[str, float]:
-    """The largest loss found in the box |delta_i| <= rho (|w_i| + 1); the parameters are
-    left as they were."""
-    with torch.no_grad():
-        base = float(loss())
+    """The largest loss found in the box |delta_i| <= rho (|w_i| + 1), and the first-order
+    term of its increase; the parameters are left as they were."""
+    if steps < 1:
+        raise ValueError(f"worst_case_increase needs at least one ascent step, got {steps}")
     originals = [p.detach().clone() for p in parameters]
     bounds = [rho * (o.abs() + 1) for o in originals]
     deltas = [torch.zeros_like(o) for o in originals]
-    worst = base
+    base = worst = first_order = 0.0
     try:
         for step in range(steps):
             _set(parameters, originals, deltas)
             value = loss()
             gradients = torch.autograd.grad(value, parameters)
+            if step == 0:
+                base = worst = float(value.detach())
+                first_order = float(sum((b * g.abs()).sum() for b, g in zip(bounds, gradients)))
             worst = max(worst, float(value.detach()))
             size = 2.0 / (step + 2)  # the whole half-width first, then finer steps
-            deltas = [torch.maximum(torch.minimum(d + size * b * g.sign(), b), -b)
+            deltas = [torch.maximum(torch.minimum(d + size * b * _up_sign(g), b), -b)
                       for d, b, g in zip(deltas, bounds, gradients)]
         _set(parameters, originals, deltas)
         with torch.no_grad():
@@ -81,7 +102,13 @@ def worst_case_increase(loss: Loss, parameters: Sequence[Tensor], rho: float,
     finally:
         _set(parameters, originals)
     return {"loss": base, "worst_loss": worst, "increase": worst - base,
-            "keskar_sharpness": 100.0 * (worst - base) / (1.0 + base)}
+            "keskar_sharpness": 100.0 * (worst - base) / (1.0 + base),
+            "first_order": first_order, "second_order": worst - base - first_order}
+
+
+def _up_sign(gradient: Tensor) -> Tensor:
+    """sign(g) with sign(0) = +1: at an exact stationary point the ascent still moves."""
+    return torch.where(gradient >= 0, 1.0, -1.0).to(gradient.dtype)
 
 
 def measured_parameters(model: nn.Module) -> list[Tensor]:
