@@ -57,8 +57,9 @@ fuzz: install
 bench: install
 	$(PY) -m benchmarks.run_all
 
-# The matched-fit study on MNIST (about an hour on 2 cores; finished runs are cached in
-# .study-cache, so an interrupted study resumes) -> docs/results/
+# The matched-fit study on MNIST at 28 px (design and rules: docs/study_rules.md; 40-85 minutes
+# on 2 cores; finished runs are cached in .study-cache, so an interrupted study resumes)
+# -> docs/results/
 study: install
 	$(PY) -m benchmarks.matched_fit_study --out docs/results
 

@@ -1,5 +1,5 @@
 """How many seeds a matched-fit study needs: the power calculation, from the variance of runs
-already made (docs/results/matched_fit_study.json by default).
+already made (docs/results/first_matched_fit_study.json by default).
 
 For each large batch and arm it reads the seed-to-seed standard deviation of test top-1 and,
 where the same seed ran vanilla at the same batch, the standard deviation of the paired
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from scipy import stats
 
-STUDY = Path(__file__).resolve().parents[1] / "docs" / "results" / "matched_fit_study.json"
+STUDY = Path(__file__).resolve().parents[1] / "docs" / "results" / "first_matched_fit_study.json"
 
 
 def power_two_sample(n: int, sd: float, delta: float, alpha: float) -> float:

@@ -1,0 +1,200 @@
+"""The matched-fit study's decision rules, as code: the statistics (Student's t, Welch's t,
+paired differences, log ratios) and the verdicts docs/study_rules.md states in words. They were
+written, with that document, before the study's first run; tests/test_study_rules.py checks
+each verdict on made-up runs whose answer is known.
+
+A record is one run's dict (as benchmarks.study_runs writes it): "seed", "top1",
+"train_top1" and, where measured, "sharp_..." values.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any
+
+Records = list[dict[str, Any]]
+
+FIT = 99.5  # a cell fits when its runs' mean top-1 on the whole training split is at least this
+# the smallest difference the study calls "no effect" on: with 10 seeds per arm paired at one
+# batch (seed-to-seed sd 0.61 points of a same-seed difference), the 95 % interval's upper end
+# falls below 0.6 points with power 0.8 when the truth is 0 (benchmarks/study_power.py)
+MARGIN = 0.6
+
+
+@dataclass(frozen=True)
+class Difference:
+    """a - b with its 95 % interval; `n` pairs, or the two groups' sizes for Welch."""
+
+    mean: float
+    se: float
+    low: float
+    high: float
+    n: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def shown(self, digits: int = 2) -> str:
+        return f"{self.mean:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}]"
+
+
+def mean_ci(values: list[float]) -> tuple[float, float, float]:
+    """Mean, standard error and the half-width of the 95 % Student t interval."""
+    from scipy.stats import t
+
+    n = len(values)
+    mean = statistics.mean(values)
+    if n < 2:
+        return mean, math.nan, math.nan
+    se = statistics.stdev(values) / n ** 0.5
+    return mean, se, float(t.ppf(0.975, n - 1)) * se
+
+
+def paired_values(a: Records, b: Records, key: str) -> list[tuple[float, float]]:
+    """(a, b) values of the seeds both have, in a's order."""
+    theirs = {r["seed"]: r[key] for r in b}
+    return [(r[key], theirs[r["seed"]]) for r in a if r["seed"] in theirs]
+
+
+def paired(a: Records, b: Records, key: str = "top1") -> Difference:
+    """a - b paired by seed (the same batch and seed: the pairing is real)."""
+    diffs = [x - y for x, y in paired_values(a, b, key)]
+    mean, se, half = mean_ci(diffs)
+    return Difference(mean, se, mean - half, mean + half, (len(diffs),))
+
+
+def log_ratio(a: Records, b: Records, key: str) -> Difference | None:
+    """log(a / b) paired by seed (for measures one seed can dominate, like lambda_max); None
+    when a value is not positive."""
+    pairs = paired_values(a, b, key)
+    if any(x <= 0 or y <= 0 for x, y in pairs):
+        return None
+    diffs = [math.log(x / y) for x, y in pairs]
+    mean, se, half = mean_ci(diffs)
+    return Difference(mean, se, mean - half, mean + half, (len(diffs),))
+
+
+def welch(a: Records, b: Records, key: str = "top1") -> Difference:
+    """mean(a) - mean(b), unpaired, with Welch's interval (different batches: no pairing)."""
+    from scipy.stats import t
+
+    xs, ys = [r[key] for r in a], [r[key] for r in b]
+    mean = statistics.mean(xs) - statistics.mean(ys)
+    if len(xs) < 2 or len(ys) < 2:
+        return Difference(mean, math.nan, math.nan, math.nan, (len(xs), len(ys)))
+    va, vb = statistics.variance(xs) / len(xs), statistics.variance(ys) / len(ys)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Difference(mean, 0.0, mean, mean, (len(xs), len(ys)))
+    df = (va + vb) ** 2 / (va ** 2 / (len(xs) - 1) + vb ** 2 / (len(ys) - 1))
+    half = float(t.ppf(0.975, df)) * se
+    return Difference(mean, se, mean - half, mean + half, (len(xs), len(ys)))
+
+
+def train_fit(records: Records) -> float:
+    return statistics.mean(r["train_top1"] for r in records)
+
+
+def fits(records: Records) -> bool:
+    return train_fit(records) >= FIT
+
+
+def _unknown(d: Difference) -> bool:
+    return math.isnan(d.low)
+
+
+# ---------------------------------------------------------------------------- the rules
+def gap_verdict(small: Records, large: Records) -> dict[str, Any]:
+    """Rule 1: is there a gap at matched fit? Batch-small vanilla minus batch-large vanilla,
+    Welch; a gap when both cells fit and the interval lies above 0."""
+    d = welch(small, large)
+    if not (fits(small) and fits(large)):
+        verdict = "not at matched fit"
+    elif _unknown(d):
+        verdict = "too few seeds"
+    elif d.low > 0:
+        verdict = "gap"
+    elif d.high < MARGIN:
+        verdict = f"no gap of {MARGIN} points or more"
+    else:
+        verdict = "inconclusive"
+    return {"verdict": verdict, "difference": d.as_dict(), "shown": d.shown()}
+
+
+def conadv_verdict(vanilla: Records, conadv: Records) -> dict[str, Any]:
+    """Rule 2: at the large batch, both trained to fit, ConAdv - vanilla paired by seed:
+    helps when the interval lies above 0, does not help when it lies below MARGIN."""
+    d = paired(conadv, vanilla)
+    if not (fits(vanilla) and fits(conadv)):
+        verdict = "not at matched fit"
+    elif _unknown(d):
+        verdict = "too few seeds"
+    elif d.low > 0:
+        verdict = "ConAdv helps"
+    elif d.high < MARGIN:
+        verdict = f"ConAdv does not help by {MARGIN} points or more"
+    else:
+        verdict = "inconclusive"
+    return {"verdict": verdict, "difference": d.as_dict(), "shown": d.shown()}
+
+
+def equal_compute_verdict(conadv: Records, longer: Records) -> dict[str, Any]:
+    """Rule 3: ConAdv against vanilla trained for the same counted compute, paired by seed."""
+    d = paired(conadv, longer)
+    if _unknown(d):
+        verdict = "too few seeds"
+    elif d.low > 0:
+        verdict = "ConAdv beats training longer"
+    elif d.high < 0:
+        verdict = "training longer does more"
+    elif -MARGIN < d.low and d.high < MARGIN:
+        verdict = f"equal within {MARGIN} points"
+    else:
+        verdict = "inconclusive"
+    return {"verdict": verdict, "difference": d.as_dict(), "shown": d.shown()}
+
+
+def sharpness_verdict(a: Records, b: Records) -> dict[str, Any]:
+    """Rule 4: a against b (paired by seed), only when both fit: lambda_max as a log ratio
+    (one seed can dominate its mean), the box measure's curvature rest (its first-order term
+    removed) as a difference; each flatter or sharper when its interval excludes 0. Medians
+    are reported beside."""
+    result: dict[str, Any] = {"matched_fit": fits(a) and fits(b), "medians": {}}
+    for key in ("sharp_hessian_top_eigenvalue", "sharp_second_order", "sharp_first_order"):
+        result["medians"][key] = [statistics.median(r[key] for r in a),
+                                  statistics.median(r[key] for r in b)]
+    if not result["matched_fit"]:
+        result["verdict"] = "not at matched fit: not compared"
+        return result
+    ratio = log_ratio(a, b, "sharp_hessian_top_eigenvalue")
+    rest = paired(a, b, "sharp_second_order")
+    result["lambda_log_ratio"] = ratio.as_dict() if ratio else None
+    result["second_order"] = rest.as_dict()
+    result["lambda_verdict"] = _direction(ratio) if ratio else "lambda_max not positive"
+    result["second_order_verdict"] = _direction(rest)
+    result["verdict"] = f"lambda_max {result['lambda_verdict']}, " \
+                        f"curvature rest {result['second_order_verdict']}"
+    return result
+
+
+def _direction(d: Difference) -> str:
+    if _unknown(d):
+        return "too few seeds"
+    return "flatter" if d.high < 0 else "sharper" if d.low > 0 else "no difference shown"
+
+
+def seed_verdict(published: Records, fresh: Records) -> dict[str, Any]:
+    """Rule 6: the first study's seeds against fresh seeds of the same cell (Welch, fresh -
+    published), on test and training-split top-1: the published seeds are unusual when
+    either interval excludes 0."""
+    test, train = welch(fresh, published, "top1"), welch(fresh, published, "train_top1")
+    if _unknown(test) or _unknown(train):
+        verdict = "too few seeds"
+    elif test.low > 0 or test.high < 0 or train.low > 0 or train.high < 0:
+        verdict = "the published seeds differ from fresh seeds"
+    else:
+        verdict = "no difference between the published seeds and fresh seeds"
+    return {"verdict": verdict, "test": test.as_dict(), "train": train.as_dict(),
+            "shown": {"top1": test.shown(), "train_top1": train.shown()}}
