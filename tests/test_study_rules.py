@@ -150,3 +150,23 @@ def test_equal_compute_matches_the_counted_forward_equivalents():
     conadv = {"forward_equivalents": 6000 * 120, "steps": 120}
     vanilla = {"forward_equivalents": 2250 * 240, "steps": 240}
     assert compute_ratio(conadv, vanilla) == pytest.approx(8 / 3, rel=1e-12)
+
+
+def test_the_report_gives_the_share_of_the_gap_conadv_closes():
+    from benchmarks.matched_fit_study import QUICK, decide
+
+    sharpness = {k: [1.0] * 10 for k in ("sharp_hessian_top_eigenvalue", "sharp_second_order",
+                                         "sharp_first_order")}
+
+    def cell(arm, batch, top1s):
+        return [dict(r, arm=arm, batch=batch) for r in runs(top1s, **sharpness)]
+
+    vanilla = [b - 1.0 for b in B]
+    records = (cell("vanilla", QUICK.small, [b + 1.0 for b in B])
+               + cell("vanilla", QUICK.large, vanilla)
+               + cell("conadv_tau1", QUICK.large, [v + 1.0 + e for v, e in zip(vanilla, SPREAD)])
+               + cell("vanilla_equal", QUICK.large, B))
+    verdicts = decide(QUICK, records)
+    assert verdicts["gap"]["verdict"] == "gap" and verdicts["conadv"]["verdict"] == "ConAdv helps"
+    assert verdicts["conadv"]["share_of_gap"] == pytest.approx(0.5, abs=1e-9)  # 1 of 2 points
+    assert verdicts["equal_compute"]["verdict"] == "equal within 0.6 points"
