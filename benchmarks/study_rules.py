@@ -110,16 +110,8 @@ def gap_verdict(small: Records, large: Records) -> dict[str, Any]:
     """Rule 1: is there a gap at matched fit? Batch-small vanilla minus batch-large vanilla,
     Welch; a gap when both cells fit and the interval lies above 0."""
     d = welch(small, large)
-    if not (fits(small) and fits(large)):
-        verdict = "not at matched fit"
-    elif _unknown(d):
-        verdict = "too few seeds"
-    elif d.low > 0:
-        verdict = "gap"
-    elif d.high < MARGIN:
-        verdict = f"no gap of {MARGIN} points or more"
-    else:
-        verdict = "inconclusive"
+    verdict = _at_matched_fit(d, fits(small) and fits(large), "gap",
+                              f"no gap of {MARGIN} points or more")
     return {"verdict": verdict, "difference": d.as_dict(), "shown": d.shown()}
 
 
@@ -127,17 +119,19 @@ def conadv_verdict(vanilla: Records, conadv: Records) -> dict[str, Any]:
     """Rule 2: at the large batch, both trained to fit, ConAdv - vanilla paired by seed:
     helps when the interval lies above 0, does not help when it lies below MARGIN."""
     d = paired(conadv, vanilla)
-    if not (fits(vanilla) and fits(conadv)):
-        verdict = "not at matched fit"
-    elif _unknown(d):
-        verdict = "too few seeds"
-    elif d.low > 0:
-        verdict = "ConAdv helps"
-    elif d.high < MARGIN:
-        verdict = f"ConAdv does not help by {MARGIN} points or more"
-    else:
-        verdict = "inconclusive"
+    verdict = _at_matched_fit(d, fits(vanilla) and fits(conadv), "ConAdv helps",
+                              f"ConAdv does not help by {MARGIN} points or more")
     return {"verdict": verdict, "difference": d.as_dict(), "shown": d.shown()}
+
+
+def _at_matched_fit(d: Difference, matched: bool, above_zero: str, below_margin: str) -> str:
+    if not matched:
+        return "not at matched fit"
+    if _unknown(d):
+        return "too few seeds"
+    if d.low > 0:
+        return above_zero
+    return below_margin if d.high < MARGIN else "inconclusive"
 
 
 def equal_compute_verdict(conadv: Records, longer: Records) -> dict[str, Any]:
