@@ -76,6 +76,14 @@ def log_ratio(a: Records, b: Records, key: str) -> Difference | None:
     return Difference(mean, se, mean - half, mean + half, (len(diffs),))
 
 
+def log_welch(a: Records, b: Records, key: str) -> Difference | None:
+    """mean log(a) - mean log(b), unpaired (Welch); None when a value is not positive."""
+    if any(r[key] <= 0 for r in (*a, *b)):
+        return None
+    return welch([{key: math.log(r[key])} for r in a], [{key: math.log(r[key])} for r in b],
+                 key)
+
+
 def welch(a: Records, b: Records, key: str = "top1") -> Difference:
     """mean(a) - mean(b), unpaired, with Welch's interval (different batches: no pairing)."""
     from scipy.stats import t
@@ -94,10 +102,12 @@ def welch(a: Records, b: Records, key: str = "top1") -> Difference:
 
 
 def train_fit(records: Records) -> float:
+    """The cell's mean top-1 on the whole training split."""
     return statistics.mean(r["train_top1"] for r in records)
 
 
 def fits(records: Records) -> bool:
+    """Whether the cell fits the training split by the study's one criterion."""
     return train_fit(records) >= FIT
 
 
@@ -121,6 +131,8 @@ def conadv_verdict(vanilla: Records, conadv: Records) -> dict[str, Any]:
     d = paired(conadv, vanilla)
     verdict = _at_matched_fit(d, fits(vanilla) and fits(conadv), "ConAdv helps",
                               f"ConAdv does not help by {MARGIN} points or more")
+    if verdict.startswith("ConAdv does not help") and d.high < 0:
+        verdict += " (ConAdv worse)"
     return {"verdict": verdict, "difference": d.as_dict(), "shown": d.shown()}
 
 
@@ -150,24 +162,26 @@ def equal_compute_verdict(conadv: Records, longer: Records) -> dict[str, Any]:
     return {"verdict": verdict, "difference": d.as_dict(), "shown": d.shown()}
 
 
-def sharpness_verdict(a: Records, b: Records) -> dict[str, Any]:
-    """Rule 4: a against b (paired by seed), only when both fit: lambda_max as a log ratio
-    (one seed can dominate its mean), the box measure's curvature rest (its first-order term
-    removed) as a difference; each flatter or sharper when its interval excludes 0. Medians
-    are reported beside."""
-    result: dict[str, Any] = {"matched_fit": fits(a) and fits(b), "medians": {}}
+def sharpness_verdict(a: Records, b: Records, paired_by_seed: bool = True) -> dict[str, Any]:
+    """Rule 4: a against b, only when both fit: lambda_max as a log ratio (one seed can
+    dominate its mean), the box measure's curvature rest (its first-order term removed) as a
+    difference; each flatter or sharper when its interval excludes 0. Paired by seed within a
+    batch, Welch across batches. Medians are reported beside."""
+    result: dict[str, Any] = {"matched_fit": fits(a) and fits(b), "medians": {},
+                              "paired_by_seed": paired_by_seed}
     for key in ("sharp_hessian_top_eigenvalue", "sharp_second_order", "sharp_first_order"):
         result["medians"][key] = [statistics.median(r[key] for r in a),
                                   statistics.median(r[key] for r in b)]
     if not result["matched_fit"]:
         result["verdict"] = "not at matched fit: not compared"
         return result
-    ratio = log_ratio(a, b, "sharp_hessian_top_eigenvalue")
-    rest = paired(a, b, "sharp_second_order")
+    lam, rest = "sharp_hessian_top_eigenvalue", "sharp_second_order"
+    ratio = log_ratio(a, b, lam) if paired_by_seed else log_welch(a, b, lam)
+    difference = paired(a, b, rest) if paired_by_seed else welch(a, b, rest)
     result["lambda_log_ratio"] = ratio.as_dict() if ratio else None
-    result["second_order"] = rest.as_dict()
-    result["lambda_verdict"] = _direction(ratio) if ratio else "lambda_max not positive"
-    result["second_order_verdict"] = _direction(rest)
+    result["second_order"] = difference.as_dict()
+    result["lambda_verdict"] = _direction(ratio) if ratio else "not positive in every run"
+    result["second_order_verdict"] = _direction(difference)
     result["verdict"] = f"lambda_max {result['lambda_verdict']}, " \
                         f"curvature rest {result['second_order_verdict']}"
     return result
@@ -179,16 +193,25 @@ def _direction(d: Difference) -> str:
     return "flatter" if d.high < 0 else "sharper" if d.low > 0 else "no difference shown"
 
 
-def seed_verdict(published: Records, fresh: Records) -> dict[str, Any]:
-    """Rule 6: the first study's seeds against fresh seeds of the same cell (Welch, fresh -
-    published), on test and training-split top-1: the published seeds are unusual when
-    either interval excludes 0."""
-    test, train = welch(fresh, published, "top1"), welch(fresh, published, "train_top1")
+def seed_verdict(published: Records, reruns: Records, fresh: Records) -> dict[str, Any]:
+    """Rule 6: fresh seeds of the first study's cell against its seeds 0-9 (Welch, fresh -
+    those seeds), on test and training-split top-1: the seeds 0-9 are unusual when either
+    interval excludes 0. Against the published records when today's code reproduces them
+    exactly (every rerun of seeds 0-9), else against the reruns, which the same code made."""
+    keys = ("top1", "train_top1", "pgd_top1")
+    theirs = {r["seed"]: r for r in published}
+    reproduces = bool(reruns) and all(r["seed"] in theirs and all(
+        r[k] == theirs[r["seed"]][k] for k in keys) for r in reruns)
+    baseline = published if reproduces else reruns
+    test, train = welch(fresh, baseline, "top1"), welch(fresh, baseline, "train_top1")
     if _unknown(test) or _unknown(train):
         verdict = "too few seeds"
     elif test.low > 0 or test.high < 0 or train.low > 0 or train.high < 0:
-        verdict = "the published seeds differ from fresh seeds"
+        verdict = "seeds 0-9 differ from fresh seeds"
     else:
-        verdict = "no difference between the published seeds and fresh seeds"
-    return {"verdict": verdict, "test": test.as_dict(), "train": train.as_dict(),
+        verdict = "no difference between seeds 0-9 and fresh seeds"
+    drift = {k: paired(reruns, published, k).as_dict() for k in keys} if reruns else {}
+    return {"verdict": verdict, "code_reproduces_published": reproduces,
+            "compared_with": "published records" if reproduces else "reruns of seeds 0-9",
+            "test": test.as_dict(), "train": train.as_dict(), "drift": drift,
             "shown": {"top1": test.shown(), "train_top1": train.shown()}}

@@ -2,6 +2,7 @@
 docs/study_rules.md on made-up runs whose answer is known."""
 
 import math
+import statistics
 
 import pytest
 from scipy import stats
@@ -32,14 +33,10 @@ def test_the_paired_interval_is_scipys_and_pairs_by_seed_not_position():
     shuffled = list(reversed(runs(B)))  # the same seeds in another order
     mine = rules.paired(runs(A), shuffled)
     assert (mine.mean, mine.low, mine.high) == pytest.approx(
-        (statistics_mean([a - b for a, b in zip(A, B)]), reference.low, reference.high),
+        (statistics.mean([a - b for a, b in zip(A, B)]), reference.low, reference.high),
         abs=1e-9)
     fewer = rules.paired(runs(A), runs(B[:6]))  # seeds 7-10 have no partner
     assert fewer.n == (6,)
-
-
-def statistics_mean(values):
-    return sum(values) / len(values)
 
 
 def test_the_log_ratio_is_the_geometric_mean_ratio_and_refuses_non_positive_values():
@@ -71,7 +68,7 @@ SPREAD = [0.1, -0.1, 0.05, -0.05, 0.0, 0.1, -0.1, 0.05, -0.05, 0.0]
     (0.8, 100.0, "ConAdv helps"),
     (0.3, 100.0, "ConAdv helps"),  # small but certain: helps, the table shows its size
     (0.0, 100.0, "ConAdv does not help by 0.6 points or more"),
-    (-1.0, 100.0, "ConAdv does not help by 0.6 points or more"),
+    (-1.0, 100.0, "ConAdv does not help by 0.6 points or more (ConAdv worse)"),
     (0.8, 99.0, "not at matched fit"),  # ConAdv trained for too few epochs to fit
 ])
 def test_the_conadv_rule(shift, conadv_fit, verdict):
@@ -124,18 +121,58 @@ def test_sharpness_is_not_compared_unless_both_fit():
     assert "lambda_log_ratio" not in result and result["medians"]  # medians still reported
 
 
+def test_sharpness_across_batches_is_unpaired():
+    """The same seed at two batches is no pair: Welch on log lambda_max, whatever the order."""
+    a = sharp([60.0 + s for s in range(10)], [0.01] * 10)
+    b = sharp([200.0 + 3 * s for s in range(10)], [0.01] * 10)
+    b_reversed = [dict(r, seed=11 - r["seed"]) for r in b]
+    unpaired = rules.sharpness_verdict(a, b_reversed, paired_by_seed=False)
+    logs_a = [math.log(r["sharp_hessian_top_eigenvalue"]) for r in a]
+    logs_b = [math.log(r["sharp_hessian_top_eigenvalue"]) for r in b]
+    reference = stats.ttest_ind(logs_a, logs_b, equal_var=False).confidence_interval(0.95)
+    ratio = unpaired["lambda_log_ratio"]
+    assert (ratio["low"], ratio["high"]) == pytest.approx((reference.low, reference.high))
+    assert unpaired["lambda_verdict"] == "flatter" and not unpaired["paired_by_seed"]
+    assert rules.sharpness_verdict(a, sharp([-1.0] * 10, [0.01] * 10),
+                                   paired_by_seed=False)["lambda_verdict"] == \
+        "not positive in every run"
+
+
+def seed_cell(top1s, train, seeds, pgd=20.0):
+    return [dict(r, train_top1=train + 0.01 * (i % 2), pgd_top1=pgd)
+            for i, r in enumerate(runs(top1s, seeds=seeds))]
+
+
+PUBLISHED = seed_cell(A, 100.0, range(10))
+
+
 @pytest.mark.parametrize("fresh_top1, fresh_train, verdict", [
-    ([x - 0.8 for x in A], 100.0, "the published seeds differ from fresh seeds"),
-    (A, 99.0, "the published seeds differ from fresh seeds"),  # the training split alone
+    ([x - 0.8 for x in A], 100.0, "seeds 0-9 differ from fresh seeds"),
+    (A, 99.0, "seeds 0-9 differ from fresh seeds"),  # the training split alone
     ([x + e for x, e in zip(A, SPREAD)], 100.0,
-     "no difference between the published seeds and fresh seeds"),
+     "no difference between seeds 0-9 and fresh seeds"),
     (A[:1], 100.0, "too few seeds"),
 ])
-def test_the_seed_check(fresh_top1, fresh_train, verdict):
-    published = [dict(r, train_top1=100.0 + 0.01 * (s % 2)) for s, r in enumerate(runs(A))]
-    fresh = [dict(r, train_top1=fresh_train + 0.01 * (s % 2))
-             for s, r in enumerate(runs(fresh_top1, seeds=range(10, 20)))]
-    assert rules.seed_verdict(published, fresh)["verdict"] == verdict
+def test_the_seed_check_against_published_records_the_code_reproduces(fresh_top1, fresh_train,
+                                                                        verdict):
+    fresh = seed_cell(fresh_top1, fresh_train, range(10, 20))
+    result = rules.seed_verdict(PUBLISHED, [dict(r) for r in PUBLISHED], fresh)
+    assert result["verdict"] == verdict
+    assert result["code_reproduces_published"] and result["drift"]["top1"]["mean"] == 0.0
+
+
+def test_when_todays_code_measures_differently_the_seed_check_compares_like_with_like():
+    """Today's code measures the training split 0.5 points lower on the same seeds; fresh
+    seeds measured today look like seeds 0-9 measured today, not like the published ones."""
+    reruns = seed_cell(A, 99.5, range(10))
+    fresh = seed_cell([x + e for x, e in zip(A, SPREAD)], 99.5, range(10, 20))
+    result = rules.seed_verdict(PUBLISHED, reruns, fresh)
+    assert not result["code_reproduces_published"]
+    assert result["compared_with"] == "reruns of seeds 0-9"
+    assert result["verdict"] == "no difference between seeds 0-9 and fresh seeds"
+    assert result["drift"]["train_top1"]["mean"] == pytest.approx(-0.5)
+    against_published = rules.seed_verdict(PUBLISHED, PUBLISHED, fresh)
+    assert against_published["verdict"] == "seeds 0-9 differ from fresh seeds"
 
 
 def test_tuning_chooses_the_best_lr_among_those_that_fit():
@@ -170,3 +207,49 @@ def test_the_report_gives_the_share_of_the_gap_conadv_closes():
     assert verdicts["gap"]["verdict"] == "gap" and verdicts["conadv"]["verdict"] == "ConAdv helps"
     assert verdicts["conadv"]["share_of_gap"] == pytest.approx(0.5, abs=1e-9)  # 1 of 2 points
     assert verdicts["equal_compute"]["verdict"] == "equal within 0.6 points"
+
+
+def test_tuning_stops_at_the_shortest_epochs_that_fit_and_the_study_follows_it(monkeypatch):
+    """A scripted study (no training): vanilla fits at batch 75 from the first epochs with LR
+    8 best, at batch 750 only at its second epochs, ConAdv only at its second; the reported
+    runs take those settings and the equal-compute arm ConAdv's epochs x 8/3."""
+    from benchmarks import matched_fit_study as study
+
+    def fits(run):
+        if run.arm == "first_vanilla":
+            return True
+        if run.arm == "conadv_tau1":
+            return run.epochs >= 60
+        return run.batch == 75 or run.epochs >= 60
+
+    def record(run):
+        steps = int(run.epochs * 3000 / run.batch)
+        per_step = run.batch * (8 if run.arm == "conadv_tau1" else 3)
+        return {"arm": run.arm, "batch": run.batch, "seed": run.seed, "epochs": run.epochs,
+                "lr": run.lr, "steps": steps, "forward_equivalents": steps * per_step,
+                "top1": 97.0 - abs(math.log2(run.lr / (8 if run.batch == 75 else 1))),
+                "train_top1": 100.0 if fits(run) else 98.0}
+
+    calls = []
+
+    def scripted(runs, cache, workers):
+        calls.append([(r.arm, r.batch, r.epochs, r.holdout) for r in runs])
+        return [record(r) for r in runs], len(runs)
+
+    monkeypatch.setattr(study, "run_all", scripted)
+    phases = study.run_phases(study.FULL, cache=None, workers=2)
+    tuned = phases["tuned"]
+    assert (tuned["vanilla_small"].epochs, tuned["vanilla_small"].lr) == (20, 8)
+    assert (tuned["vanilla_large"].epochs, tuned["vanilla_large"].lr) == (60, 1)
+    assert tuned["conadv_large"].epochs == 60 and tuned["conadv_large"].fits
+    assert tuned["equal_large"].epochs == 160.0  # 60 x 8/3: equal counted compute
+    # rounds: vanilla at both batches, then batch 750 alone; ConAdv 30 (+ vanilla's reported
+    # runs), 60 (+ the seed check); never 90
+    assert [c[0][:3] for c in calls[:4]] == [("vanilla", 75, 20), ("vanilla", 750, 60),
+                                            ("conadv_tau1", 750, 30), ("conadv_tau1", 750, 60)]
+    assert not any(("conadv_tau1", 750, 90, "validation") in c for c in calls)
+    reported = {(r["arm"], r["batch"], r["epochs"]) for r in phases["records"]}
+    assert reported == {("vanilla", 75, 20), ("vanilla", 750, 60), ("conadv_tau1", 750, 60),
+                        ("vanilla_equal", 750, 160.0)}
+    assert {r["seed"] for r in phases["records"]} == set(range(1, 11))
+    assert sorted(r["seed"] for r in phases["seed_check"]) == list(range(20))
