@@ -345,7 +345,7 @@ def write_table(report: dict[str, Any], path: Path) -> None:
         lines.append(f"- {title}, seeds {cell['seeds']}: test {fmt(*cell['top1'])}, train "
                      f"{fmt(*cell['train_top1'])} %")
     if seed["drift"]:
-        lines.append("- today's code minus the published records, same seeds (paired): "
+        lines.append("- today's runs minus the published records, same seeds (paired): "
                      + ", ".join(f"{k} {rules.Difference(**{**d, 'n': tuple(d['n'])}).shown()}"
                                  for k, d in seed["drift"].items())
                      + (" (reproduced exactly)" if seed["code_reproduces_published"] else ""))

@@ -196,8 +196,9 @@ def _direction(d: Difference) -> str:
 def seed_verdict(published: Records, reruns: Records, fresh: Records) -> dict[str, Any]:
     """Rule 6: fresh seeds of the first study's cell against its seeds 0-9 (Welch, fresh -
     those seeds), on test and training-split top-1: the seeds 0-9 are unusual when either
-    interval excludes 0. Against the published records when today's code reproduces them
-    exactly (every rerun of seeds 0-9), else against the reruns, which the same code made."""
+    interval excludes 0. Against the published records when today's runs reproduce them
+    exactly (every rerun of seeds 0-9), else against the reruns, made where the fresh seeds
+    were."""
     keys = ("top1", "train_top1", "pgd_top1")
     theirs = {r["seed"]: r for r in published}
     reproduces = bool(reruns) and all(r["seed"] in theirs and all(
