@@ -137,3 +137,22 @@ def test_a_transformer_without_batchnorm_gets_its_sharpness_measured():
     batch = [(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))]
     measured = model_sharpness(model, batch, iterations=3, steps=2)
     assert measured["hessian_top_eigenvalue"] != 0 and measured["increase"] > 0
+
+
+def test_power_iteration_does_not_stop_on_its_first_product_and_warns_when_unconverged(caplog):
+    """A start vector almost orthogonal to the top eigenvector has a Rayleigh quotient near 0,
+    which a comparison with a starting value of 0 took for convergence."""
+    matrix = torch.diag(torch.tensor([5.0, 1e-12], dtype=torch.float64))
+    w = torch.tensor([0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(2, generator=generator, dtype=torch.float64)
+    # choose the loss's coordinates so that the seeded start vector is the weak direction
+    basis = torch.stack([torch.tensor([-start[1], start[0]]), start]) / start.norm()
+    rotated = basis.T @ matrix @ basis
+    found = top_eigenvalue(lambda: 0.5 * w @ rotated @ w, [w], iterations=200,
+                           tolerance=1e-10)
+    assert abs(found - 5.0) < 1e-6
+    close = torch.diag(torch.tensor([5.0, 4.999], dtype=torch.float64))
+    with caplog.at_level("WARNING", logger="conadv.train.sharpness"):
+        top_eigenvalue(lambda: 0.5 * w @ close @ w, [w], iterations=3, tolerance=1e-12)
+    assert "did not converge" in caplog.text

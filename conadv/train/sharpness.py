@@ -22,6 +22,8 @@ problems whose answer is known.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Loss = Callable[[], Tensor]
+log = logging.getLogger(__name__)
 
 
 def top_eigenvalue(loss: Loss, parameters: Sequence[Tensor], iterations: int = 50,
@@ -50,7 +53,7 @@ def _power_iteration(loss: Loss, parameters: Sequence[Tensor], iterations: int,
     vector = [torch.randn(p.shape, generator=generator).to(p) for p in parameters]
     norm = torch.sqrt(sum((v * v).sum() for v in vector))
     vector = [v / norm for v in vector]
-    value = 0.0
+    value = math.nan  # no value to compare the first with: at least two iterations
     for _ in range(iterations):
         gradients = torch.autograd.grad(loss(), parameters, create_graph=True)
         product = torch.autograd.grad(gradients, parameters, grad_outputs=vector)
@@ -63,6 +66,8 @@ def _power_iteration(loss: Loss, parameters: Sequence[Tensor], iterations: int,
         if abs(new_value - value) <= tolerance * max(1.0, abs(new_value)):
             return new_value
         value = new_value
+    log.warning("power iteration on the Hessian did not converge to a relative %g in %d "
+                "iterations: %.6g is an estimate", tolerance, iterations, value)
     return value
 
 
