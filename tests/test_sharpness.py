@@ -156,3 +156,8 @@ def test_power_iteration_does_not_stop_on_its_first_product_and_warns_when_uncon
     with caplog.at_level("WARNING", logger="conadv.train.sharpness"):
         top_eigenvalue(lambda: 0.5 * w @ close @ w, [w], iterations=3, tolerance=1e-12)
     assert "did not converge" in caplog.text
+
+
+def test_a_loss_without_curvature_has_top_eigenvalue_zero():
+    w = torch.tensor([0.3, -1.2], dtype=torch.float64, requires_grad=True)
+    assert top_eigenvalue(lambda: 0.0 * (w ** 2).sum(), [w]) == 0.0  # H v = 0 at once
