@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started, known = time.perf_counter(), finished_runs(cache)
     try:
         phases = run_phases(design, cache, args.workers)
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C or a failed run: its time still counts towards the study's
         record_invocation(cache, time.perf_counter() - started,
                           len(finished_runs(cache) - known), interrupted=True)
         raise

@@ -1,6 +1,7 @@
 """benchmarks/study_rules.py: the statistics against scipy's t tests, and every verdict of
 docs/study_rules.md on made-up runs whose answer is known."""
 
+import json
 import math
 import statistics
 
@@ -253,3 +254,16 @@ def test_tuning_stops_at_the_shortest_epochs_that_fit_and_the_study_follows_it(m
                         ("vanilla_equal", 750, 160.0)}
     assert {r["seed"] for r in phases["records"]} == set(range(1, 11))
     assert sorted(r["seed"] for r in phases["seed_check"]) == list(range(20))
+
+
+def test_an_invocation_that_fails_still_counts_its_time(tmp_path, monkeypatch):
+    from benchmarks import matched_fit_study as study
+
+    def failing(design, cache, workers):
+        raise RuntimeError("run 0123456789abcdef diverged")
+
+    monkeypatch.setattr(study, "run_phases", failing)
+    with pytest.raises(RuntimeError, match="diverged"):
+        study.main(["--quick", "--out", str(tmp_path / "out"), "--cache", str(tmp_path)])
+    invocations = json.loads((tmp_path / "quick" / "invocations.json").read_text())
+    assert len(invocations) == 1 and invocations[0]["interrupted"]
