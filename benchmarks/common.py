@@ -31,6 +31,11 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for one seed)."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def timed_call(fn: Callable[[], Any], device: torch.device) -> float:
     """Seconds of one call, synchronising CUDA around it."""
     if device.type == "cuda":

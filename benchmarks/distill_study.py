@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine_info
+from benchmarks.common import machine_info, mean_std
 
 TEACHER = ["model.cifar_width=16", "train.global_batch=64"]
 STUDENT = ["model.cifar_width=4"]
@@ -55,10 +54,6 @@ COMMON = [
     "checkpoint.resume=none", "checkpoint.keep_last=1", "checkpoint.every_steps=1000000",
 ]
 LAMB = ["optim.name=lamb", "optim.lr=0.005", "optim.scale_rule=sqrt", "optim.weight_decay=0.01"]
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def _train(overrides: list[str]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import study_rules as rules
-from benchmarks.common import machine_info
+from benchmarks.common import machine_info, mean_std
 from benchmarks.study_runs import Run, finished_runs, record_invocation, run_all
 
 COMMON = (
@@ -93,7 +93,7 @@ class Tuned:
 
     lr: float
     epochs: float
-    fits: bool
+    fits: bool | None  # None: not tuned for fit (the equal-compute arm)
     grid: list[dict[str, Any]]
 
 
@@ -194,7 +194,7 @@ def run_phases(design: Design, cache: Path, workers: int) -> dict[str, Any]:
     ratio = compute_ratio(conadv.grid[-1], next(r for r in large.grid
                                                   if r["lr"] == large.lr
                                                   and r["epochs"] == large.epochs))
-    equal = Tuned(large.lr, round(conadv.epochs * ratio, 2), False, [])
+    equal = Tuned(large.lr, round(conadv.epochs * ratio, 2), None, [])
     runs = [*vanilla_runs, *reported(design, "conadv_tau1", design.large, conadv),
             *reported(design, "vanilla_equal", design.large, equal), *checks]
     records, count = run_all(runs, cache, workers)
@@ -240,9 +240,7 @@ def cells_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "steps": group[0]["steps"], "lr": group[0]["lr"],
                 "forward_equivalents": statistics.mean(r["forward_equivalents"] for r in group)}
         for key in ("top1", "train_top1", "gap", "pgd_top1", "train_s"):
-            values = [r[key] for r in group]
-            cell[key] = [statistics.mean(values),
-                         statistics.stdev(values) if len(values) > 1 else 0.0]
+            cell[key] = list(mean_std([r[key] for r in group]))
         for key in ("sharp_hessian_top_eigenvalue", "sharp_keskar_sharpness",
                     "sharp_first_order", "sharp_second_order"):
             cell[key] = statistics.median(r[key] for r in group)
@@ -260,8 +258,7 @@ def seed_check_report(design: Design, checks: list[dict[str, Any]]) -> dict[str,
 
 def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     def mean_sd(key: str) -> list[float]:
-        values = [r[key] for r in records]
-        return [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+        return list(mean_std([r[key] for r in records]))
 
     return {"seeds": [r["seed"] for r in records], "top1": mean_sd("top1"),
             "train_top1": mean_sd("train_top1")}
@@ -286,7 +283,7 @@ def write_table(report: dict[str, Any], path: Path) -> None:
         shown = "; ".join(f"{g['epochs']:g} ep, lr {g['lr']:g} → {g['top1']:.1f} / "
                           f"{g['train_top1']:.2f} %" for g in t["grid"])
         lines.append(f"- {name}: chosen {t['epochs']:g} epochs, lr {t['lr']:g}"
-                     + ("" if t["fits"] or name == "equal_large" else " (none fits)")
+                     + (" (none fits)" if t["fits"] is False else "")
                      + (f" ({shown})" if shown else
                         f" (ConAdv's epochs x {report['compute_ratio']:.4f}, its counted "
                         "forward equivalents per step over vanilla's)"))
