@@ -161,3 +161,17 @@ def test_power_iteration_does_not_stop_on_its_first_product_and_warns_when_uncon
 def test_a_loss_without_curvature_has_top_eigenvalue_zero():
     w = torch.tensor([0.3, -1.2], dtype=torch.float64, requires_grad=True)
     assert top_eigenvalue(lambda: 0.0 * (w ** 2).sum(), [w]) == 0.0  # H v = 0 at once
+
+
+def test_weights_with_a_non_finite_loss_are_refused_in_one_sentence():
+    from conadv.errors import TrainingDiverged
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    batches = [(torch.rand(4, 3, 2, 2), torch.randint(0, 3, (4,)))]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(TrainingDiverged, match="loss at these weights is nan"):
+        model_sharpness(model, batches)
+    for name, p in model.named_parameters():  # left as they were, the nan included
+        torch.testing.assert_close(p, before[name], rtol=0, atol=0, equal_nan=True)

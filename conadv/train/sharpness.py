@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from conadv.errors import TrainingDiverged
+
 Loss = Callable[[], Tensor]
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,9 @@ def worst_case_increase(loss: Loss, parameters: Sequence[Tensor], rho: float,
             gradients = torch.autograd.grad(value, parameters)
             if step == 0:
                 base = worst = float(value.detach())
+                if not math.isfinite(base):  # every measure below would be nan or inf
+                    raise TrainingDiverged(f"the training loss at these weights is {base}: "
+                                           "their sharpness is undefined")
                 first_order = float(sum((b * g.abs()).sum() for b, g in zip(bounds, gradients)))
             worst = max(worst, float(value.detach()))
             size = 2.0 / (step + 2)  # the whole half-width first, then finer steps
